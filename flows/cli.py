@@ -1,0 +1,212 @@
+"""The `align` command line.
+
+Exit codes: 0 success, 2 bad input (config, data, missing inputs), 1 failure while running.
+Errors are one line on stderr naming the field, column or path; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import flows  # noqa: F401  (configures Prefect's environment first)
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stages.errors import BadInput
+from stages.paths import default_artifact_root
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Alignment workbench: restartable Prefect stages with Parquet artifacts.")
+models_app = typer.Typer(no_args_is_help=True, help="Offline models.")
+data_app = typer.Typer(no_args_is_help=True, help="Offline data.")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+console = Console(stderr=False)
+
+SetOpt = typer.Option([], "--set", help="Override a config value: a.b=value (repeatable).")
+DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Prefect logs a failed task's traceback to the console; without --debug keep errors to one line."""
+
+    class NoTraceback(logging.Filter):
+        def filter(self, record):
+            record.exc_info, record.exc_text = None, None
+            return True
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "align"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(NoTraceback())
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("align")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="YAML run configuration."),
+    set_: list[str] = SetOpt,
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL); default ./artifacts."),
+    experiment: Optional[str] = typer.Option(None, help="Experiment name (default: the config's)."),
+    force: list[str] = typer.Option([], "--force", help="Re-run this stage and everything downstream (repeatable)."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Run the stages directly, without Prefect."),
+    debug: bool = DebugOpt,
+):
+    """Run CONFIG's flow through Prefect; complete stages are skipped."""
+    from stages.config import load_config
+    from stages.runner import forced_stages, preflight
+
+    cfg = load_config(config, set_, experiment)
+    preflight(cfg)
+    forced_stages(cfg, force)
+    root = artifacts or default_artifact_root()
+    if no_prefect:
+        from stages.runner import run_flow_locally
+        from stages.store import ArtifactStore
+
+        _setup_logging()
+        results = [r.to_dict() for r in run_flow_locally(cfg, ArtifactStore(root), force)]
+    else:
+        from flows.pipeline import pipeline
+
+        if not debug:
+            _quiet_prefect_tracebacks()
+        results = pipeline(str(config), list(set_), root, experiment, list(force))
+    table = Table(title=f"experiment {cfg.experiment}")
+    for col in ("stage", "status", "rows", "fingerprint", "wall s"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["stage"], r["status"], str(r["rows"]), r["fingerprint"], f"{r['wall_seconds']:.1f}")
+    console.print(table)
+    metrics = {k: v for r in results if r["stage"] == "evaluate" for k, v in r["metrics"].items()}
+    if metrics:
+        console.print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    console.print(f"artifacts: {Path(root) / cfg.experiment if '://' not in root else root + '/' + cfg.experiment}")
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="Stage to run: load_prompts, build_pool, train, evaluate."),
+    config: Path = typer.Option(..., "--config", help="YAML run configuration."),
+    round_: int = typer.Option(0, "--round", help="Round whose artifacts to read and write."),
+    set_: list[str] = SetOpt,
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL)."),
+    experiment: Optional[str] = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="Run even if a complete artifact exists."),
+    debug: bool = DebugOpt,
+):
+    """Run one stage alone (its inputs must exist), without Prefect."""
+    from stages.config import load_config
+    from stages.runner import preflight, run_stage
+    from stages.store import ArtifactStore
+
+    cfg = load_config(config, set_, experiment)
+    if name not in cfg.stages:
+        raise BadInput(f"stage '{name}' is not part of {config} (stages: {', '.join(cfg.stages)})")
+    preflight(cfg)
+    _setup_logging()
+    r = run_stage(cfg, name, round_, ArtifactStore(artifacts or default_artifact_root()), force=force)
+    console.print(f"{r.stage} (round {r.round}): {r.status}, {r.rows} rows, fingerprint {r.fingerprint} -> {r.path}")
+
+
+@app.command()
+def inspect(directory: str = typer.Argument(..., help="An experiment folder, or an artifact root.")):
+    """A table of an experiment's rounds and stages: status, rows, fingerprint, wall time."""
+    from stages.store import ArtifactStore
+
+    parent, _, name = directory.rstrip("/").rpartition("/")
+    store = ArtifactStore(parent or ".")
+    if not store.rounds(name):
+        root = ArtifactStore(directory)
+        experiments = [e.rstrip("/").rsplit("/", 1)[-1] for e in root.fs.ls(root.root, detail=False)
+                       if root.fs.isdir(e)] if root.fs.isdir(root.root) else []
+        experiments = [e for e in experiments if root.rounds(e)]
+        if not experiments:
+            raise BadInput(f"inspect: no experiment artifacts under {directory}")
+        store, names = root, experiments
+    else:
+        names = [name]
+    for exp in names:
+        table = Table(title=f"experiment {exp}")
+        for col in ("round", "stage", "status", "rows", "fingerprint", "wall s", "finished"):
+            table.add_column(col)
+        for k in store.rounds(exp):
+            for st in store.stages_in_round(exp, k):
+                path = store.stage_dir(exp, k, st)
+                m = store.read_manifest(path)
+                if m is None:
+                    table.add_row(str(k), st, "[red]incomplete[/]", "", "", "", "")
+                    continue
+                problem = store.verify(path, m)
+                status = f"[red]corrupt: {problem}[/]" if problem else "[green]complete[/]"
+                table.add_row(str(k), st, status, str(m["rows"]), m["fingerprint"], f"{m['wall_seconds']:.1f}", m["finished"])
+        console.print(table)
+
+
+@models_app.command("prepare")
+def models_prepare():
+    """Convert SmolLM2-135M-Instruct from its GGUF file, build the tiny test model, locate MiniLM."""
+    from stages.models import prepare_models
+
+    for name, path in prepare_models().items():
+        console.print(f"{name}: {path}")
+
+
+@data_app.command("prepare")
+def data_prepare():
+    """Fetch the vaderSentiment source archive's labelled snippets into the cache (once)."""
+    from stages import data
+
+    folder = data.prepare_data()
+    for name in data.CORPORA:
+        console.print(f"{name}: {data.corpus_path(name)}")
+    console.print(f"cache: {folder}")
+
+
+@app.command()
+def server(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(4200)):
+    """Start the Prefect server and UI on HOST:PORT with the project's offline settings."""
+    console.print(f"Prefect UI: http://{host}:{port}  (PREFECT_HOME={os.environ['PREFECT_HOME']})")
+    os.execv(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)])
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("ALIGN_DEBUG") == "1"
+    try:
+        typer.main.get_command(app).main(args=sys.argv[1:], prog_name="align", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except BadInput as e:
+        if debug:
+            traceback.print_exc()
+        print(f"align: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a failure while running
+        if debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"align: failed: {type(e).__name__}: {first}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stages of the alignment pipeline, the runner that does their bookkeeping, and what they share."""

@@ -1,0 +1,152 @@
+"""load_prompts: a dataset mapped to our column names, filtered, deduplicated and split.
+
+Output columns: prompt_id, prompt, completion (may be null), score (may be null), split
+("train" or "heldout"). The split is decided by a seeded hash of the prompt, so it is stable
+across runs and a prompt never lands on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from stages import data
+from stages.config import LoadPromptsConfig
+from stages.errors import BadInput
+
+NAME = "load_prompts"
+VERSION = "1"
+INPUTS: tuple[str, ...] = ()
+
+OUR_COLUMNS = ("prompt", "completion", "score")
+SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", pa.string()),
+    ("completion", pa.string()),
+    ("score", pa.float64()),
+    ("split", pa.string()),
+])
+
+
+def _is_local_file(source: str) -> bool:
+    return source.endswith((".parquet", ".jsonl", ".json", ".csv")) or "://" in source or os.sep in source
+
+
+def identity(cfg: LoadPromptsConfig) -> dict:
+    """The data itself enters the fingerprint: an edited source file re-runs the stage."""
+    if cfg.source in data.CORPORA:
+        path = data.corpus_path(cfg.source)
+        return {"corpus": cfg.source, "bytes": path.stat().st_size if path.exists() else None}
+    if _is_local_file(cfg.source):
+        digest = data.file_sha256(cfg.source)
+        if digest is None:
+            raise BadInput(f"load_prompts.source: file not found: {cfg.source}")
+        return {"file_sha256": digest}
+    return {"hub_dataset": cfg.source, "split": cfg.hub_split}
+
+
+def _hash01(seed: int, text: str) -> float:
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _from_corpus(cfg: LoadPromptsConfig) -> list[dict]:
+    rows = []
+    for r in data.read_corpus(cfg.source).to_pylist():
+        words = r["text"].split()
+        if cfg.prompt_words:
+            prompt, completion = " ".join(words[: cfg.prompt_words]), " ".join(words[cfg.prompt_words:])
+        else:
+            prompt, completion = " ".join(words), None
+        rows.append({"prompt": prompt, "completion": completion, "score": r["valence"]})
+    return rows
+
+
+def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
+    unknown = set(cfg.columns) - set(OUR_COLUMNS)
+    if unknown:
+        raise BadInput(f"load_prompts.columns: unknown column '{sorted(unknown)[0]}' (ours: {', '.join(OUR_COLUMNS)})")
+    mapping = {ours: cfg.columns.get(ours, ours) for ours in OUR_COLUMNS}
+    if mapping["prompt"] not in table.column_names:
+        raise BadInput(f"{cfg.source}: missing required column '{mapping['prompt']}' (mapped to prompt); "
+                       f"columns are {', '.join(table.column_names)}")
+    for ours in ("completion", "score"):
+        if ours in cfg.columns and cfg.columns[ours] not in table.column_names:
+            raise BadInput(f"{cfg.source}: missing column '{cfg.columns[ours]}' (mapped to {ours})")
+    n = table.num_rows
+    cols = {ours: table.column(theirs).to_pylist() if theirs in table.column_names else [None] * n
+            for ours, theirs in mapping.items()}
+    rows = []
+    for i in range(n):
+        prompt = cols["prompt"][i]
+        if prompt is not None and not isinstance(prompt, str):
+            raise BadInput(f"{cfg.source}: column '{mapping['prompt']}' must hold text (row {i} is {type(prompt).__name__})")
+        score = cols["score"][i]
+        try:
+            score = None if score is None else float(score)
+        except (TypeError, ValueError):
+            raise BadInput(f"{cfg.source}: column '{mapping['score']}' must be numeric (row {i}: {score!r})") from None
+        completion = cols["completion"][i]
+        rows.append({"prompt": prompt, "completion": None if completion is None else str(completion), "score": score})
+    return rows
+
+
+def _from_hub(cfg: LoadPromptsConfig) -> list[dict]:
+    if os.environ.get("HF_HUB_OFFLINE", "1") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise BadInput(f"load_prompts.source: '{cfg.source}' is neither a built-in corpus nor an existing file, "
+                       "and the hub is offline (set HF_HUB_OFFLINE=0 where it is reachable)")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.source, split=cfg.hub_split)
+    except Exception as e:  # the hub's errors are long; keep the first line
+        raise BadInput(f"load_prompts.source: cannot load hub dataset '{cfg.source}': {str(e).splitlines()[0]}") from None
+    return _from_table(ds.data.table, cfg)
+
+
+def read_source(cfg: LoadPromptsConfig) -> list[dict]:
+    if cfg.source in data.CORPORA:
+        return _from_corpus(cfg)
+    if _is_local_file(cfg.source) or Path(cfg.source).exists():
+        return _from_table(data.read_table_file(cfg.source, field="load_prompts.source"), cfg)
+    return _from_hub(cfg)
+
+
+def run(ctx, cfg: LoadPromptsConfig):
+    from stages.runner import StageOutput
+
+    rows = read_source(cfg)
+    n_read = len(rows)
+    kept, seen = [], set()
+    for r in rows:
+        prompt = (r["prompt"] or "").strip()
+        if not (cfg.min_prompt_chars <= len(prompt) <= cfg.max_prompt_chars):
+            continue
+        if cfg.min_completion_words and len((r["completion"] or "").split()) < cfg.min_completion_words:
+            continue
+        if cfg.min_abs_score is not None and (r["score"] is None or abs(r["score"]) < cfg.min_abs_score):
+            continue
+        key = {"prompt": prompt, "row": (prompt, r["completion"], r["score"]), "none": None}[cfg.dedupe]
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append({**r, "prompt": prompt})
+    if not kept:
+        raise BadInput(f"load_prompts: no rows left from {cfg.source} after filtering ({n_read} read)")
+
+    for r in kept:
+        r["prompt_id"] = hashlib.sha1(f"{r['prompt']}\x00{r['completion']}".encode()).hexdigest()[:12]
+        r["split"] = "heldout" if _hash01(ctx.seed, r["prompt"]) < cfg.heldout_fraction else "train"
+        r["_order"] = _hash01(ctx.seed + 1, r["prompt_id"])
+    out = []
+    for split in ("train", "heldout"):
+        part = sorted((r for r in kept if r["split"] == split), key=lambda r: r["_order"])
+        out.extend(part[: cfg.max_rows] if cfg.max_rows else part)
+    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in out], schema=SCHEMA)
+    counts = {s: sum(r["split"] == s for r in out) for s in ("train", "heldout")}
+    ctx.log.info("load_prompts: %d read, %d kept, %d train / %d held out", n_read, len(kept), counts["train"], counts["heldout"])
+    return StageOutput(table, {"read": n_read, "kept": len(kept), **{f"rows_{k}": v for k, v in counts.items()}})

@@ -1,0 +1,162 @@
+"""The artifact store: one folder per (experiment, round, stage), on any fsspec file system.
+
+    <root>/<experiment>/round-<k>/<stage>/data.parquet   the stage's table
+    <root>/<experiment>/round-<k>/<stage>/...            its files (a checkpoint, metrics.jsonl)
+    <root>/<experiment>/round-<k>/<stage>/manifest.json  written last: the mark of completeness
+
+A stage writes into a fresh local folder; `commit` moves it into place with one rename (local
+roots) so a crash never leaves a half artifact that looks complete. Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+DATA = "data.parquet"
+TMP = ".tmp"  # scratch folder under the root (same file system, so renames are atomic)
+
+
+def sha256_file(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ArtifactStore:
+    def __init__(self, root: str):
+        self.url = str(root)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol)
+
+    # -- where things are -------------------------------------------------------------------------
+    def experiment_dir(self, experiment: str) -> str:
+        return f"{self.root.rstrip('/')}/{experiment}"
+
+    def stage_dir(self, experiment: str, round_: int, stage: str) -> str:
+        return f"{self.experiment_dir(experiment)}/round-{round_}/{stage}"
+
+    def local_dir(self, path: str) -> Path:
+        """A local folder with the artifact's files: itself on local roots, a cached copy otherwise."""
+        if self.local:
+            return Path(path)
+        cache = Path(tempfile.gettempdir()) / "align-artifact-cache" / hashlib.sha1(path.encode()).hexdigest()[:16]
+        if not (cache / MANIFEST).exists():
+            tmp = cache.with_name(cache.name + f".{uuid.uuid4().hex[:6]}")
+            self.fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+            tmp.rename(cache)
+        return cache
+
+    # -- reading ----------------------------------------------------------------------------------
+    def read_manifest(self, path: str) -> dict | None:
+        try:
+            with self.fs.open(f"{path}/{MANIFEST}", "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+
+    def verify(self, path: str, manifest: dict) -> str | None:
+        """None when every file listed in the manifest is there with its checksum; else what is wrong."""
+        for rel, meta in manifest.get("files", {}).items():
+            full = f"{path}/{rel}"
+            if not self.fs.exists(full):
+                return f"{rel} is missing"
+            if self.fs.size(full) != meta["bytes"]:
+                return f"{rel} changed size"
+            if sha256_file(self.fs, full) != meta["sha256"]:
+                return f"{rel} checksum differs"
+        return None
+
+    def read_table(self, path: str) -> pa.Table:
+        with self.fs.open(f"{path}/{DATA}", "rb") as f:
+            return pq.read_table(f)
+
+    def rounds(self, experiment: str) -> list[int]:
+        base = self.experiment_dir(experiment)
+        if not self.fs.isdir(base):
+            return []
+        found = []
+        for entry in self.fs.ls(base, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith("round-") and name[6:].isdigit():
+                found.append(int(name[6:]))
+        return sorted(found)
+
+    def stages_in_round(self, experiment: str, round_: int) -> list[str]:
+        base = f"{self.experiment_dir(experiment)}/round-{round_}"
+        if not self.fs.isdir(base):
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=False) if self.fs.isdir(e))
+
+    # -- writing ----------------------------------------------------------------------------------
+    def new_workdir(self) -> Path:
+        """A fresh local folder for a stage to write into."""
+        if self.local:
+            scratch = Path(self.root) / TMP
+            scratch.mkdir(parents=True, exist_ok=True)
+            path = scratch / uuid.uuid4().hex
+            path.mkdir()
+            return path
+        return Path(tempfile.mkdtemp(prefix="align-stage-"))
+
+    def resume_dir(self, experiment: str, round_: int, stage: str, fp: str) -> Path:
+        """Scratch that outlives a killed stage (training checkpoints), keyed by its fingerprint."""
+        base = Path(self.root) / TMP if self.local else Path(tempfile.gettempdir()) / "align-resume"
+        return base / f"resume-{experiment}-round-{round_}-{stage}-{fp}"  # created by whoever writes there
+
+    def drop_resume(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        self._tidy_scratch()
+
+    def discard(self, workdir: Path) -> None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        self._tidy_scratch()
+
+    def _tidy_scratch(self) -> None:
+        if self.local:
+            try:
+                (Path(self.root) / TMP).rmdir()  # only when empty
+            except OSError:
+                pass
+
+    def commit(self, workdir: Path, dest: str, manifest: dict) -> None:
+        """Checksum the files, write the manifest last, and move the folder into place."""
+        files = {}
+        for p in sorted(workdir.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(workdir).as_posix()
+                files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(fsspec.filesystem("file"), str(p))}
+        manifest = {**manifest, "files": files}
+        (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str))
+        if self.local:
+            dest_path = Path(dest)
+            dest_path.parent.mkdir(parents=True, exist_ok=True)
+            old = None
+            if dest_path.exists():
+                old = Path(self.root) / TMP / f"old-{uuid.uuid4().hex}"
+                dest_path.rename(old)
+            workdir.rename(dest_path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self._tidy_scratch()
+            return
+        # Remote: upload beside the destination, manifest last, then swap names.
+        staging = f"{dest}.incoming-{uuid.uuid4().hex[:8]}"
+        for rel in files:
+            self.fs.put_file(str(workdir / rel), f"{staging}/{rel}")
+        self.fs.put_file(str(workdir / MANIFEST), f"{staging}/{MANIFEST}")
+        if self.fs.exists(dest):
+            self.fs.rm(dest, recursive=True)
+        self.fs.mv(staging, dest, recursive=True)
+        shutil.rmtree(workdir, ignore_errors=True)
