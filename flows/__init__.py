@@ -21,6 +21,7 @@ def configure_environment() -> None:
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' per-load bars; our stages show their own
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -11,10 +11,15 @@ import flows  # noqa: F401  (configures Prefect's environment before it is impor
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
+import logging
+
 from stages.config import load_config, validate_config
 from stages.paths import default_artifact_root
 from stages.runner import forced_stages, preflight, run_stage
 from stages.store import ArtifactStore
+
+
+logging.getLogger("align").setLevel(logging.INFO)  # Prefect attaches its handlers (PREFECT_LOGGING_EXTRA_LOGGERS)
 
 
 @task(persist_result=True, result_serializer="json", log_prints=True)

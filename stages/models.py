@@ -65,8 +65,9 @@ def _quiet_transformers() -> Iterator[None]:
 def _build_atomically(final: Path, force: bool, build: Callable[[Path], None]) -> Path:
     """Run `build(tmp)` in a temporary sibling folder, then rename it to `final`.
 
-    The rename is the last step, so `final` existing means it is complete: a crash leaves only
-    a `.tmp-*` folder (cleaned up here, or ignored), never a half folder under the real name.
+    The rename is the last step, so `final` existing means it is complete: a crash leaves at most
+    a hidden `.tmp-<pid>` folder (removed here on exceptions, ignored otherwise), never a half
+    folder under the real name.
     """
     if final.is_dir() and not force:
         return final
@@ -76,7 +77,8 @@ def _build_atomically(final: Path, force: bool, build: Callable[[Path], None]) -
     try:
         build(tmp)
         for f in tmp.iterdir():
-            f.chmod(0o644)  # safetensors writes 0600; the cache is shared with the team
+            if f.is_file():
+                f.chmod(0o644)  # safetensors writes 0600; the cache is shared with the team
         if final.exists() or final.is_symlink():
             # force=True (or another process finished first): move the old one aside, then swap.
             old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -327,3 +329,20 @@ def load_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
     if tok.pad_token is None:  # batching needs one; eos is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_sequence_classifier(path: str | os.PathLike, tokenizer, dtype: torch.dtype = torch.float32):
+    """A one-output scoring head on `path` (a new head when the checkpoint has none)."""
+    from transformers import AutoModelForSequenceClassification
+
+    with _quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id  # LM backbones need it to find the last token
+    return model
+
+
+def load_model_for(kind: str, path: str | os.PathLike, tokenizer):
+    """The model an objective trains: "causal_lm" or "sequence_classifier"."""
+    if kind == "sequence_classifier":
+        return load_sequence_classifier(path, tokenizer)
+    return load_causal_lm(path)

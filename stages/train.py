@@ -55,7 +55,7 @@ def run(ctx, cfg: TrainConfig):
     history = fit(model, tokenizer, objective, rows, cfg, ctx.seed, ctx.resume_dir)
 
     out = ctx.workdir / "model"
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (ctx.workdir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     last = history[-1]
