@@ -1,0 +1,67 @@
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.store import ArtifactStore
+
+
+def make_artifact(store: ArtifactStore, dest: str, value: int = 1) -> dict:
+    work = store.new_workdir()
+    pq.write_table(pa.table({"x": [value, value + 1]}), work / "data.parquet")
+    (work / "model").mkdir()
+    (work / "model" / "weights.bin").write_bytes(b"\x00\x01" * 100)
+    manifest = {"stage": "s", "fingerprint": "f", "run_id": "r", "rows": 2}
+    store.commit(work, dest, manifest)
+    return store.read_manifest(dest)
+
+
+@pytest.mark.parametrize("root", ["local", "memory://align-test"])
+def test_commit_verify_and_corruption(tmp_path, root):
+    store = ArtifactStore(str(tmp_path / "root") if root == "local" else root)
+    dest = store.stage_dir("exp", 0, "s")
+    m = make_artifact(store, dest)
+    assert set(m["files"]) == {"data.parquet", "model/weights.bin"}
+    assert store.verify(dest, m) is None
+    assert store.read_table(dest).column("x").to_pylist() == [1, 2]
+    assert store.rounds("exp") == [0] and store.stages_in_round("exp", 0) == ["s"]
+
+    with store.fs.open(f"{dest}/model/weights.bin", "wb") as f:
+        f.write(b"\x00\x02" * 100)
+    assert store.verify(dest, m) == "model/weights.bin checksum differs"
+    store.fs.rm(f"{dest}/data.parquet")
+    assert store.verify(dest, m) == "data.parquet is missing"
+    if root != "local":
+        store.fs.rm(store.root, recursive=True)
+
+
+def test_manifest_is_written_last_and_readable_without_project_code(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    dest = store.stage_dir("exp", 0, "s")
+    make_artifact(store, dest)
+    manifest = json.loads((Path(dest) / "manifest.json").read_text())
+    assert "manifest.json" not in manifest["files"]
+    assert pq.read_table(Path(dest) / "data.parquet").num_rows == 2
+    assert not (tmp_path / ".tmp").exists(), "scratch space is tidied after a commit"
+
+
+def test_replacing_an_artifact_and_discarding_a_failed_one(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    dest = store.stage_dir("exp", 0, "s")
+    make_artifact(store, dest, 1)
+    make_artifact(store, dest, 10)
+    assert store.read_table(dest).column("x").to_pylist() == [10, 11]
+    work = store.new_workdir()
+    (work / "half.parquet").write_bytes(b"partial")
+    store.discard(work)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_missing_or_broken_manifest_reads_as_incomplete(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    (tmp_path / "a").mkdir()
+    assert store.read_manifest(str(tmp_path / "a")) is None
+    (tmp_path / "a" / "manifest.json").write_text("{not json")
+    assert store.read_manifest(str(tmp_path / "a")) is None
