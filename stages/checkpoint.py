@@ -53,7 +53,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict) -> 
     np_state = np.random.get_state()
     state = {
         "progress": progress,
-        "scheduler": _jsonable({k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}),
+        # LambdaLR stores plain-function lambdas as None; the schedule itself is rebuilt from the config.
+        "scheduler": _jsonable(scheduler.state_dict()),
         "param_groups": _jsonable(opt["param_groups"]),
         "optimizer_scalars": _jsonable(scalars),
         "python_rng": _jsonable(random.getstate()),

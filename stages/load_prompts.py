@@ -32,7 +32,9 @@ SCHEMA = pa.schema([
 
 
 def _is_local_file(source: str) -> bool:
-    return source.endswith((".parquet", ".jsonl", ".json", ".csv")) or "://" in source or os.sep in source
+    """A file path or URL; anything else that is not a built-in corpus is a hub dataset name ("org/name")."""
+    return (source.endswith((".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".csv")) or "://" in source
+            or source.startswith(("/", ".", "~")) or Path(source).exists())
 
 
 def identity(cfg: LoadPromptsConfig) -> dict:
@@ -110,7 +112,7 @@ def _from_hub(cfg: LoadPromptsConfig) -> list[dict]:
 def read_source(cfg: LoadPromptsConfig) -> list[dict]:
     if cfg.source in data.CORPORA:
         return _from_corpus(cfg)
-    if _is_local_file(cfg.source) or Path(cfg.source).exists():
+    if _is_local_file(cfg.source):
         return _from_table(data.read_table_file(cfg.source, field="load_prompts.source"), cfg)
     return _from_hub(cfg)
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log p(label_t | <t) per position, zero where mask is 0. logits [B,T,V] already aligned to labels [B,T]."""
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # upcast bf16/fp16, keep float64
+    logp = -F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
     return logp * mask
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import uuid
@@ -105,7 +106,8 @@ class ArtifactStore:
         if self.local:
             scratch = Path(self.root) / TMP
             scratch.mkdir(parents=True, exist_ok=True)
-            path = scratch / uuid.uuid4().hex
+            self._sweep_orphans(scratch)
+            path = scratch / f"work-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             path.mkdir()
             return path
         return Path(tempfile.mkdtemp(prefix="align-stage-"))
@@ -118,6 +120,17 @@ class ArtifactStore:
     def drop_resume(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
         self._tidy_scratch()
+
+    @staticmethod
+    def _sweep_orphans(scratch: Path) -> None:
+        """Remove the half-written folders of processes that were killed mid-stage."""
+        for path in scratch.glob("work-*"):
+            try:
+                os.kill(int(path.name.split("-")[1]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+            except (ValueError, PermissionError, IndexError):
+                pass
 
     def discard(self, workdir: Path) -> None:
         shutil.rmtree(workdir, ignore_errors=True)

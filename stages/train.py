@@ -30,7 +30,7 @@ NEEDS = {
 
 
 def identity(cfg: TrainConfig) -> dict:
-    return {"model": model_identity(cfg.model)}
+    return {"model": model_identity(cfg.model, "train.model")}
 
 
 def run(ctx, cfg: TrainConfig):

@@ -97,6 +97,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
         history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_total:.4f}")
+        if step % max(1, total // 10) == 0 or step == total:  # the bar is hidden when not on a terminal
+            log.info("train: step %d/%d loss %.4f, %.0f tokens/s", step, total, loss_total, row["tokens_per_s"] or 0)
         if step % cfg.checkpoint_every == 0 and step < total:
             save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history})
     bar.close()

@@ -1,0 +1,115 @@
+"""load_prompts and build_pool on small local files in the formats users bring."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages.config import validate_config
+from stages.errors import BadInput
+from stages.runner import run_stage
+from stages.store import ArtifactStore
+
+QUESTIONS = [f"question number {i} about movies" for i in range(40)]
+
+
+def config(source, **load_prompts):
+    return validate_config({"experiment": "lp", "stages": ["load_prompts", "build_pool"],
+                            "load_prompts": {"source": str(source), **load_prompts}})
+
+
+def table_of(store, stage="load_prompts"):
+    return store.read_table(store.stage_dir("lp", 0, stage)).to_pylist()
+
+
+@pytest.fixture
+def files(tmp_path):
+    rows = [{"question": q, "answer": f"answer {i}", "rating": float(i % 5)} for i, q in enumerate(QUESTIONS)]
+    rows.append(dict(rows[0]))  # a duplicate prompt
+    paths = {"parquet": tmp_path / "d.parquet", "jsonl": tmp_path / "d.jsonl", "csv": tmp_path / "d.csv"}
+    pq.write_table(pa.Table.from_pylist(rows), paths["parquet"])
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths["csv"].write_text("question,answer,rating\n" + "".join(f"{r['question']},{r['answer']},{r['rating']}\n" for r in rows))
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_local_files_with_column_mapping(files, tmp_path, fmt):
+    store = ArtifactStore(str(tmp_path / "a"))
+    cfg = config(files[fmt], columns={"prompt": "question", "completion": "answer", "score": "rating"},
+                 heldout_fraction=0.25)
+    run_stage(cfg, "load_prompts", 0, store)
+    rows = table_of(store)
+    assert len(rows) == 40  # the duplicate is gone
+    assert {r["prompt"] for r in rows} == set(QUESTIONS)
+    assert all(r["completion"].startswith("answer") and r["score"] is not None for r in rows)
+    heldout = {r["prompt"] for r in rows if r["split"] == "heldout"}
+    assert 0 < len(heldout) < 40
+    # The split is a pure function of seed and prompt: the same across formats and runs.
+    other = ArtifactStore(str(tmp_path / "b"))
+    run_stage(config(files["parquet"], columns={"prompt": "question", "completion": "answer", "score": "rating"},
+                     heldout_fraction=0.25), "load_prompts", 0, other)
+    assert heldout == {r["prompt"] for r in table_of(other) if r["split"] == "heldout"}
+    run_stage(cfg, "build_pool", 0, store)
+    pool = table_of(store, "build_pool")
+    assert len(pool) == 40 and all(r["generation1_weight"] == 1.0 for r in pool)
+
+
+def test_filters_and_caps(files, tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    run_stage(config(files["parquet"], columns={"prompt": "question", "score": "rating"}, min_abs_score=3,
+                     max_rows=5, heldout_fraction=0.0), "load_prompts", 0, store)
+    rows = table_of(store)
+    assert len(rows) == 5 and all(r["score"] >= 3 for r in rows)
+
+
+def test_builtin_movie_snippets_pairs(tmp_path):
+    pytest.importorskip("stages.data").corpus_path("movie_snippets").exists() or pytest.skip("data not prepared")
+    store = ArtifactStore(str(tmp_path))
+    cfg = validate_config({"experiment": "lp", "stages": ["load_prompts", "build_pool"],
+                           "load_prompts": {"prompt_words": None, "min_abs_score": 0.5, "max_rows": 200},
+                           "build_pool": {"kind": "reward_pairs", "min_score_gap": 1.0}})
+    run_stage(cfg, "load_prompts", 0, store)
+    run_stage(cfg, "build_pool", 0, store)
+    pairs = table_of(store, "build_pool")
+    assert pairs and all(p["generation1_reward"] - p["generation2_reward"] >= 1.0 for p in pairs)
+    texts = [p["generation1"] for p in pairs] + [p["generation2"] for p in pairs]
+    assert len(texts) == len(set(texts)), "each snippet is used once"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_file", "load_prompts.source: file not found"),
+    ("missing_column", "missing required column 'query' (mapped to prompt)"),
+    ("empty", "is empty"),
+    ("no_rows_left", "no rows left"),
+    ("text_score", "column 'answer' must be numeric"),
+])
+def test_bad_data_is_one_line_and_writes_nothing(files, tmp_path, case, expected):
+    from stages.runner import preflight
+
+    source, columns, extra = files["parquet"], {"prompt": "question"}, {}
+    if case == "missing_file":
+        source = tmp_path / "nope.parquet"
+    elif case == "missing_column":
+        columns = {"prompt": "query"}
+    elif case == "empty":
+        source = tmp_path / "empty.jsonl"
+        source.write_text("")
+    elif case == "no_rows_left":
+        extra = {"min_prompt_chars": 1000}
+    elif case == "text_score":
+        columns = {"prompt": "question", "score": "answer"}
+    store_root = tmp_path / "art"
+    cfg = config(source, columns=columns, **extra)
+    with pytest.raises(BadInput) as e:
+        preflight(cfg)
+        run_stage(cfg, "load_prompts", 0, ArtifactStore(str(store_root)))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert not store_root.exists() or list(store_root.iterdir()) == []
+
+
+def test_hub_source_is_refused_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BadInput, match="hub is offline"):
+        run_stage(config("stanfordnlp/imdb"), "load_prompts", 0, ArtifactStore(str(tmp_path)))
