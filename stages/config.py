@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.errors import BadInput
 
@@ -46,8 +46,54 @@ class BuildPoolConfig(Section):
     heldout_max_records: int | None = Field(None, gt=0)
 
 
+class RewardOptions(Section):
+    margin: float = 0.0  # -log sigmoid(s_c - s_r - margin)
+
+
+class DPOOptions(Section):
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # > 0: conservative DPO (sigmoid only)
+    # Average log-probs over completion tokens instead of summing. The reference DPO code sums;
+    # TRL's and HALOs' IPO average. Off by default, on is the usual choice for IPO.
+    length_normalize: bool = False
+    reference_free: bool = False  # compare with a uniform reference (ref log-probs = 0)
+
+
+class KTOOptions(Section):
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)  # lambda_D
+    undesirable_weight: float = Field(1.0, gt=0)  # lambda_U; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+
+
+class ConditionedOptions(Section):
+    kl_coef: float = Field(0.05, ge=0)
+    entropy_coef: float = Field(0.06, ge=0)
+    # exact: full-vocabulary KL from the reference model's logits (reference resident, as in the
+    # Quark and NLF papers); cached: an estimate from the reference stage's per-token log-probs of
+    # the pool's tokens (no second model; approximate, since the pool was sampled by an older policy).
+    kl: Literal["exact", "cached"] = "exact"
+    # ref_policy = KL(reference || policy), the papers' direction; policy_ref = KL(policy || reference).
+    kl_direction: Literal["ref_policy", "policy_ref"] = "ref_policy"
+
+
+class NLFOptions(ConditionedOptions):
+    feedback_template: str = "feedback: {feedback} input: {prompt}"
+
+
+class RLOptions(Section):
+    kl_coef: float = Field(0.05, ge=0)  # reward - kl_coef * (log pi - log ref), per sequence
+
+
+class LoraOptions(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
 class TrainConfig(Section):
-    objective: Literal["sft", "reward"] = "sft"
+    objective: Literal["sft", "reward", "dpo", "kto", "quark", "nlf", "rl"] = "sft"
     # "smollm2", "minilm", "tiny-llama", a local model folder, or a hub id (online only).
     model: str = "smollm2"
     learning_rate: float = Field(2e-5, gt=0)
@@ -56,14 +102,41 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, gt=0)  # caps the optimizer steps
-    batch_size: int = Field(4, ge=1)  # records per micro-batch (a pair counts as one record)
+    batch_size: int = Field(4, ge=1)  # records per micro-batch (a pair counts as one; rl: prompt groups)
     grad_accum: int = Field(1, ge=1)
-    max_length: int = Field(128, ge=8)  # tokens, prompt + completion
+    max_length: int = Field(128, ge=8)  # tokens: prompt (at most max_prompt_length) + completion
     max_prompt_length: int = Field(64, ge=1)
+    group_by_length: bool = True  # batch similar lengths together: less padding
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
-    margin: float = 0.0  # reward objective: -log sigmoid(s_c - s_r - margin)
+    # Where reference log-probs come from: the pool's cached columns (the reference stage), a
+    # resident reference model, or auto (cached when the pool has them).
+    reference: Literal["auto", "cached", "resident"] = "auto"
+    reference_model: str | None = None  # default: the model being trained, before training
+    lora: LoraOptions | None = None
+    reward: RewardOptions = Field(default_factory=RewardOptions)
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+    kto: KTOOptions = Field(default_factory=KTOOptions)
+    quark: ConditionedOptions = Field(default_factory=ConditionedOptions)
+    nlf: NLFOptions = Field(default_factory=NLFOptions)
+    rl: RLOptions = Field(default_factory=RLOptions)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length must be smaller than max_length")
+        return self
+
+
+class ReferenceConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    token_logps: bool = False  # also per-token log-probs of generation1 (quark/nlf kl: cached)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    # Filled from train (model, max_length, max_prompt_length) so tokenisation matches training.
+    model: str | None = None
+    max_length: int | None = None
+    max_prompt_length: int | None = None
 
 
 class EvaluateConfig(Section):
@@ -72,7 +145,7 @@ class EvaluateConfig(Section):
     samples_to_show: int = Field(5, ge=0)
 
 
-StageName = Literal["load_prompts", "build_pool", "train", "evaluate"]
+StageName = Literal["load_prompts", "build_pool", "reference", "train", "evaluate"]
 
 
 class RunConfig(Section):
@@ -82,6 +155,7 @@ class RunConfig(Section):
     stages: list[StageName] = Field(default_factory=lambda: ["load_prompts", "build_pool", "train", "evaluate"])
     load_prompts: LoadPromptsConfig = Field(default_factory=LoadPromptsConfig)
     build_pool: BuildPoolConfig = Field(default_factory=BuildPoolConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
@@ -91,6 +165,17 @@ class RunConfig(Section):
         if len(set(stages)) != len(stages):
             raise ValueError("a stage is listed twice")
         return stages
+
+    @model_validator(mode="after")
+    def _reference_follows_train(self):
+        ref = self.reference
+        if ref.model is None:
+            ref.model = self.train.reference_model or self.train.model
+        if ref.max_length is None:
+            ref.max_length = self.train.max_length
+        if ref.max_prompt_length is None:
+            ref.max_prompt_length = self.train.max_prompt_length
+        return self
 
     def section(self, stage: str) -> Section:
         return getattr(self, stage)

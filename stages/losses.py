@@ -32,3 +32,86 @@ def weighted_mean(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     """sum(w * loss) / sum(w); an all-zero-weight batch contributes 0 (not NaN)."""
     weights = weights.to(per_example.dtype)
     return (per_example * weights).sum() / weights.sum().clamp(min=torch.finfo(per_example.dtype).tiny)
+
+
+def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float,
+             loss: str = "sigmoid", label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO family on sequence log-probs; returns per-pair losses and the implicit rewards.
+
+    logits = (pi_c - pi_r) - (ref_c - ref_r)
+    sigmoid: -(1 - eps) log sigmoid(beta logits) - eps log sigmoid(-beta logits)   (eps > 0: conservative DPO)
+    ipo:     (logits - 1 / (2 beta))^2                                          (Azar et al., 2023)
+    hinge:   max(0, 1 - beta logits)                                            (SLiC, Zhao et al., 2023)
+    Reference-free DPO passes zeros for ref_c and ref_r.
+    """
+    logits = (pi_c - pi_r) - (ref_c - ref_r)
+    if loss == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
+    elif loss == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}")
+    return losses, beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, pi_kl: torch.Tensor, ref_kl: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al., 2024): per-example losses, the log-ratio rewards, and the reference point z0.
+
+    z0 is the mean log-ratio of mismatched prompt/completion pairs (pi_kl, ref_kl), detached and
+    clamped at 0; desirable: lambda_D (1 - sigmoid(beta (r - z0))), undesirable: lambda_U (1 - sigmoid(beta (z0 - r))).
+    """
+    z0 = (pi_kl - ref_kl).mean().detach().clamp(min=0)
+    r = pi - ref
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return losses, (beta * r).detach(), z0
+
+
+def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, direction: str) -> torch.Tensor:
+    """Exact per-token KL over the vocabulary. "ref_policy" = KL(ref || policy), Quark's and NLF's
+    choice (mode-covering: keeps mass wherever the reference has it); "policy_ref" = KL(policy || ref)."""
+    lp = torch.log_softmax(policy_logits.float(), -1)
+    lr = torch.log_softmax(ref_logits.float(), -1)
+    if direction == "ref_policy":
+        return (lr.exp() * (lr - lp)).sum(-1)
+    return (lp.exp() * (lp - lr)).sum(-1)
+
+
+def sampled_kl(logp: torch.Tensor, ref_logp: torch.Tensor, direction: str) -> torch.Tensor:
+    """Cheap per-token KL estimate from the sampled tokens' log-probs only (Schulman's k3,
+    (ratio - 1) - log ratio >= 0). Unbiased when the tokens were drawn from the first distribution
+    of `direction`; with pool tokens from an earlier policy it is an approximation."""
+    log_ratio = (ref_logp - logp) if direction == "policy_ref" else (logp - ref_logp)
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    lp = torch.log_softmax(logits.float(), -1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def conditioned_nll(token_logps: torch.Tensor, token_kl_: torch.Tensor, token_entropy: torch.Tensor, mask: torch.Tensor,
+                    kl_coef: float, entropy_coef: float) -> torch.Tensor:
+    """Quark / NLF: per example, token means of NLL + kl_coef * KL - entropy_coef * entropy."""
+    n = mask.sum(-1).clamp(min=1)
+    mean = lambda x: (x * mask).sum(-1) / n  # noqa: E731
+    return mean(-token_logps) + kl_coef * mean(token_kl_) - entropy_coef * mean(token_entropy)
+
+
+def rloo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, rewards: torch.Tensor, groups: torch.Tensor,
+              kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE with a leave-one-out baseline (RLOO, Ahmadian et al., 2024) and a KL penalty.
+
+    Each sample's reward is penalised by kl_coef * (logp - ref_logp); its baseline is the mean
+    penalised reward of the other samples of the same prompt (`groups` holds a prompt index per
+    sample). A prompt with a single sample gets advantage 0. Returns per-sample losses, advantages.
+    """
+    shaped = rewards - kl_coef * (logp - ref_logp).detach()
+    one_hot = (groups[:, None] == groups[None, :]).to(shaped.dtype)
+    size = one_hot.sum(-1)
+    others = (one_hot @ shaped - shaped) / (size - 1).clamp(min=1)
+    advantage = torch.where(size > 1, shaped - others, torch.zeros_like(shaped)).detach()
+    return -advantage * logp, advantage

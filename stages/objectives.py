@@ -1,28 +1,34 @@
 """Training objectives. Adding one is a subclass with `collate` and `per_example_loss`.
 
-An objective turns records (rows of stages/schemas.RECORDS) into tensors and a batch into
-per-example losses plus metrics; the trainer owns weights, reduction, optimisation and checkpoints.
+An objective turns records (rows of stages/schemas.RECORDS) into tensors, and a batch into
+per-example losses plus per-example metrics. The trainer owns weights, reduction, optimisation and
+checkpoints. Objectives that compare with a reference read its log-probs from the pool's cached
+`reference_*` columns (the reference stage) or, when those are absent, from `self.ref_model`
+(the reference model resident, or the LoRA policy with its adapters switched off).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from stages.losses import bradley_terry, sft_nll, token_logprobs
+from stages import losses as L
+from stages.logprobs import completion_token_logps, completion_token_stats
 
 
-def encode_completion(tokenizer, prompt: str, completion: str, max_prompt: int, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + completion + EOS, and a mask that is 1 on completion tokens only.
+def encode_completion(tokenizer, prompt: str, completion: str, max_prompt: int, max_length: int,
+                      prefix_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of [prefix +] prompt + completion + EOS, and a mask that is 1 on completion tokens.
 
-    The prompt keeps its last `max_prompt` tokens; the whole keeps its first `max_length`.
+    The prompt keeps its last tokens (max_prompt in all, prefix included); the completion keeps its
+    first max_length - max_prompt tokens. The completion's tokens therefore never depend on the
+    prompt, so a conditioned and an unconditioned prompt carry identical completions.
     """
-    p = tokenizer(prompt, add_special_tokens=False).input_ids[-max_prompt:] if prompt else []
+    prefix_ids = prefix_ids or []
+    p = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    p = prefix_ids + p[len(p) - max(0, max_prompt - len(prefix_ids)):]
     sep = " " if prompt and completion and not completion[0].isspace() and not prompt[-1].isspace() else ""
-    c = tokenizer(sep + completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    ids = (p + c)[:max_length]
-    return ids, ([0] * len(p) + [1] * len(c))[:max_length]
+    c = (tokenizer(sep + completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[: max_length - max_prompt]
+    return p + c, [0] * len(p) + [1] * len(c)
 
 
 def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -30,20 +36,70 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-@dataclass
+def sequences(tokenizer, pairs: list[tuple[str, str]], max_prompt: int, max_length: int, prefixes=None) -> dict:
+    """A right-padded batch of (prompt, completion) pairs."""
+    enc = [encode_completion(tokenizer, p, c, max_prompt, max_length, prefixes[i] if prefixes else None)
+           for i, (p, c) in enumerate(pairs)]
+    return {"input_ids": pad([e[0] for e in enc], tokenizer.pad_token_id),
+            "attention_mask": pad([[1] * len(e[0]) for e in enc], 0),
+            "completion_mask": pad([e[1] for e in enc], 0)}
+
+
+def column(rows, name, dtype=torch.float32, default=None):
+    return torch.tensor([r.get(name, default) if r.get(name) is not None else default for r in rows], dtype=dtype)
+
+
 class Objective:
-    max_length: int = 128
-    max_prompt_length: int = 64
-    margin: float = 0.0
+    """Base: subclasses set `name`, the record columns they need, and implement the two methods."""
 
     name = "base"
     model_kind = "causal_lm"  # or "sequence_classifier"
+    needs: tuple[str, ...] = ("prompt", "generation1")
+    reference_columns: tuple[str, ...] = ()  # cached reference columns it can use instead of ref_model
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the train section
+        self.opt = getattr(cfg, self.name, None)  # the objective's own sub-section (train.dpo, train.kto, ...)
+        self.ref_model = None  # set by the trainer when the pool has no cached reference columns
+
+    @property
+    def max_prompt(self):
+        return self.cfg.max_prompt_length
+
+    def uses_reference(self) -> bool:
+        return bool(self.reference_columns)
 
     def collate(self, rows: list[dict], tokenizer) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def per_example_loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    # -- helpers shared by objectives ----------------------------------------------------------------
+    def seqs(self, tokenizer, pairs, prefixes=None):
+        return sequences(tokenizer, pairs, self.max_prompt, self.cfg.max_length, prefixes)
+
+    @staticmethod
+    def seq_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs and completion token counts per sequence."""
+        logps, mask = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        return logps.sum(-1), mask.sum(-1)
+
+    def reference_logps(self, batch, cached_key: str) -> torch.Tensor:
+        """Cached reference sums when the batch carries them, else computed by the resident reference."""
+        if cached_key in batch:
+            return batch[cached_key]
+        if self.ref_model is None:
+            raise RuntimeError(f"objective {self.name} needs reference log-probs: no '{cached_key}' and no reference model")
+        with torch.no_grad():
+            return self.seq_logps(self.ref_model, batch)[0]
+
+    def add_cached(self, out: dict, rows: list[dict], mapping: dict[str, str]) -> dict:
+        """Copy cached reference columns into the batch when every row has them."""
+        for key, col in mapping.items():
+            if all(r.get(col) is not None for r in rows):
+                out[key] = column(rows, col, torch.float32)
+        return out
 
 
 class SFT(Objective):
@@ -52,24 +108,16 @@ class SFT(Objective):
     name = "sft"
 
     def collate(self, rows, tokenizer):
-        enc = [encode_completion(tokenizer, r["prompt"], r["generation1"], self.max_prompt_length, self.max_length) for r in rows]
-        ids = pad([e[0] for e in enc], tokenizer.pad_token_id)
-        return {
-            "input_ids": ids,
-            "attention_mask": pad([[1] * len(e[0]) for e in enc], 0),
-            "completion_mask": pad([e[1] for e in enc], 0),
-            "weights": torch.tensor([r.get("generation1_weight", 1.0) for r in rows], dtype=torch.float32),
-        }
+        out = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows])
+        out["weights"] = column(rows, "generation1_weight", default=1.0)
+        return out
 
     def token_logps(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        mask = batch["completion_mask"][:, 1:].to(torch.float32)
-        return token_logprobs(logits, batch["input_ids"][:, 1:], mask), mask
+        return completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
 
     def per_example_loss(self, model, batch):
         logps, mask = self.token_logps(model, batch)
-        loss = sft_nll(logps, mask)
-        return loss, {"tokens": mask.sum(-1)}
+        return L.sft_nll(logps, mask), {"tokens": mask.sum(-1)}
 
 
 class RewardBT(Objective):
@@ -80,17 +128,18 @@ class RewardBT(Objective):
 
     name = "reward"
     model_kind = "sequence_classifier"
+    needs = ("generation1", "generation2")
 
-    def texts(self, rows, column):
-        return [" ".join(filter(None, [r["prompt"], r[column]])) for r in rows]
+    @staticmethod
+    def texts(rows, col):
+        return [" ".join(filter(None, [r["prompt"], r[col]])) for r in rows]
 
     def collate(self, rows, tokenizer):
         enc = tokenizer(self.texts(rows, "generation1") + self.texts(rows, "generation2"), truncation=True,
-                        max_length=self.max_length, padding=True, return_tensors="pt")
-        w1 = torch.tensor([r.get("generation1_weight", 1.0) for r in rows], dtype=torch.float32)
-        w2 = torch.tensor([r.get("generation2_weight", 1.0) for r in rows], dtype=torch.float32)
+                        max_length=self.cfg.max_length, padding=True, return_tensors="pt")
         # A pair's weight is the product of its two samples' weights.
-        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "weights": w1 * w2}
+        weights = column(rows, "generation1_weight", default=1.0) * column(rows, "generation2_weight", default=1.0)
+        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "weights": weights}
 
     def scores(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().squeeze(-1)
@@ -98,13 +147,193 @@ class RewardBT(Objective):
 
     def per_example_loss(self, model, batch):
         s_c, s_r = self.scores(model, batch)
-        loss = bradley_terry(s_c, s_r, self.margin)
-        return loss, {"accuracy": (s_c > s_r).float(), "margin": (s_c - s_r).detach(),
-                      "tokens": batch["attention_mask"].sum(-1).view(2, -1).sum(0).float()}
+        return L.bradley_terry(s_c, s_r, self.opt.margin), {
+            "accuracy": (s_c > s_r).float(), "margin": (s_c - s_r).detach(),
+            "tokens": batch["attention_mask"].sum(-1).view(2, -1).sum(0).float()}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (SFT, RewardBT)}
+class DPO(Objective):
+    """DPO (Rafailov et al., 2023) and its family: sigmoid (+ label smoothing = conservative DPO),
+    IPO, hinge, reference-free. Widening the policy's log-ratio margin over the reference's between
+    chosen and rejected raises the chosen's likelihood without a reward model or sampling."""
+
+    name = "dpo"
+    needs = ("prompt", "generation1", "generation2")
+    reference_columns = ("reference_logp1", "reference_logp2")
+
+    def uses_reference(self):
+        return not self.opt.reference_free
+
+    def collate(self, rows, tokenizer):
+        pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["generation2"]) for r in rows]
+        out = self.seqs(tokenizer, pairs)
+        out["weights"] = column(rows, "generation1_weight", default=1.0) * column(rows, "generation2_weight", default=1.0)
+        if all(r.get("reference_logp1") is not None and r.get("reference_logp2") is not None for r in rows):
+            out["ref_logps"] = torch.cat([column(rows, "reference_logp1"), column(rows, "reference_logp2")])
+        return out
+
+    def per_example_loss(self, model, batch):
+        pi, n = self.seq_logps(model, batch)
+        ref = torch.zeros_like(pi) if self.opt.reference_free else self.reference_logps(batch, "ref_logps").to(pi.dtype)
+        if self.opt.length_normalize:
+            pi, ref = pi / n.clamp(min=1), ref / n.clamp(min=1)
+        pi_c, pi_r = pi.chunk(2)
+        ref_c, ref_r = ref.chunk(2)
+        losses, rc, rr = L.dpo_loss(pi_c, pi_r, ref_c, ref_r, self.opt.beta, self.opt.loss, self.opt.label_smoothing)
+        return losses, {"rewards_chosen": rc, "rewards_rejected": rr, "reward_margin": rc - rr,
+                        "reward_accuracy": (rc > rr).float(), "tokens": n.view(2, -1).sum(0)}
+
+
+class KTO(Objective):
+    """KTO (Ethayarajh et al., 2024): pointwise desirable / undesirable labels, no pairs needed.
+    A prospect-theory value of the log-ratio against a reference point z0 (a batch-free estimate of
+    the policy's KL to the reference, from mismatched prompt/completion pairs).
+
+    Each record carries its own mismatched completion (`kl_generation`, another record's
+    generation1, assigned by build_pool), so z0 needs no second example in the batch: batch size 1
+    works, and the mismatch pairing is fixed, which lets the reference stage cache its log-probs.
+    """
+
+    name = "kto"
+    needs = ("prompt", "generation1", "desirable", "kl_generation")
+    reference_columns = ("reference_logp1", "reference_kl_logp")
+
+    def collate(self, rows, tokenizer):
+        pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["kl_generation"]) for r in rows]
+        out = self.seqs(tokenizer, pairs)
+        out["weights"] = column(rows, "generation1_weight", default=1.0)
+        out["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
+        if all(r.get("reference_logp1") is not None and r.get("reference_kl_logp") is not None for r in rows):
+            out["ref_logps"] = torch.cat([column(rows, "reference_logp1"), column(rows, "reference_kl_logp")])
+        return out
+
+    def per_example_loss(self, model, batch):
+        pi, n = self.seq_logps(model, batch)
+        ref = self.reference_logps(batch, "ref_logps").to(pi.dtype)
+        pi_y, pi_kl = pi.chunk(2)
+        ref_y, ref_kl = ref.chunk(2)
+        losses, rewards, z0 = L.kto_loss(pi_y, ref_y, batch["desirable"], pi_kl, ref_kl, self.opt.beta,
+                                         self.opt.desirable_weight, self.opt.undesirable_weight)
+        d = batch["desirable"].float()
+        return losses, {"rewards": rewards, "kl_z0": z0.expand_as(rewards), "desirable_fraction": d,
+                        "tokens": n.chunk(2)[0]}
+
+
+class ConditionedNLL(Objective):
+    """Quark (Lu et al., 2022) and NLF: NLL of the generation given a conditioned prompt, plus
+    kl_coef * per-token KL to the reference (which sees the unconditioned prompt), minus
+    entropy_coef * entropy. Conditioning on a reward token or on feedback teaches the model what
+    each level of quality looks like; at sampling time one conditions on the best."""
+
+    needs = ("prompt", "generation1")
+    reference_columns = ("reference_token_logps1",)
+
+    def condition(self, row) -> tuple[str, list[int] | None]:
+        raise NotImplementedError
+
+    def uses_reference(self):
+        return self.opt.kl_coef > 0
+
+    def collate(self, rows, tokenizer):
+        conditioned, prefixes = [], []
+        for r in rows:
+            prompt, prefix = self.condition(r)
+            conditioned.append((prompt, r["generation1"]))
+            prefixes.append(tokenizer.convert_tokens_to_ids([prefix]) if prefix else None)
+        out = self.seqs(tokenizer, conditioned, prefixes)
+        ref = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows])
+        out.update({f"ref_{k}": v for k, v in ref.items()})
+        out["weights"] = column(rows, "generation1_weight", default=1.0)
+        if self.opt.kl == "cached" and all(r.get("reference_token_logps1") is not None for r in rows):
+            width = out["completion_mask"].shape[1] - 1
+            grid = torch.zeros(len(rows), width)
+            cm = out["completion_mask"][:, 1:].bool()
+            for i, r in enumerate(rows):
+                vals = torch.tensor(r["reference_token_logps1"], dtype=torch.float32)
+                grid[i][cm[i]] = vals[: int(cm[i].sum())]
+            out["ref_token_logps"] = grid
+        return out
+
+    def per_example_loss(self, model, batch):
+        ref_batch = {k[4:]: v for k, v in batch.items() if k.startswith("ref_") and k != "ref_token_logps"}
+        exact = self.opt.kl == "exact" and self.opt.kl_coef > 0
+        logp, kl, ent, mask = completion_token_stats(model, batch, self.ref_model if exact else None, ref_batch,
+                                                     self.opt.kl_direction)
+        if self.opt.kl == "cached" and self.opt.kl_coef > 0:
+            if "ref_token_logps" not in batch:
+                raise RuntimeError(f"{self.name}: kl 'cached' needs the reference stage's per-token log-probs")
+            kl = L.sampled_kl(logp, batch["ref_token_logps"], self.opt.kl_direction) * mask
+        loss = L.conditioned_nll(logp, kl, ent, mask, self.opt.kl_coef, self.opt.entropy_coef)
+        n = mask.sum(-1).clamp(min=1)
+        return loss, {"kl": (kl * mask).sum(-1) / n, "entropy": (ent * mask).sum(-1) / n, "tokens": mask.sum(-1)}
+
+
+class Quark(ConditionedNLL):
+    name = "quark"
+    needs = ("prompt", "generation1", "control")
+
+    def condition(self, row):
+        return row["prompt"], row["control"]
+
+
+class NLF(ConditionedNLL):
+    name = "nlf"
+    needs = ("prompt", "generation1", "feedback")
+
+    def condition(self, row):
+        return self.opt.feedback_template.format(feedback=row["feedback"], prompt=row["prompt"]), None
+
+
+class RLOO(Objective):
+    """Online RL: REINFORCE with a leave-one-out baseline over each prompt's n samples (RLOO,
+    Ahmadian et al., 2024) on rewards from the annotate stage, with a KL penalty to the reference
+    folded into the reward. Batches hold whole prompt groups."""
+
+    name = "rl"
+    needs = ("prompt", "generation1", "generation1_reward")
+    reference_columns = ("reference_logp1",)
+    group_by = "prompt_id"
+
+    def uses_reference(self):
+        return self.opt.kl_coef > 0
+
+    def collate(self, rows, tokenizer):
+        out = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows])
+        ids = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in rows))}
+        out["groups"] = torch.tensor([ids[r["prompt_id"]] for r in rows])
+        out["rewards"] = column(rows, "generation1_reward")
+        out["weights"] = column(rows, "generation1_weight", default=1.0)
+        return self.add_cached(out, rows, {"ref_logps": "reference_logp1"})
+
+    def per_example_loss(self, model, batch):
+        logp, n = self.seq_logps(model, batch)
+        ref = self.reference_logps(batch, "ref_logps").to(logp.dtype) if self.opt.kl_coef > 0 else logp.detach()
+        losses, adv = L.rloo_loss(logp, ref, batch["rewards"], batch["groups"], self.opt.kl_coef)
+        return losses, {"advantage": adv, "reward": batch["rewards"], "kl": (logp - ref).detach(), "tokens": n}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (SFT, RewardBT, DPO, KTO, Quark, NLF, RLOO)}
 
 
 def make_objective(cfg) -> Objective:
-    return OBJECTIVES[cfg.objective](max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, margin=cfg.margin)
+    return OBJECTIVES[cfg.objective](cfg)
+
+
+class AdapterOff:
+    """The LoRA policy with its adapters switched off: the reference model without a second copy."""
+
+    def __init__(self, peft_model):
+        self.model = peft_model
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def get_decoder(self):
+        decoder = self.model.get_decoder()
+        model = self.model
+
+        def run(**kw):
+            with model.disable_adapter():
+                return decoder(**kw)
+        return run
+

@@ -1,10 +1,18 @@
-"""The record format every objective trains on (one Arrow schema, validated at stage boundaries).
+"""The record format every objective trains on: one Arrow schema, validated at stage boundaries.
 
 - prompt_id, prompt, split ("train" / "heldout")
-- generation1: the completion (SFT), the preferred text (pairs) or the sample (pointwise, RL)
+- generation1: the completion (SFT), the preferred text of a pair, or the sample (pointwise, RL)
 - generation2: the rejected text of a pair, else null
 - generation{1,2}_reward: scores where they exist, else null
 - generation{1,2}_weight: per-sample weights (default 1.0); every loss multiplies by them
+- desirable: the pointwise label (KTO), else null
+- control: a Quark reward-quantile token prefixed to the prompt, else null
+- feedback: natural-language feedback the prompt is conditioned on (NLF), else null
+- kl_generation: another record's generation1, paired with this prompt (KTO's reference point)
+
+The reference stage adds, keyed by the pool and the reference model:
+- reference_logp1 / reference_logp2 / reference_kl_logp: summed completion log-probs
+- reference_token_logps1: per-token log-probs of generation1 (Quark/NLF cached KL), if asked for
 """
 
 from __future__ import annotations
@@ -22,11 +30,23 @@ RECORDS = pa.schema([
     ("generation2_reward", pa.float64()),
     ("generation1_weight", pa.float64()),
     ("generation2_weight", pa.float64()),
+    ("desirable", pa.bool_()),
+    ("control", pa.string()),
+    ("feedback", pa.string()),
+    ("kl_generation", pa.string()),
     ("split", pa.string()),
 ])
 
+REFERENCE_COLUMNS = pa.schema([
+    ("reference_logp1", pa.float64()),
+    ("reference_logp2", pa.float64()),
+    ("reference_kl_logp", pa.float64()),
+    ("reference_token_logps1", pa.list_(pa.float32())),
+])
+
 DEFAULTS = {"generation2": None, "generation1_reward": None, "generation2_reward": None,
-            "generation1_weight": 1.0, "generation2_weight": 1.0}
+            "generation1_weight": 1.0, "generation2_weight": 1.0, "desirable": None, "control": None,
+            "feedback": None, "kl_generation": None}
 
 
 def records_table(rows: list[dict]) -> pa.Table:
@@ -41,3 +61,10 @@ def check_columns(table: pa.Table, required: dict[str, pa.DataType], where: str)
         actual = table.schema.field(name).type
         if actual != kind and not (pa.types.is_large_string(actual) and kind == pa.string()):
             raise BadInput(f"{where}: column '{name}' has type {actual}, expected {kind}")
+
+
+def check_non_null(rows: list[dict], columns: list[str], where: str) -> None:
+    for i, r in enumerate(rows):
+        for c in columns:
+            if r.get(c) is None:
+                raise BadInput(f"{where}: record {i} ({r.get('prompt_id')}) has no '{c}'")

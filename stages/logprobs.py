@@ -1,0 +1,90 @@
+"""Completion log-probs without a [batch, time, vocab] float32 tensor.
+
+The transformer body runs once; the LM head then runs only at completion positions, a chunk of
+positions at a time, each chunk upcast to float32 and recomputed in the backward pass (activation
+checkpointing), so peak memory holds one [chunk, vocab] block instead of the whole sequence's
+logits, their float32 copy and their log-softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from stages.losses import entropy as entropy_of
+from stages.losses import token_kl
+
+CHUNK = 512  # completion positions per LM-head block (512 x 49,152 x 4 B = 100 MB in float32)
+
+
+def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """Final hidden states at the positions that predict completion tokens: ([N, H], labels [N], mask [B, T-1])."""
+    body = model.get_decoder()
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = completion_mask[:, 1:].bool()
+    return hidden[:, :-1][mask], input_ids[:, 1:][mask], mask
+
+
+def _label_logps(head, h, y):
+    logits = head(h).float()
+    return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def _label_logps_kl_entropy(head, ref_head, h, y, ref_h, direction):
+    logits = head(h).float()
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    kl = token_kl(logits, ref_head(ref_h).float(), direction) if ref_h is not None else torch.zeros_like(logp)
+    return logp, kl, entropy_of(logits)
+
+
+def _chunked(fn, *tensors, grad: bool):
+    """Apply fn to CHUNK-row blocks of the tensors (None passes through); concatenate the outputs."""
+    n = tensors[1].shape[0]
+    outs = []
+    for k in range(0, n, CHUNK):
+        args = [t[k:k + CHUNK] if isinstance(t, torch.Tensor) else t for t in tensors]
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    if not outs:
+        return None
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put per-position values back into a [B, T-1] grid, zeros off the completion."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(mask, values)
+
+
+def completion_token_logps(model, input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token | prefix) at completion positions, [B, T-1] (0 elsewhere), and the float mask."""
+    h, y, mask = completion_hidden(model, input_ids, attention_mask, completion_mask)
+    head = model.get_output_embeddings()
+    grad = torch.is_grad_enabled() and h.requires_grad
+    logp = _chunked(lambda hh, yy: _label_logps(head, hh, yy), h, y, grad=grad)
+    if logp is None:
+        logp = h.new_zeros(0, dtype=torch.float32)
+    return scatter(logp, mask), mask.float()
+
+
+def completion_token_stats(model, batch: dict, ref_model=None, ref_batch: dict | None = None, direction: str = "ref_policy"):
+    """Per-token log-probs, exact KL to the reference (when ref_model is given) and entropy, each [B, T-1].
+
+    The reference sees `ref_batch` (the unconditioned prompt); both batches must hold the same
+    completion tokens in the same order, which the collate functions guarantee.
+    """
+    h, y, mask = completion_hidden(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ref_h, ref_head = None, None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_h, ref_y, _ = completion_hidden(ref_model, ref_batch["input_ids"], ref_batch["attention_mask"],
+                                                ref_batch["completion_mask"])
+        if not torch.equal(ref_y, y):
+            raise RuntimeError("policy and reference batches hold different completion tokens")
+        ref_head = ref_model.get_output_embeddings()
+    head = model.get_output_embeddings()
+    grad = torch.is_grad_enabled() and h.requires_grad
+    logp, kl, ent = _chunked(lambda hh, yy, rh: _label_logps_kl_entropy(head, ref_head, hh, yy, rh, direction),
+                             h, y, ref_h, grad=grad)
+    return scatter(logp, mask), scatter(kl, mask), scatter(ent, mask), mask.float()
