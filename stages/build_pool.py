@@ -1,14 +1,26 @@
-"""build_pool: turn prompts (or annotated samples) into training records (see stages/schemas.py).
+"""build_pool: turn prompts (or annotated samples) into training records (stages/schemas.py).
 
+Kinds (config `build_pool.kind`):
 - sft: prompt -> completion.
-- reward_pairs: texts paired so that their scores differ by at least `min_score_gap`; the
-  higher-scored text is generation1 (preferred). Each text is used once; pairing follows a seeded
-  hash order, so it is stable across runs. The prompt is empty: the reward model scores whole texts.
+- reward_pairs: whole texts paired so that their scores differ by at least `min_score_gap`; the
+  higher-scored text is generation1. Each text is used once. The prompt is empty: the reward
+  model scores whole texts.
+- pairs: chosen (generation1) vs rejected (generation2): given by the dataset, or the best vs the
+  worst scored completion of each prompt when they differ by at least `min_score_gap`.
+- pointwise: one record per completion with a desirable flag (chosen -> desirable, rejected ->
+  undesirable; or score > threshold). Each record also gets `kl_generation`, the generation of
+  the next record in a seeded order, for KTO's reference point.
+- quark: each completion gets the control token of its reward quantile (equal-size bins, best = 0).
+- nlf: each completion gets feedback text (one phrase per reward quantile, best first).
+- rl: scored completions grouped by prompt, the score as generation1_reward.
+Orders follow a seeded hash, so pools are stable across runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import statistics
+from collections import defaultdict
 
 import pyarrow as pa
 
@@ -17,7 +29,7 @@ from stages.errors import BadInput
 from stages.schemas import check_columns, records_table
 
 NAME = "build_pool"
-VERSION = "1"
+VERSION = "2"
 INPUTS = ("load_prompts",)
 
 
@@ -25,33 +37,121 @@ def _order(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
 
 
-def sft_records(rows: list[dict]) -> list[dict]:
-    out = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"], "split": r["split"]}
-           for r in rows if r["completion"]]
-    if not out:
-        raise BadInput("build_pool: kind 'sft' needs prompts with a completion; none has one "
-                       "(map a column to 'completion' in load_prompts.columns)")
-    return out
+def _need(rows: list[dict], column: str, kind: str, hint: str) -> list[dict]:
+    have = [r for r in rows if r.get(column) is not None]
+    if not have:
+        raise BadInput(f"build_pool: kind '{kind}' needs a '{column}' per row; none has one ({hint})")
+    return have
 
 
-def reward_pairs(rows: list[dict], min_gap: float, seed: int) -> list[dict]:
-    scored = [r for r in rows if r["score"] is not None]
-    if not scored:
-        raise BadInput("build_pool: kind 'reward_pairs' needs a score per text; none has one "
-                       "(map a column to 'score' in load_prompts.columns)")
+def _text(x: dict) -> str:
+    return " ".join(filter(None, [x["prompt"], x["completion"]]))
+
+
+def sft_records(rows, cfg, seed):
+    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"], "split": r["split"]}
+            for r in _need(rows, "completion", "sft", "map a column to 'completion' in load_prompts.columns")]
+
+
+def reward_pairs(rows, cfg, seed):
     pairs, waiting = [], []
-    for r in sorted(scored, key=lambda r: _order(seed, r["prompt_id"])):
-        match = next((w for w in waiting if abs(w["score"] - r["score"]) >= min_gap), None)
+    scored = _need(rows, "score", "reward_pairs", "map a column to 'score' in load_prompts.columns")
+    for r in sorted(scored, key=lambda r: _order(seed, _text(r))):
+        match = next((w for w in waiting if abs(w["score"] - r["score"]) >= cfg.min_score_gap), None)
         if match is None:
             waiting.append(r)
             continue
         waiting.remove(match)
         hi, lo = (r, match) if r["score"] > match["score"] else (match, r)
-        text = lambda x: " ".join(filter(None, [x["prompt"], x["completion"]]))  # noqa: E731
         pairs.append({"prompt_id": f"{hi['prompt_id']}-{lo['prompt_id']}", "prompt": "",
-                      "generation1": text(hi), "generation2": text(lo),
+                      "generation1": _text(hi), "generation2": _text(lo),
                       "generation1_reward": hi["score"], "generation2_reward": lo["score"], "split": r["split"]})
     return pairs
+
+
+def _by_prompt(rows):
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["prompt_id"]].append(r)
+    return groups
+
+
+def preference_pairs(rows, cfg, seed):
+    given = [r for r in rows if r.get("rejected") is not None and r.get("completion") is not None]
+    if given:
+        return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
+                 "generation2": r["rejected"], "split": r["split"]} for r in given]
+    scored = _need(rows, "score", "pairs", "give a dataset with chosen/rejected, or completions with scores")
+    out = []
+    for pid, group in _by_prompt(scored).items():
+        best, worst = max(group, key=lambda r: r["score"]), min(group, key=lambda r: r["score"])
+        if best["score"] - worst["score"] >= cfg.min_score_gap:
+            out.append({"prompt_id": pid, "prompt": best["prompt"], "generation1": best["completion"],
+                        "generation2": worst["completion"], "generation1_reward": best["score"],
+                        "generation2_reward": worst["score"], "split": best["split"]})
+    return out
+
+
+def _threshold(scores: list[float], cfg) -> float:
+    if cfg.desirable_threshold == "mean":
+        return statistics.fmean(scores)
+    if cfg.desirable_threshold == "median":
+        return statistics.median(scores)
+    return float(cfg.desirable_threshold)
+
+
+def pointwise(rows, cfg, seed):
+    base = {"prompt_id": None, "prompt": None, "split": None}
+    given = [r for r in rows if r.get("rejected") is not None and r.get("completion") is not None]
+    if given:
+        out = [{**{k: r[k] for k in base}, "generation1": g, "desirable": d}
+               for r in given for g, d in ((r["completion"], True), (r["rejected"], False))]
+    else:
+        scored = _need(rows, "score", "pointwise", "give chosen/rejected pairs, or completions with scores")
+        scored = [r for r in scored if r.get("completion")]
+        cut = _threshold([r["score"] for r in scored], cfg)
+        out = [{**{k: r[k] for k in base}, "generation1": r["completion"], "generation1_reward": r["score"],
+                "desirable": r["score"] > cut} for r in scored]
+    out.sort(key=lambda r: _order(seed, r["prompt_id"] + r["generation1"]))
+    for i, r in enumerate(out):  # KTO's mismatched completion: the next record's, cyclically
+        r["kl_generation"] = out[(i + 1) % len(out)]["generation1"]
+    return out
+
+
+def _quantile_bins(rows, cfg, seed) -> list[tuple[dict, int]]:
+    """(row, bin) with equal-size bins by score, best bin 0; ties broken by a seeded hash."""
+    scored = [r for r in _need(rows, "score", cfg.kind, "completions need scores (annotate, or a 'score' column)")
+              if r.get("completion")]
+    scopes = _by_prompt(scored).values() if cfg.quantile_scope == "per_prompt" else [scored]
+    out = []
+    for group in scopes:
+        ranked = sorted(group, key=lambda r: (-r["score"], _order(seed, _text(r))))
+        out.extend((r, min(cfg.quantiles - 1, i * cfg.quantiles // len(ranked))) for i, r in enumerate(ranked))
+    return out
+
+
+def quark(rows, cfg, seed):
+    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
+             "generation1_reward": r["score"], "control": cfg.control_token.format(k=k), "split": r["split"]}
+            for r, k in _quantile_bins(rows, cfg, seed)]
+
+
+def nlf(rows, cfg, seed):
+    if len(cfg.feedback_phrases) != cfg.quantiles:
+        raise BadInput(f"build_pool.feedback_phrases: {len(cfg.feedback_phrases)} phrases for {cfg.quantiles} quantiles")
+    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
+             "generation1_reward": r["score"], "feedback": cfg.feedback_phrases[k], "split": r["split"]}
+            for r, k in _quantile_bins(rows, cfg, seed)]
+
+
+def rl(rows, cfg, seed):
+    scored = _need(rows, "score", "rl", "completions need rewards (annotate, or a 'score' column)")
+    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
+             "generation1_reward": r["score"], "split": r["split"]} for r in scored if r.get("completion")]
+
+
+BUILDERS = {"sft": sft_records, "reward_pairs": reward_pairs, "pairs": preference_pairs, "pointwise": pointwise,
+            "quark": quark, "nlf": nlf, "rl": rl}
 
 
 def run(ctx, cfg: BuildPoolConfig):
@@ -59,12 +159,14 @@ def run(ctx, cfg: BuildPoolConfig):
 
     prompts = ctx.inputs["load_prompts"].table()
     check_columns(prompts, {"prompt_id": pa.string(), "prompt": pa.string(), "split": pa.string()}, "build_pool input")
+    all_rows = prompts.to_pylist()
     records = []
     for split in ("train", "heldout"):
-        rows = [r for r in prompts.to_pylist() if r["split"] == split]
+        rows = [r for r in all_rows if r["split"] == split]
         if not rows:
             continue
-        made = sft_records(rows) if cfg.kind == "sft" else reward_pairs(rows, cfg.min_score_gap, ctx.seed)
+        made = BUILDERS[cfg.kind](rows, cfg, ctx.seed)
+        made.sort(key=lambda r: _order(ctx.seed, r["prompt_id"] + (r.get("generation1") or "")))  # caps pick at random
         cap = cfg.max_records if split == "train" else (cfg.heldout_max_records or cfg.max_records)
         records.extend(made[:cap] if cap else made)
     if not any(r["split"] == "train" for r in records):
@@ -72,4 +174,7 @@ def run(ctx, cfg: BuildPoolConfig):
     table = records_table(records)
     counts = {s: sum(r["split"] == s for r in records) for s in ("train", "heldout")}
     ctx.log.info("build_pool: %d %s records (%d train / %d held out)", len(records), cfg.kind, counts["train"], counts["heldout"])
-    return StageOutput(table, {f"records_{k}": v for k, v in counts.items()})
+    metrics = {f"records_{k}": v for k, v in counts.items()}
+    if cfg.kind == "pointwise":
+        metrics["desirable_fraction"] = sum(bool(r["desirable"]) for r in records) / len(records)
+    return StageOutput(table, metrics)

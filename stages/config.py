@@ -26,6 +26,8 @@ class LoadPromptsConfig(Section):
     hub_split: str = "train"
     # our column -> the source's column; `prompt` is required, `completion` and `score` optional.
     columns: dict[str, str] = Field(default_factory=dict)
+    # plain: the columns above; or a preference schema mapped to prompt / completion / rejected.
+    format: Literal["plain", "hh_rlhf", "ultrafeedback", "tldr_preference", "pairs"] = "plain"
     # For the built-in snippet corpora: prompt = the first N words, completion = the rest.
     # None keeps the whole text as the prompt (reward modelling on whole snippets).
     prompt_words: int | None = 6
@@ -39,9 +41,19 @@ class LoadPromptsConfig(Section):
 
 
 class BuildPoolConfig(Section):
-    # sft: prompt -> completion records; reward_pairs: pairs of texts whose scores differ.
-    kind: Literal["sft", "reward_pairs"] = "sft"
-    min_score_gap: float = 1.0
+    # sft: prompt -> completion. reward_pairs: pairs of whole texts whose scores differ.
+    # pairs: chosen vs rejected (given, or best vs worst completion of a prompt by score).
+    # pointwise: desirable / undesirable (KTO). quark: reward-quantile control tokens.
+    # nlf: feedback text per record. rl: scored samples grouped by prompt.
+    kind: Literal["sft", "reward_pairs", "pairs", "pointwise", "quark", "nlf", "rl"] = "sft"
+    min_score_gap: float = 1.0  # reward_pairs, and pairs built from scores
+    # pointwise from scores: desirable when score > threshold (a number, "mean" or "median").
+    desirable_threshold: float | Literal["mean", "median"] = "median"
+    quantiles: int = Field(5, ge=2)  # quark: equal-size reward bins; the best bin gets token 0
+    quantile_scope: Literal["global", "per_prompt"] = "global"
+    control_token: str = "<|quark_{k}|>"
+    # nlf without an annotator's feedback: one phrase per reward quantile, best first.
+    feedback_phrases: list[str] = Field(default_factory=lambda: ["Excellent.", "Good.", "Okay.", "Poor.", "Terrible."])
     max_records: int | None = Field(None, gt=0)  # per split
     heldout_max_records: int | None = Field(None, gt=0)
 
@@ -109,6 +121,8 @@ class TrainConfig(Section):
     group_by_length: bool = True  # batch similar lengths together: less padding
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # Recompute each layer's activations in the backward pass: less memory, roughly 15-30% slower.
+    gradient_checkpointing: bool = False
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
     # Where reference log-probs come from: the pool's cached columns (the reference stage), a
     # resident reference model, or auto (cached when the pool has them).
@@ -125,7 +139,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _lengths(self):
         if self.max_prompt_length >= self.max_length:
-            raise ValueError("max_prompt_length must be smaller than max_length")
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})")
         return self
 
 

@@ -1,7 +1,10 @@
 """evaluate: score the trained model on the held-out records.
 
-- sft: held-out completion NLL (per token) and perplexity, for the trained and the base model.
+- sft: held-out completion NLL per token and perplexity, for the trained and the base model.
 - reward: pairwise accuracy on held-out pairs (does the preferred text score higher?).
+- the other objectives: their own loss and metrics on held-out records (for DPO, the implicit
+  reward accuracy and margin; for KTO, the rewards and z0). Reward-model scores of fresh samples
+  come with the online stages.
 The table holds one row per held-out record; the metrics go to the manifest and the report.
 """
 
@@ -15,11 +18,12 @@ import torch
 from stages.config import EvaluateConfig, TrainConfig
 from stages.errors import BadInput
 from stages.models import load_model_for, load_tokenizer, resolve_model
-from stages.objectives import RewardBT, make_objective
+from stages.objectives import RewardBT
+from stages.train import attach_reference, pool_rows, prepare
 
 NAME = "evaluate"
-VERSION = "1"
-INPUTS = ("build_pool", "train")
+VERSION = "2"
+INPUTS = ("build_pool", "reference", "train")
 
 
 @torch.no_grad()
@@ -28,8 +32,7 @@ def sft_heldout(model, tokenizer, objective, rows, batch_size) -> list[dict]:
     out = []
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
-        batch = objective.collate(chunk, tokenizer)
-        logps, mask = objective.token_logps(model, batch)
+        logps, mask = objective.token_logps(model, objective.collate(chunk, tokenizer))
         for r, lp, m in zip(chunk, logps.sum(-1).tolist(), mask.sum(-1).tolist()):
             out.append({"prompt_id": r["prompt_id"], "logprob": lp, "tokens": int(m)})
     return out
@@ -47,6 +50,19 @@ def reward_heldout(model, tokenizer, objective: RewardBT, rows, batch_size) -> l
     return out
 
 
+@torch.no_grad()
+def objective_heldout(model, tokenizer, objective, rows, batch_size) -> list[dict]:
+    model.eval()
+    out = []
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        loss, metrics = objective.per_example_loss(model, objective.collate(chunk, tokenizer))
+        for i, r in enumerate(chunk):
+            out.append({"prompt_id": r["prompt_id"], "loss": float(loss[i]),
+                        **{m: float(v[i]) for m, v in metrics.items() if v.dim() == 1 and len(v) == len(chunk)}})
+    return out
+
+
 def _nll(rows: list[dict]) -> float:
     return -sum(r["logprob"] for r in rows) / max(1, sum(r["tokens"] for r in rows))
 
@@ -55,14 +71,12 @@ def run(ctx, cfg: EvaluateConfig):
     from stages.runner import StageOutput
 
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
-    objective = make_objective(train_cfg)
-    rows = [r for r in ctx.inputs["build_pool"].table().to_pylist() if r["split"] == "heldout"]
+    rows = pool_rows(ctx, "heldout")
     if not rows:
         raise BadInput("evaluate: the pool has no held-out records (raise load_prompts.heldout_fraction)")
     rows = rows[: cfg.max_records] if cfg.max_records else rows
     trained = ctx.inputs["train"].local_dir() / "model"
-    tokenizer = load_tokenizer(trained)
-    model = load_model_for(objective.model_kind, trained, tokenizer)
+    objective, model, tokenizer = prepare(train_cfg, rows, ctx.seed, model_path=trained)
     ctx.log.info("evaluate: %s on %d held-out records", train_cfg.objective, len(rows))
 
     if objective.name == "reward":
@@ -71,14 +85,22 @@ def run(ctx, cfg: EvaluateConfig):
         ctx.log.info("evaluate: held-out pairwise accuracy %.3f", accuracy)
         return StageOutput(pa.Table.from_pylist(scored), {"pairwise_accuracy": accuracy, "pairs": len(scored)})
 
-    scored = sft_heldout(model, tokenizer, objective, rows, cfg.batch_size)
-    base_path = resolve_model(train_cfg.model, "train.model")
-    base = load_model_for(objective.model_kind, base_path, load_tokenizer(base_path))
-    before = sft_heldout(base, tokenizer, objective, rows, cfg.batch_size)
-    for r, b in zip(scored, before):
-        r["base_logprob"] = b["logprob"]
-    nll, base_nll = _nll(scored), _nll(before)
-    ctx.log.info("evaluate: held-out NLL per token %.4f (base model %.4f)", nll, base_nll)
-    return StageOutput(pa.Table.from_pylist(scored), {
-        "heldout_nll": nll, "heldout_perplexity": math.exp(nll),
-        "base_heldout_nll": base_nll, "base_heldout_perplexity": math.exp(base_nll), "records": len(scored)})
+    if objective.name == "sft":
+        scored = sft_heldout(model, tokenizer, objective, rows, cfg.batch_size)
+        base_path = resolve_model(train_cfg.model, "train.model")
+        base = load_model_for(objective.model_kind, base_path, load_tokenizer(base_path))
+        before = sft_heldout(base, tokenizer, objective, rows, cfg.batch_size)
+        for r, b in zip(scored, before):
+            r["base_logprob"] = b["logprob"]
+        nll, base_nll = _nll(scored), _nll(before)
+        ctx.log.info("evaluate: held-out NLL per token %.4f (base model %.4f)", nll, base_nll)
+        return StageOutput(pa.Table.from_pylist(scored), {
+            "heldout_nll": nll, "heldout_perplexity": math.exp(nll),
+            "base_heldout_nll": base_nll, "base_heldout_perplexity": math.exp(base_nll), "records": len(scored)})
+
+    attach_reference(objective, train_cfg.model_copy(update={"lora": None}), rows, model)
+    scored = objective_heldout(model, tokenizer, objective, rows, cfg.batch_size)
+    keys = [k for k in scored[0] if k != "prompt_id"]
+    metrics = {f"heldout_{k}": sum(r[k] for r in scored) / len(scored) for k in keys}
+    ctx.log.info("evaluate: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return StageOutput(pa.Table.from_pylist(scored), {**metrics, "records": len(scored)})

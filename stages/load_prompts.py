@@ -1,8 +1,10 @@
 """load_prompts: a dataset mapped to our column names, filtered, deduplicated and split.
 
-Output columns: prompt_id, prompt, completion (may be null), score (may be null), split
-("train" or "heldout"). The split is decided by a seeded hash of the prompt, so it is stable
-across runs and a prompt never lands on both sides.
+Output columns: prompt_id (a hash of the prompt), prompt, completion, rejected and score (each may
+be null), split ("train" or "heldout"). Preference datasets in the usual hub schemas (`format`:
+hh_rlhf, ultrafeedback, tldr_preference, pairs) map to prompt / completion (chosen) / rejected.
+The split is decided by a seeded hash of the prompt, so it is stable across runs and a prompt
+never lands on both sides.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
     ("prompt", pa.string()),
     ("completion", pa.string()),
+    ("rejected", pa.string()),
     ("score", pa.float64()),
     ("split", pa.string()),
 ])
@@ -63,11 +66,16 @@ def _from_corpus(cfg: LoadPromptsConfig) -> list[dict]:
             prompt, completion = " ".join(words[: cfg.prompt_words]), " ".join(words[cfg.prompt_words:])
         else:
             prompt, completion = " ".join(words), None
-        rows.append({"prompt": prompt, "completion": completion, "score": r["valence"]})
+        rows.append({"prompt": prompt, "completion": completion, "rejected": None, "score": r["valence"]})
     return rows
 
 
 def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
+    if cfg.format != "plain":
+        from stages.preference_formats import to_pairs
+
+        return [{"prompt": r["prompt"], "completion": r["chosen"], "rejected": r["rejected"], "score": None}
+                for r in to_pairs(table, cfg.format, cfg.source)]
     unknown = set(cfg.columns) - set(OUR_COLUMNS)
     if unknown:
         raise BadInput(f"load_prompts.columns: unknown column '{sorted(unknown)[0]}' (ours: {', '.join(OUR_COLUMNS)})")
@@ -92,7 +100,8 @@ def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
         except (TypeError, ValueError):
             raise BadInput(f"{cfg.source}: column '{mapping['score']}' must be numeric (row {i}: {score!r})") from None
         completion = cols["completion"][i]
-        rows.append({"prompt": prompt, "completion": None if completion is None else str(completion), "score": score})
+        rows.append({"prompt": prompt, "completion": None if completion is None else str(completion),
+                     "rejected": None, "score": score})
     return rows
 
 
@@ -131,7 +140,7 @@ def run(ctx, cfg: LoadPromptsConfig):
             continue
         if cfg.min_abs_score is not None and (r["score"] is None or abs(r["score"]) < cfg.min_abs_score):
             continue
-        key = {"prompt": prompt, "row": (prompt, r["completion"], r["score"]), "none": None}[cfg.dedupe]
+        key = {"prompt": prompt, "row": (prompt, r["completion"], r["rejected"], r["score"]), "none": None}[cfg.dedupe]
         if key is not None:
             if key in seen:
                 continue
@@ -141,9 +150,9 @@ def run(ctx, cfg: LoadPromptsConfig):
         raise BadInput(f"load_prompts: no rows left from {cfg.source} after filtering ({n_read} read)")
 
     for r in kept:
-        r["prompt_id"] = hashlib.sha1(f"{r['prompt']}\x00{r['completion']}".encode()).hexdigest()[:12]
+        r["prompt_id"] = hashlib.sha1(r["prompt"].encode()).hexdigest()[:12]
         r["split"] = "heldout" if _hash01(ctx.seed, r["prompt"]) < cfg.heldout_fraction else "train"
-        r["_order"] = _hash01(ctx.seed + 1, r["prompt_id"])
+        r["_order"] = _hash01(ctx.seed + 1, f"{r['prompt']}\x00{r['completion']}\x00{r['rejected']}")
     out = []
     for split in ("train", "heldout"):
         part = sorted((r for r in kept if r["split"] == split), key=lambda r: r["_order"])

@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from stages.losses import entropy as entropy_of
-from stages.losses import token_kl
+from stages.losses import token_kl, upcast
 
 CHUNK = 512  # completion positions per LM-head block (512 x 49,152 x 4 B = 100 MB in float32)
 
@@ -26,14 +26,14 @@ def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def _label_logps(head, h, y):
-    logits = head(h).float()
+    logits = upcast(head(h))
     return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def _label_logps_kl_entropy(head, ref_head, h, y, ref_h, direction):
-    logits = head(h).float()
+    logits = upcast(head(h))
     logp = logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    kl = token_kl(logits, ref_head(ref_h).float(), direction) if ref_h is not None else torch.zeros_like(logp)
+    kl = token_kl(logits, ref_head(ref_h), direction) if ref_h is not None else torch.zeros_like(logp)
     return logp, kl, entropy_of(logits)
 
 

@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log p(label_t | <t) per position, zero where mask is 0. logits [B,T,V] already aligned to labels [B,T]."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # upcast bf16/fp16, keep float64
+    logits = upcast(logits)
     logp = -F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
     return logp * mask
 
@@ -73,8 +78,11 @@ def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, pi_kl
 def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, direction: str) -> torch.Tensor:
     """Exact per-token KL over the vocabulary. "ref_policy" = KL(ref || policy), Quark's and NLF's
     choice (mode-covering: keeps mass wherever the reference has it); "policy_ref" = KL(policy || ref)."""
-    lp = torch.log_softmax(policy_logits.float(), -1)
-    lr = torch.log_softmax(ref_logits.float(), -1)
+    extra = policy_logits.shape[-1] - ref_logits.shape[-1]
+    if extra > 0:  # tokens the policy added (Quark's control tokens): the reference gives them ~0 mass
+        ref_logits = F.pad(upcast(ref_logits), (0, extra), value=-1e4)
+    lp = torch.log_softmax(upcast(policy_logits), -1)
+    lr = torch.log_softmax(upcast(ref_logits), -1)
     if direction == "ref_policy":
         return (lr.exp() * (lr - lp)).sum(-1)
     return (lp.exp() * (lp - lr)).sum(-1)
@@ -89,7 +97,7 @@ def sampled_kl(logp: torch.Tensor, ref_logp: torch.Tensor, direction: str) -> to
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    lp = torch.log_softmax(logits.float(), -1)
+    lp = torch.log_softmax(upcast(logits), -1)
     return -(lp.exp() * lp).sum(-1)
 
 

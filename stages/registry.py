@@ -20,9 +20,9 @@ class StageSpec:
 @functools.cache
 def stage_specs() -> dict[str, StageSpec]:
     # Imported here: stage modules pull in torch and transformers, which `import stages` should not.
-    from stages import build_pool, evaluate, load_prompts, train
+    from stages import build_pool, evaluate, load_prompts, reference, train
 
-    mods = [load_prompts, build_pool, train, evaluate]
+    mods = [load_prompts, build_pool, reference, train, evaluate]
     return {
         m.NAME: StageSpec(m.NAME, m.run, m.VERSION, tuple(m.INPUTS), getattr(m, "identity", None))
         for m in mods

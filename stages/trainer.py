@@ -29,8 +29,20 @@ from stages.objectives import Objective
 log = logging.getLogger("align")
 
 
-def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool = True) -> list[list[dict]]:
-    """Shuffled micro-batches; with grouping, similar lengths share a batch (less padding)."""
+def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, group_by_length: bool = True,
+                  group_key: str | None = None) -> list[list[dict]]:
+    """Shuffled micro-batches; with grouping, similar lengths share a batch (less padding).
+
+    With `group_key`, rows sharing that key (a prompt's samples) stay together and batch_size
+    counts groups."""
+    if group_key:
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault(r[group_key], []).append(r)
+        units = list(groups.values())
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(units), generator=g).tolist()
+        return [[r for i in order[k:k + batch_size] for r in units[i]] for k in range(0, len(order), batch_size)]
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(len(rows), generator=g).tolist()
     if group_by_length:
@@ -46,15 +58,22 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     """Train `model` in place on `rows`; returns one metrics dict per optimizer step."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    micro_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    # fused: one kernel per step over all parameters, no temporary copies of the moment buffers.
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    group_key = getattr(objective, "group_by", None)
+    micro_per_epoch = len(epoch_batches(rows, cfg.batch_size, seed, 0, False, group_key))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if isinstance(objective.ref_model, torch.nn.Module):
+        objective.ref_model.to(accelerator.device)
     model.train()
 
     ckpt = resume_dir / "checkpoint"
@@ -68,7 +87,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None)
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = epoch_batches(rows, cfg.batch_size, seed, epoch)
+        batches = epoch_batches(rows, cfg.batch_size, seed, epoch, cfg.group_by_length, group_key)
         group = batches[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
         t0 = time.perf_counter()
         sums: dict[str, float] = {}

@@ -1,0 +1,223 @@
+"""Objective numerics: each loss against an independent float64 formula, weights, masking,
+the chunked log-probs against plain logits, and a finite-difference gradient check on a tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import needs_prepared
+from stages import losses as L
+from stages.config import TrainConfig
+from stages.logprobs import completion_token_logps
+from stages.objectives import make_objective
+
+sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+
+PI_C, PI_R = [-10.0, -12.0, -7.5], [-11.0, -10.0, -7.5]
+REF_C, REF_R = [-10.5, -11.0, -8.0], [-10.5, -11.5, -7.0]
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind, beta, eps", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("ipo", 0.1, 0.0),
+                                            ("ipo", 0.5, 0.0), ("hinge", 0.1, 0.0), ("hinge", 0.5, 0.0)])
+def test_dpo_family_against_hand_formulas(kind, beta, eps):
+    losses, rc, rr = L.dpo_loss(t(PI_C), t(PI_R), t(REF_C), t(REF_R), beta, kind, eps)
+    for i in range(3):
+        h = (PI_C[i] - PI_R[i]) - (REF_C[i] - REF_R[i])
+        expected = {"sigmoid": -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h),
+                    "ipo": (h - 1 / (2 * beta)) ** 2,
+                    "hinge": max(0.0, 1 - beta * h)}[kind]
+        assert math.isclose(losses[i].item(), expected, rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(rc[i].item(), beta * (PI_C[i] - REF_C[i]), rel_tol=1e-9)
+        assert math.isclose(rr[i].item(), beta * (PI_R[i] - REF_R[i]), rel_tol=1e-9)
+
+
+def test_dpo_reference_free_and_first_step_is_ln2():
+    zeros = torch.zeros(3, dtype=torch.float64)
+    losses, _, _ = L.dpo_loss(t(PI_C), t(PI_R), zeros, zeros, 0.1)
+    assert math.isclose(losses[0].item(), -logsig(0.1 * (PI_C[0] - PI_R[0])), rel_tol=1e-9)
+    same, _, _ = L.dpo_loss(t(REF_C), t(REF_R), t(REF_C), t(REF_R), 0.1)
+    assert torch.allclose(same, torch.full((3,), math.log(2), dtype=torch.float64))
+
+
+def test_kto_reference_point_and_unequal_counts():
+    pi, ref = t([-5.0, -6.0, -4.0, -9.0]), t([-5.5, -6.0, -5.0, -8.0])
+    desirable = torch.tensor([True, True, True, False])
+    pi_kl, ref_kl = t([-7.0, -8.0, -6.0, -9.5]), t([-7.5, -8.5, -6.0, -9.0])
+    losses, rewards, z0 = L.kto_loss(pi, ref, desirable, pi_kl, ref_kl, beta=0.5, desirable_weight=1.0, undesirable_weight=1.5)
+    z = max(0.0, sum(a - b for a, b in zip(pi_kl.tolist(), ref_kl.tolist())) / 4)
+    assert math.isclose(z0.item(), z, rel_tol=1e-12)
+    for i in range(4):
+        r = pi[i].item() - ref[i].item()
+        expected = (1 - sig(0.5 * (r - z))) if desirable[i] else 1.5 * (1 - sig(0.5 * (z - r)))
+        assert math.isclose(losses[i].item(), expected, rel_tol=1e-9)
+        assert math.isclose(rewards[i].item(), 0.5 * r, rel_tol=1e-9)
+    # A negative mismatched log-ratio clamps z0 at 0.
+    _, _, z0 = L.kto_loss(pi, ref, desirable, ref_kl - 1, ref_kl, beta=0.5)
+    assert z0.item() == 0.0
+
+
+def test_kto_reference_point_carries_no_gradient():
+    pi_kl = t([-7.0, -8.0]).requires_grad_()
+    losses, _, _ = L.kto_loss(t([-1.0, -2.0]), t([-1.5, -2.5]), torch.tensor([True, False]), pi_kl, t([-8.0, -9.0]), 0.1)
+    assert not losses.sum().requires_grad or torch.autograd.grad(losses.sum(), pi_kl, allow_unused=True)[0] is None
+
+
+def test_exact_token_kl_entropy_and_conditioned_nll():
+    torch.manual_seed(0)
+    pl, rl = torch.randn(2, 3, 6, dtype=torch.float64), torch.randn(2, 3, 6, dtype=torch.float64)
+    p, r = pl.softmax(-1), rl.softmax(-1)
+    assert torch.allclose(L.token_kl(pl, rl, "ref_policy"), (r * (r.log() - p.log())).sum(-1))
+    assert torch.allclose(L.token_kl(pl, rl, "policy_ref"), (p * (p.log() - r.log())).sum(-1))
+    assert torch.allclose(L.entropy(pl), -(p * p.log()).sum(-1))
+    logp = torch.log(p.gather(-1, torch.tensor([[[1], [2], [3]], [[0], [0], [5]]])).squeeze(-1))
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    kl, ent = L.token_kl(pl, rl, "ref_policy"), L.entropy(pl)
+    got = L.conditioned_nll(logp, kl, ent, mask, kl_coef=0.05, entropy_coef=0.06)
+    for b in range(2):
+        n = int(mask[b].sum())
+        expected = sum(-logp[b, i].item() + 0.05 * kl[b, i].item() - 0.06 * ent[b, i].item() for i in range(n)) / n
+        assert math.isclose(got[b].item(), expected, rel_tol=1e-9)
+
+
+def test_kl_to_a_reference_without_the_control_tokens():
+    pl = torch.tensor([[0.0, 1.0, 2.0, 5.0]], dtype=torch.float64)  # the last token is new
+    rl = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64)
+    r = rl.softmax(-1)
+    p = pl.softmax(-1)[..., :3]
+    assert torch.allclose(L.token_kl(pl, rl, "ref_policy"), (r * (r.log() - p.log())).sum(-1))
+
+
+def test_sampled_kl_is_zero_at_equality_and_positive_otherwise():
+    a, b = t([-1.0, -2.0, -3.0]), t([-1.0, -2.5, -2.0])
+    assert torch.all(L.sampled_kl(a, a, "policy_ref") == 0)
+    ratio = math.exp(-2.5 - -2.0)
+    assert math.isclose(L.sampled_kl(a, b, "policy_ref")[1].item(), ratio - 1 - math.log(ratio), rel_tol=1e-9)
+
+
+def test_rloo_leave_one_out_baseline():
+    rewards = t([1.0, 0.0, 2.0, 5.0, 3.0, 7.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    logp = t([-3.0, -2.0, -4.0, -1.0, -1.0, -2.0]).requires_grad_()
+    losses, adv = L.rloo_loss(logp, logp.detach(), rewards, groups, kl_coef=0.1)
+    expected = [1 - 1.0, 0 - 1.5, 2 - 0.5, 5 - 3, 3 - 5, 0.0]  # r_i - mean of the others; a lone sample: 0
+    assert torch.allclose(adv, t(expected))
+    assert torch.allclose(torch.autograd.grad(losses.sum(), logp)[0], -t(expected))
+    _, adv_kl = L.rloo_loss(logp, logp.detach() - t([1.0, 0, 0, 0, 0, 0]), rewards, groups, kl_coef=0.1)
+    assert math.isclose(adv_kl[0].item(), (1 - 0.1) - 1.0, rel_tol=1e-9)
+
+
+# -- on the tiny model ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from stages.models import build_tiny_llama, load_causal_lm, load_tokenizer
+
+    path = build_tiny_llama()
+    model = load_causal_lm(path).double()
+    return model, load_tokenizer(path)
+
+
+ROWS = [
+    {"prompt": "The film was", "generation1": "a delight from start to end.", "generation2": "a chore.",
+     "reference_logp1": -40.0, "reference_logp2": -20.0},
+    {"prompt": "Honestly, this movie", "generation1": "moved me.", "generation2": "bored me to tears, sadly.",
+     "reference_logp1": -15.0, "reference_logp2": -35.0},
+    {"prompt": "A quiet, lovely", "generation1": "story of friendship.", "generation2": "mess.",
+     "reference_logp1": -25.0, "reference_logp2": -12.0},
+]
+
+
+def dpo(**opts):
+    return make_objective(TrainConfig(objective="dpo", max_length=32, max_prompt_length=8, dpo=opts))
+
+
+def weighted_loss(obj, model, tok, rows):
+    batch = obj.collate(rows, tok)
+    per_example, _ = obj.per_example_loss(model, batch)
+    return L.weighted_mean(per_example, batch["weights"].double())
+
+
+@needs_prepared
+def test_chunked_logprobs_match_full_logits(tiny, monkeypatch):
+    import stages.logprobs as lp
+
+    model, tok = tiny
+    batch = dpo().collate(ROWS, tok)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["completion_mask"][:, 1:].double()
+    expected = L.token_logprobs(full, batch["input_ids"][:, 1:], mask)
+    monkeypatch.setattr(lp, "CHUNK", 7)  # several chunks, one partial
+    got, got_mask = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    assert torch.equal(got_mask, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    w = model.model.layers[0].mlp.up_proj.weight
+    g1 = torch.autograd.grad(got.sum(), w)[0]
+    g2 = torch.autograd.grad(expected.sum(), w)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10)
+
+
+@needs_prepared
+def test_dpo_weights_one_is_unweighted_and_double_is_duplicate(tiny):
+    model, tok = tiny
+    obj = dpo()
+    plain = obj.per_example_loss(model, obj.collate(ROWS, tok))[0].mean()
+    torch.testing.assert_close(weighted_loss(obj, model, tok, [dict(r, generation1_weight=1.0) for r in ROWS]), plain)
+    doubled = [dict(ROWS[0], generation1_weight=2.0)] + ROWS[1:]
+    duplicated = [ROWS[0], ROWS[0]] + ROWS[1:]
+    torch.testing.assert_close(weighted_loss(obj, model, tok, doubled), weighted_loss(obj, model, tok, duplicated))
+    zero = [dict(ROWS[0], generation2_weight=0.0)] + ROWS[1:]
+    torch.testing.assert_close(weighted_loss(obj, model, tok, zero), weighted_loss(obj, model, tok, ROWS[1:]))
+
+
+@needs_prepared
+def test_dpo_uses_cached_reference_and_length_normalisation(tiny):
+    model, tok = tiny
+    obj = dpo(loss="ipo", beta=0.5, length_normalize=True)
+    batch = obj.collate(ROWS[:1], tok)
+    loss, _ = obj.per_example_loss(model, batch)
+    pi, n = obj.seq_logps(model, batch)
+    h = (pi[0] / n[0] - pi[1] / n[1]) - (-40.0 / n[0] - -20.0 / n[1])
+    assert math.isclose(loss.item(), ((h - 1 / (2 * 0.5)) ** 2).item(), rel_tol=1e-9)
+
+
+@needs_prepared
+def test_kto_with_batch_size_one(tiny):
+    model, tok = tiny
+    obj = make_objective(TrainConfig(objective="kto", max_length=32, max_prompt_length=8))
+    row = {"prompt": "The film was", "generation1": "great.", "kl_generation": "a chore.", "desirable": True,
+           "reference_logp1": -9.0, "reference_kl_logp": -11.0}
+    batch = obj.collate([row], tok)
+    loss, metrics = obj.per_example_loss(model, batch)
+    pi, _ = obj.seq_logps(model, batch)
+    z0 = max(0.0, pi[1].item() + 11.0)
+    assert math.isclose(metrics["kl_z0"].item(), z0, rel_tol=1e-9)
+    assert math.isclose(loss.item(), 1 - sig(0.1 * (pi[0].item() + 9.0 - z0)), rel_tol=1e-9)
+
+
+@needs_prepared
+def test_gradient_matches_finite_differences_on_tiny_model(tiny):
+    model, tok = tiny
+    obj = dpo(beta=0.5)
+    w = model.model.layers[1].self_attn.o_proj.weight
+    loss = weighted_loss(obj, model, tok, ROWS)
+    (grad,) = torch.autograd.grad(loss, w)
+    idx = torch.argsort(grad.abs().flatten(), descending=True)[:3]
+    # Llama's RMSNorm computes in float32 even for a float64 model, so the loss is only accurate
+    # to ~1e-8: a small step drowns in that noise. h = 1e-3 keeps both errors near 1e-6.
+    h = 1e-3
+    with torch.no_grad():
+        for i in idx.tolist():
+            flat = w.view(-1)
+            orig = flat[i].item()
+            flat[i] = orig + h
+            up = weighted_loss(obj, model, tok, ROWS).item()
+            flat[i] = orig - h
+            down = weighted_loss(obj, model, tok, ROWS).item()
+            flat[i] = orig
+            assert math.isclose((up - down) / (2 * h), grad.view(-1)[i].item(), rel_tol=1e-4, abs_tol=1e-8)
