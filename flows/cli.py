@@ -87,14 +87,17 @@ def run(
             _quiet_prefect_tracebacks()
         results = pipeline(str(config), list(set_), root, experiment, list(force))
     table = Table(title=f"experiment {cfg.experiment}")
-    for col in ("stage", "status", "rows", "fingerprint", "wall s"):
+    for col in ("round", "stage", "status", "rows", "fingerprint", "wall s"):
         table.add_column(col)
     for r in results:
-        table.add_row(r["stage"], r["status"], str(r["rows"]), r["fingerprint"], f"{r['wall_seconds']:.1f}")
+        table.add_row(str(r["round"]), r["stage"], r["status"], str(r["rows"]), r["fingerprint"], f"{r['wall_seconds']:.1f}")
     console.print(table)
-    metrics = {k: v for r in results if r["stage"] == "evaluate" for k, v in r["metrics"].items()}
+    evaluations = [r for r in results if r["stage"] == "evaluate"]
+    metrics = {k: v for k, v in (evaluations[-1]["metrics"] if evaluations else {}).items()
+               if isinstance(v, (int, float, str)) or v is None}
     if metrics:
-        console.print("evaluate: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        console.print(f"evaluate (round {evaluations[-1]['round']}): "
+                      + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     console.print(f"artifacts: {Path(root) / cfg.experiment if '://' not in root else root + '/' + cfg.experiment}")
 
 

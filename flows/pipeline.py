@@ -15,7 +15,7 @@ import logging
 
 from stages.config import load_config, validate_config
 from stages.paths import default_artifact_root
-from stages.runner import forced_stages, preflight, run_stage
+from stages.runner import forced_stages, preflight, run_stage, stages_of_round
 from stages.store import ArtifactStore
 
 
@@ -31,16 +31,17 @@ def stage_task(config: dict, stage: str, round_: int, artifacts: str, force: boo
 @flow(name="align-pipeline", log_prints=True, persist_result=True, result_serializer="json")
 def pipeline(config_path: str, overrides: list[str] | None = None, artifacts: str | None = None,
              experiment: str | None = None, force: list[str] | None = None) -> list[dict]:
-    """Run every stage of CONFIG (a YAML file) for one round; complete stages are skipped."""
+    """Run every round and stage of CONFIG (a YAML file); complete stages are skipped."""
     logger = get_run_logger()
     config = load_config(config_path, overrides or [], experiment)
     preflight(config)
     root = artifacts or default_artifact_root()
     forced = forced_stages(config, force or [])
     results = []
-    for stage in config.stages:
-        run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round 0)")
-        results.append(run(config.model_dump(mode="json"), stage, 0, root, stage in forced))
+    for k in range(config.rounds):
+        for stage in stages_of_round(config, k):
+            run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {k})")
+            results.append(run(config.model_dump(mode="json"), stage, k, root, stage in forced))
     ran = [r["stage"] for r in results if r["status"] == "ran"]
     logger.info("experiment %s: ran %s; skipped %s", config.experiment, ", ".join(ran) or "nothing",
                 ", ".join(r["stage"] for r in results if r["status"] == "skipped") or "nothing")

@@ -5,8 +5,12 @@ Kinds (config `build_pool.kind`):
 - reward_pairs: whole texts paired so that their scores differ by at least `min_score_gap`; the
   higher-scored text is generation1. Each text is used once. The prompt is empty: the reward
   model scores whole texts.
-- pairs: chosen (generation1) vs rejected (generation2): given by the dataset, or the best vs the
-  worst scored completion of each prompt when they differ by at least `min_score_gap`.
+- pairs: chosen (generation1) vs rejected (generation2): given by the dataset, or from the scored
+  completions of each prompt: best vs worst, or all pairs (`pairing`), when the scores differ by
+  at least `min_score_gap`. generation1 is always the preferred one (the schema's convention);
+  the two are scored in separate sequences, so their position carries no signal.
+Online rounds read the reweight (or annotate) stage's samples instead of load_prompts; each
+sample's weight becomes its generation's weight.
 - pointwise: one record per completion with a desirable flag (chosen -> desirable, rejected ->
   undesirable; or score > threshold). Each record also gets `kl_generation`, the generation of
   the next record in a seeded order, for KTO's reference point.
@@ -30,7 +34,7 @@ from stages.schemas import check_columns, records_table
 
 NAME = "build_pool"
 VERSION = "2"
-INPUTS = ("load_prompts",)
+INPUTS = ("load_prompts@0", "annotate", "reweight")
 
 
 def _order(seed: int, key: str) -> str:
@@ -48,8 +52,14 @@ def _text(x: dict) -> str:
     return " ".join(filter(None, [x["prompt"], x["completion"]]))
 
 
+def _w(r: dict) -> float:
+    """The reweight stage's weight of a sample (1.0 when there was no reweighting)."""
+    return r.get("weight") if r.get("weight") is not None else 1.0
+
+
 def sft_records(rows, cfg, seed):
-    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"], "split": r["split"]}
+    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
+             "generation1_weight": _w(r), "split": r["split"]}
             for r in _need(rows, "completion", "sft", "map a column to 'completion' in load_prompts.columns")]
 
 
@@ -84,11 +94,17 @@ def preference_pairs(rows, cfg, seed):
     scored = _need(rows, "score", "pairs", "give a dataset with chosen/rejected, or completions with scores")
     out = []
     for pid, group in _by_prompt(scored).items():
-        best, worst = max(group, key=lambda r: r["score"]), min(group, key=lambda r: r["score"])
-        if best["score"] - worst["score"] >= cfg.min_score_gap:
-            out.append({"prompt_id": pid, "prompt": best["prompt"], "generation1": best["completion"],
-                        "generation2": worst["completion"], "generation1_reward": best["score"],
-                        "generation2_reward": worst["score"], "split": best["split"]})
+        ranked = sorted(group, key=lambda r: (-r["score"], _order(seed, r["completion"] or "")))
+        if cfg.pairing == "best_worst":
+            candidates = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
+        else:
+            candidates = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]]
+        for hi, lo in candidates:
+            if hi["score"] - lo["score"] >= cfg.min_score_gap:
+                out.append({"prompt_id": pid, "prompt": hi["prompt"], "generation1": hi["completion"],
+                            "generation2": lo["completion"], "generation1_reward": hi["score"],
+                            "generation2_reward": lo["score"], "generation1_weight": _w(hi),
+                            "generation2_weight": _w(lo), "split": hi["split"]})
     return out
 
 
@@ -111,7 +127,7 @@ def pointwise(rows, cfg, seed):
         scored = [r for r in scored if r.get("completion")]
         cut = _threshold([r["score"] for r in scored], cfg)
         out = [{**{k: r[k] for k in base}, "generation1": r["completion"], "generation1_reward": r["score"],
-                "desirable": r["score"] > cut} for r in scored]
+                "generation1_weight": _w(r), "desirable": r["score"] > cut} for r in scored]
     out.sort(key=lambda r: _order(seed, r["prompt_id"] + r["generation1"]))
     for i, r in enumerate(out):  # KTO's mismatched completion: the next record's, cyclically
         r["kl_generation"] = out[(i + 1) % len(out)]["generation1"]
@@ -132,7 +148,8 @@ def _quantile_bins(rows, cfg, seed) -> list[tuple[dict, int]]:
 
 def quark(rows, cfg, seed):
     return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
-             "generation1_reward": r["score"], "control": cfg.control_token.format(k=k), "split": r["split"]}
+             "generation1_reward": r["score"], "generation1_weight": _w(r), "control": cfg.control_token.format(k=k),
+             "split": r["split"]}
             for r, k in _quantile_bins(rows, cfg, seed)]
 
 
@@ -140,14 +157,17 @@ def nlf(rows, cfg, seed):
     if len(cfg.feedback_phrases) != cfg.quantiles:
         raise BadInput(f"build_pool.feedback_phrases: {len(cfg.feedback_phrases)} phrases for {cfg.quantiles} quantiles")
     return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
-             "generation1_reward": r["score"], "feedback": cfg.feedback_phrases[k], "split": r["split"]}
+             "generation1_reward": r["score"], "generation1_weight": _w(r),
+             # an LLM annotator's own feedback wins over the quantile phrase
+             "feedback": r.get("feedback") or cfg.feedback_phrases[k], "split": r["split"]}
             for r, k in _quantile_bins(rows, cfg, seed)]
 
 
 def rl(rows, cfg, seed):
     scored = _need(rows, "score", "rl", "completions need rewards (annotate, or a 'score' column)")
     return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
-             "generation1_reward": r["score"], "split": r["split"]} for r in scored if r.get("completion")]
+             "generation1_reward": r["score"], "generation1_weight": _w(r), "split": r["split"]}
+            for r in scored if r.get("completion")]
 
 
 BUILDERS = {"sft": sft_records, "reward_pairs": reward_pairs, "pairs": preference_pairs, "pointwise": pointwise,
@@ -157,7 +177,8 @@ BUILDERS = {"sft": sft_records, "reward_pairs": reward_pairs, "pairs": preferenc
 def run(ctx, cfg: BuildPoolConfig):
     from stages.runner import StageOutput
 
-    prompts = ctx.inputs["load_prompts"].table()
+    source = ctx.inputs.get("reweight") or ctx.inputs.get("annotate") or ctx.inputs["load_prompts"]
+    prompts = source.table()
     check_columns(prompts, {"prompt_id": pa.string(), "prompt": pa.string(), "split": pa.string()}, "build_pool input")
     all_rows = prompts.to_pylist()
     records = []

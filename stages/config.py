@@ -40,6 +40,65 @@ class LoadPromptsConfig(Section):
     max_rows: int | None = Field(None, gt=0)  # applied after the split, per split, in hash order
 
 
+class SampleConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    model: str | None = None  # round 0's policy; default: train.model. Later rounds: last round's model.
+    n: int = Field(2, ge=1)  # generations per prompt
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    batch_size: int = Field(32, ge=1)  # sequences per generate call (prompts x n)
+    max_prompt_tokens: int = Field(64, ge=1)
+    split: Literal["train", "heldout", "all"] = "train"
+    max_prompts: int | None = Field(None, gt=0)
+    # none; quark_best: prefix the best reward token; feedback: condition on `feedback` (NLF).
+    conditioning: Literal["none", "quark_best", "feedback"] = "none"
+    control_token: str = "<|quark_0|>"
+    feedback: str = "Excellent."
+    feedback_template: str = "feedback: {feedback} input: {prompt}"
+
+
+class AnnotatorStep(Section):
+    # reward_model: a sequence classifier scores prompt + completion. rule: a Python callable
+    # (dotted path) f(prompts, completions) -> scores. llm_judge: a causal LM compares two samples
+    # of a prompt (both orders). llm_feedback: a causal LM writes feedback and a score.
+    # template_feedback: feedback phrases from score buckets (after a scoring step).
+    kind: Literal["reward_model", "rule", "llm_judge", "llm_feedback", "template_feedback"] = "reward_model"
+    model: str | None = None  # reward_model: the reward flow's model; llm_*: smollm2
+    callable: str = "stages.annotators.vader_compound"
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+    judge_template: str = ("Which continuation of the movie review is more positive?\n"
+                           "Review start: {prompt}\nA: {a}\nB: {b}\nAnswer with A or B.")
+    feedback_template: str = ("Rate how positive this movie review continuation is, then explain briefly.\n"
+                              "Review: {prompt} {completion}\nReply as 'Score: N/10. Feedback: ...'")
+    max_feedback_tokens: int = Field(32, ge=4)
+    # template_feedback: (threshold, phrase), highest first; a score >= threshold gets the phrase.
+    buckets: list[tuple[float, str]] = Field(default_factory=lambda: [
+        (0.9, "Excellent."), (0.7, "Good."), (0.5, "Okay."), (0.3, "Poor."), (-1e9, "Terrible.")])
+
+
+class AnnotateConfig(Section):
+    steps: list[AnnotatorStep] = Field(default_factory=lambda: [AnnotatorStep()])
+
+
+class ReweightStrategy(Section):
+    # uniform; reward_softmax: softmax(score / temperature) within each prompt; balance: equal
+    # total weight per class (score above / below the median) or per score quantile; importance:
+    # pi_train(y) / pi_sample(y), self-normalised and clipped; callable: f(rows) -> weights.
+    kind: Literal["uniform", "reward_softmax", "balance", "importance", "callable"] = "uniform"
+    temperature: float = Field(1.0, gt=0)
+    balance_by: Literal["median", "quantile"] = "median"
+    quantiles: int = Field(5, ge=2)
+    clip: float = Field(5.0, gt=0)  # importance weights are clipped at this (after normalising to mean 1)
+    policy: str | None = None  # importance: the policy being trained (default: this round's starting policy)
+    callable: str | None = None
+
+
+class ReweightConfig(Section):
+    strategies: list[ReweightStrategy] = Field(default_factory=lambda: [ReweightStrategy()])
+
+
 class BuildPoolConfig(Section):
     # sft: prompt -> completion. reward_pairs: pairs of whole texts whose scores differ.
     # pairs: chosen vs rejected (given, or best vs worst completion of a prompt by score).
@@ -47,6 +106,7 @@ class BuildPoolConfig(Section):
     # nlf: feedback text per record. rl: scored samples grouped by prompt.
     kind: Literal["sft", "reward_pairs", "pairs", "pointwise", "quark", "nlf", "rl"] = "sft"
     min_score_gap: float = 1.0  # reward_pairs, and pairs built from scores
+    pairing: Literal["best_worst", "all_pairs"] = "best_worst"  # pairs from n scored samples per prompt
     # pointwise from scores: desirable when score > threshold (a number, "mean" or "median").
     desirable_threshold: float | Literal["mean", "median"] = "median"
     quantiles: int = Field(5, ge=2)  # quark: equal-size reward bins; the best bin gets token 0
@@ -157,18 +217,27 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_records: int | None = Field(200, gt=0)
     samples_to_show: int = Field(5, ge=0)
+    # Online flows (filled from sample / annotate): sample held-out prompts from the trained
+    # policy, score them, and report the mean reward, KL to the reference and lengths.
+    generation: SampleConfig | None = None
+    annotate: AnnotateConfig | None = None
+    max_prompts: int | None = Field(50, gt=0)
 
 
-StageName = Literal["load_prompts", "build_pool", "reference", "train", "evaluate"]
+StageName = Literal["load_prompts", "sample", "annotate", "reweight", "build_pool", "reference", "train", "evaluate"]
 
 
 class RunConfig(Section):
     experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
     seed: int = 0
+    rounds: int = Field(1, ge=1)  # online flows: round k samples from round k-1's policy
     stages: list[StageName] = Field(default_factory=lambda: ["load_prompts", "build_pool", "train", "evaluate"])
     load_prompts: LoadPromptsConfig = Field(default_factory=LoadPromptsConfig)
     build_pool: BuildPoolConfig = Field(default_factory=BuildPoolConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    reweight: ReweightConfig = Field(default_factory=ReweightConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -189,6 +258,13 @@ class RunConfig(Section):
             ref.max_length = self.train.max_length
         if ref.max_prompt_length is None:
             ref.max_prompt_length = self.train.max_prompt_length
+        if self.sample.model is None:
+            self.sample.model = self.train.model
+        if "sample" in self.stages:  # evaluate generates and scores like the round did
+            if self.evaluate.generation is None:
+                self.evaluate.generation = self.sample.model_copy(update={"n": 1, "split": "heldout"})
+            if self.evaluate.annotate is None and "annotate" in self.stages:
+                self.evaluate.annotate = self.annotate.model_copy()
         return self
 
     def section(self, stage: str) -> Section:

@@ -23,7 +23,7 @@ from stages.train import attach_reference, pool_rows, prepare
 
 NAME = "evaluate"
 VERSION = "2"
-INPUTS = ("build_pool", "reference", "train")
+INPUTS = ("build_pool", "reference", "train", "load_prompts@0")
 
 
 @torch.no_grad()
@@ -63,6 +63,42 @@ def objective_heldout(model, tokenizer, objective, rows, batch_size) -> list[dic
     return out
 
 
+def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainConfig) -> tuple[list[dict], dict]:
+    """Online flows: sample held-out prompts from the trained policy, score them like the round
+    did, and measure the KL to the reference on those samples (log pi(y) - log ref(y))."""
+    from stages.annotate import checked_scores
+    from stages.annotators import ANNOTATORS, TemplateFeedback
+    from stages.reweight import policy_logps
+    from stages.sample import conditioned, generate_hf
+
+    prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if r["split"] == "heldout"]
+    prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
+    if not prompts:
+        raise BadInput("evaluate: no held-out prompts (raise load_prompts.heldout_fraction)")
+    gen_cfg = cfg.generation.model_copy(update={"n": 1})
+    texts = [conditioned(r["prompt"], gen_cfg)[0] for r in prompts]
+    samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.seed + 7, ctx.log)]
+    rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], **g} for r, g in zip(prompts, samples)]
+    scores: list = [None] * len(rows)
+    for step in (cfg.annotate.steps if cfg.annotate else []):
+        if step.kind == "template_feedback":
+            continue
+        out = ANNOTATORS[step.kind](step)([r["prompt"] for r in rows], [r["completion"] for r in rows])
+        scores = checked_scores(out.get("score"), len(rows), f"evaluate ({step.kind})", allow_missing=True)
+    ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
+    ref = policy_logps(ref_path, rows)
+    for r, sc, lr in zip(rows, scores, ref):
+        r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
+    known = [x for x in scores if x is not None]
+    metrics = {"mean_reward": sum(known) / len(known) if known else None,
+               "kl_to_reference": sum(r["kl"] for r in rows) / len(rows),
+               "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
+               "truncated_fraction": sum(r["truncated"] for r in rows) / len(rows), "prompts": len(rows),
+               "examples": [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]}
+                            for r in rows[: cfg.samples_to_show]]}
+    return rows, metrics
+
+
 def _nll(rows: list[dict]) -> float:
     return -sum(r["logprob"] for r in rows) / max(1, sum(r["tokens"] for r in rows))
 
@@ -71,12 +107,17 @@ def run(ctx, cfg: EvaluateConfig):
     from stages.runner import StageOutput
 
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
+    if cfg.generation is not None:
+        scored, metrics = generate_and_score(ctx, cfg, ctx.inputs["train"].local_dir() / "model", train_cfg)
+        ctx.log.info("evaluate: held-out mean reward %s, KL to reference %.3f nats",
+                     f"{metrics['mean_reward']:.4f}" if metrics["mean_reward"] is not None else "-", metrics["kl_to_reference"])
+        return StageOutput(pa.Table.from_pylist(scored), metrics)
     rows = pool_rows(ctx, "heldout")
     if not rows:
         raise BadInput("evaluate: the pool has no held-out records (raise load_prompts.heldout_fraction)")
     rows = rows[: cfg.max_records] if cfg.max_records else rows
     trained = ctx.inputs["train"].local_dir() / "model"
-    objective, model, tokenizer = prepare(train_cfg, rows, ctx.seed, model_path=trained)
+    objective, model, tokenizer = prepare(train_cfg, rows, ctx.seed, model_path=trained, training=False)
     ctx.log.info("evaluate: %s on %d held-out records", train_cfg.objective, len(rows))
 
     if objective.name == "reward":

@@ -22,6 +22,7 @@ from stages.errors import BadInput
 NAME = "load_prompts"
 VERSION = "1"
 INPUTS: tuple[str, ...] = ()
+ONCE = True  # later rounds read round 0's prompts
 
 OUR_COLUMNS = ("prompt", "completion", "score")
 SCHEMA = pa.schema([

@@ -13,26 +13,45 @@ class StageSpec:
     name: str
     fn: Callable
     version: str
-    inputs: tuple[str, ...]  # upstream stages it reads, when they are part of the flow
+    # Upstream stages it reads when they are part of the flow: "name" (same round), "name@0"
+    # (round 0, for stages that run once) or "name@prev" (the previous round; none in round 0).
+    inputs: tuple[str, ...]
     identity: Callable | None = None  # outside inputs that enter the fingerprint (a data file's hash)
+    once: bool = False  # runs in round 0 only (load_prompts); later rounds read that artifact
+
+
+def parse_input(ref: str) -> tuple[str, str]:
+    """"train@prev" -> ("train", "prev"); "load_prompts@0" -> ("load_prompts", "0"); "x" -> ("x", "")."""
+    name, _, when = ref.partition("@")
+    return name, when
+
+
+def input_round(when: str, round_: int) -> int | None:
+    if when == "prev":
+        return round_ - 1 if round_ > 0 else None
+    if when == "0":
+        return 0
+    return round_
 
 
 @functools.cache
 def stage_specs() -> dict[str, StageSpec]:
     # Imported here: stage modules pull in torch and transformers, which `import stages` should not.
-    from stages import build_pool, evaluate, load_prompts, reference, train
+    from stages import annotate, build_pool, evaluate, load_prompts, reference, reweight, sample, train
 
-    mods = [load_prompts, build_pool, reference, train, evaluate]
+    mods = [load_prompts, sample, annotate, reweight, build_pool, reference, train, evaluate]
     return {
-        m.NAME: StageSpec(m.NAME, m.run, m.VERSION, tuple(m.INPUTS), getattr(m, "identity", None))
+        m.NAME: StageSpec(m.NAME, m.run, m.VERSION, tuple(m.INPUTS), getattr(m, "identity", None),
+                          getattr(m, "ONCE", False))
         for m in mods
     }
 
 
 def downstream_of(stage: str, flow: list[str]) -> list[str]:
-    """`stage` and every stage in `flow` that reads it, directly or not."""
+    """`stage` and every stage in `flow` that reads it in the same round, directly or not.
+    (Later rounds follow by themselves: their inputs' run ids change.)"""
     out = [stage]
     for name in flow[flow.index(stage) + 1:]:
-        if any(i in out for i in stage_specs()[name].inputs):
+        if any(parse_input(i)[0] in out and parse_input(i)[1] != "prev" for i in stage_specs()[name].inputs):
             out.append(name)
     return out

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from stages.config import RunConfig
 from stages.errors import BadInput
-from stages.registry import downstream_of, stage_specs
+from stages.registry import downstream_of, input_round, parse_input, stage_specs
 from stages.store import DATA, ArtifactStore
 
 log = logging.getLogger("align")
@@ -97,6 +97,18 @@ def fingerprint(payload: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def seed_everything(seed: int) -> None:
+    """Every stage starts from the same RNG state (new heads, sampling, shuffles are reproducible)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def inject_fault(stage: str) -> None:
     """Test hook: ALIGN_INJECT_FAULT="train:fail" raises, "train:hang" blocks (to be killed)."""
     for item in filter(None, os.environ.get("ALIGN_INJECT_FAULT", "").split(",")):
@@ -112,14 +124,16 @@ def inject_fault(stage: str) -> None:
 
 def resolve_inputs(config: RunConfig, stage: str, round_: int, store: ArtifactStore) -> dict[str, Upstream]:
     inputs = {}
-    for name in stage_specs()[stage].inputs:
-        if name not in config.stages:
+    for ref in stage_specs()[stage].inputs:
+        name, when = parse_input(ref)
+        k = input_round(when, round_)
+        if name not in config.stages or k is None:
             continue
-        path = store.stage_dir(config.experiment, round_, name)
+        path = store.stage_dir(config.experiment, k, name)
         manifest = store.read_manifest(path)
         problem = "no complete artifact" if manifest is None else store.verify(path, manifest)
         if problem:
-            raise BadInput(f"stage {stage} needs {name} (round {round_}) at {path}: {problem}; run {name} first")
+            raise BadInput(f"stage {stage} needs {name} (round {k}) at {path}: {problem}; run {name} first")
         inputs[name] = Upstream(name, path, manifest, store)
     return inputs
 
@@ -173,6 +187,7 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
         resume_dir = store.resume_dir(config.experiment, round_, stage, fp)
         ctx = StageContext(stage, config.experiment, round_, config.seed, workdir, resume_dir, inputs, log)
         inject_fault(stage)
+        seed_everything(config.seed + 1000 * round_)
         out = spec.fn(ctx, section)
         if not isinstance(out, StageOutput):
             raise TypeError(f"stage {stage} returned {type(out).__name__}, expected StageOutput")
@@ -222,7 +237,15 @@ def forced_stages(config: RunConfig, force: list[str]) -> set[str]:
     return {s for name in force for s in downstream_of(name, config.stages)}
 
 
-def run_flow_locally(config: RunConfig, store: ArtifactStore, force: list[str] | None = None) -> list[StageResult]:
-    """All stages in order without Prefect (tests and `align run --no-prefect`)."""
+def stages_of_round(config: RunConfig, round_: int) -> list[str]:
+    """The flow's stages in a round: stages that run once (load_prompts) only in round 0."""
+    specs = stage_specs()
+    return [s for s in config.stages if round_ == 0 or not specs[s].once]
+
+
+def run_flow_locally(config: RunConfig, store: ArtifactStore, force: list[str] | None = None,
+                     rounds: int | None = None) -> list[StageResult]:
+    """All rounds and stages in order without Prefect (tests and `align run --no-prefect`)."""
     forced = forced_stages(config, force or [])
-    return [run_stage(config, s, 0, store, force=s in forced) for s in config.stages]
+    return [run_stage(config, s, k, store, force=s in forced)
+            for k in range(rounds or config.rounds) for s in stages_of_round(config, k)]

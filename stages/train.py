@@ -22,7 +22,7 @@ from stages.trainer import fit
 
 NAME = "train"
 VERSION = "2"
-INPUTS = ("build_pool", "reference")
+INPUTS = ("build_pool", "reference", "train@prev")
 
 
 def identity(cfg: TrainConfig) -> dict:
@@ -84,8 +84,9 @@ def attach_reference(objective: Objective, cfg: TrainConfig, rows: list[dict], m
     return mode
 
 
-def prepare(cfg: TrainConfig, rows: list[dict], seed: int, model_path=None):
-    """Objective, model and tokenizer ready to train (or evaluate) on `rows`."""
+def prepare(cfg: TrainConfig, rows: list[dict], seed: int, model_path=None, training: bool = True):
+    """Objective, model and tokenizer ready to train (or, with training=False, evaluate) on `rows`.
+    `model_path` overrides cfg.model: the previous round's policy, or the trained model."""
     objective = make_objective(cfg)
     check_non_null(rows, [c for c in objective.needs if c != "prompt"], f"train ({cfg.objective})")
     path = model_path or resolve_model(cfg.model, "train.model")
@@ -93,7 +94,7 @@ def prepare(cfg: TrainConfig, rows: list[dict], seed: int, model_path=None):
     model = load_model_for(objective.model_kind, path, tokenizer)
     if cfg.objective == "quark":
         add_control_tokens(model, tokenizer, rows, seed)
-    if cfg.lora is not None and model_path is None:
+    if cfg.lora is not None and training:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -108,9 +109,10 @@ def run(ctx, cfg: TrainConfig):
     rows = pool_rows(ctx, "train")
     if not rows:
         raise BadInput("train: the pool has no training records (split 'train')")
-    objective, model, tokenizer = prepare(cfg, rows, ctx.seed)
+    start = ctx.inputs["train"].local_dir() / "model" if "train" in ctx.inputs else None  # online: last round's policy
+    objective, model, tokenizer = prepare(cfg, rows, ctx.seed, model_path=start)
     mode = attach_reference(objective, cfg, rows, model)
-    ctx.log.info("train: %s on %d records, model %s, reference %s%s", cfg.objective, len(rows), cfg.model, mode,
+    ctx.log.info("train: %s on %d records, model %s, reference %s%s", cfg.objective, len(rows), start or cfg.model, mode,
                  f", LoRA r={cfg.lora.r}" if cfg.lora else "")
     history = fit(model, tokenizer, objective, rows, cfg, ctx.seed, ctx.resume_dir)
 

@@ -109,7 +109,7 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(tmp_path):
     again = align("run", SMOKE, "--artifacts", art)
     assert again.returncode == 0, again.stderr
     assert "train: resumed from checkpoint" in again.stderr
-    lines = {line.split()[1]: line for line in again.stdout.splitlines() if line.startswith("│")}
+    lines = {line.split()[3]: line for line in again.stdout.splitlines() if line.startswith("│")}
     assert "skipped" in lines["load_prompts"] and "skipped" in lines["build_pool"]
     assert " ran " in lines["train"] and " ran " in lines["evaluate"]
     assert not (art / ".tmp").exists(), "scratch and resume folders are cleaned up"

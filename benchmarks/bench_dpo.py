@@ -1,0 +1,500 @@
+"""DPO training speed and memory: our trainer vs TRL's DPOTrainer on SmolLM2-135M (fp32, CPU).
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python benchmarks/bench_dpo.py [--repeats N] [--quick]
+
+Four configurations, each run in a fresh child process (this script with `--child NAME`), the
+configurations alternating within every repeat (the starting one rotates from repeat to repeat):
+
+    ours_cached       our trainer, reference log-probs cached (stages.reference.score on a separately
+                      loaded base model, freed before training; its time is reported as precompute)
+    ours_resident     our trainer, reference model resident (stages.train.attach_reference)
+    trl_resident      trl.DPOTrainer, reference model resident
+    trl_precompute    trl.DPOTrainer, precompute_ref_log_probs=True (its precompute pass is timed
+                      separately; it runs inside the trainer's constructor)
+
+Both sides train on exactly the same token ids, in the same batches, in the same order:
+- the pairs are tokenised once, here, by our own `encode_completion` (prompt keeps its last
+  max_prompt_length tokens, completion its first max_length - max_prompt_length tokens, EOS
+  included), and TRL is handed those ids (a DPOTrainer subclass skips its own tokenisation; its
+  collator's keep_start truncation at max_length=128 is then a no-op);
+- our trainer shuffles (`epoch_batches`, seed 0; group_by_length=False); the TRL dataset is
+  written in that same batch order and read with train_sampling_strategy="sequential".
+Each child wraps its collate function to count the non-padding tokens it actually processed and
+checks them against the expected count. Tokens = non-padding tokens of prompt+chosen and
+prompt+rejected over the timed steps (identical for all four configurations).
+
+Settings common to both: fp32, batch 4 pairs, no gradient accumulation, AdamW (fused, torch's
+defaults, weight decay 0), lr 5e-6 constant, no warm-up, max_grad_norm 1.0, sigmoid loss, beta 0.1,
+dropout off (SmolLM2 has none), gradient checkpointing off (TRL defaults to on; `--gradient-checkpointing`
+turns it on for both), 1 dataloader worker (the main process).
+
+Measured in each child: wall seconds of the training call only (`fit(...)` / `trainer.train()`;
+model loading, data preparation and reference precompute excluded), tokens/s over that time, the
+child's peak RSS (ru_maxrss over its whole life, loading included) and the peak RSS during training
+alone (VmHWM reset through /proc/self/clear_refs just before the training call), and the first
+steps' losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+CONFIGS = ("ours_cached", "ours_resident", "trl_resident", "trl_precompute")
+
+N_PAIRS = 64
+BATCH = 4
+MAX_LENGTH = 128
+MAX_PROMPT = 64
+PROMPT_TOKENS = 48  # prompt text is cut to about this many tokens
+LR = 5e-6
+BETA = 0.1
+SEED = 0
+STEPS = 16
+QUICK_STEPS = 4
+REF_BATCH = 8  # reference precompute batch (ours: ReferenceConfig.batch_size; TRL: precompute_ref_batch_size)
+
+
+# --------------------------------------------------------------------------- pairs (parent)
+
+
+def build_pairs(path: Path) -> None:
+    """64 deterministic pairs from the movie snippets, tokenised once by our own code."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.data import read_corpus
+    from stages.models import load_tokenizer, resolve_model
+    from stages.objectives import encode_completion
+    from stages.trainer import epoch_batches
+
+    tok = load_tokenizer(resolve_model("smollm2"))
+    corpus = read_corpus("movie_snippets").to_pylist()
+    ntok = lambda t: len(tok(t, add_special_tokens=False).input_ids)  # noqa: E731
+    # Snippets of 22-40 tokens, so two of them make a completion near the 64-token completion budget.
+    rng = np.random.RandomState(SEED)
+    order = rng.permutation(len(corpus)).tolist()
+    pos, neg, ctx = [], [], []
+    for i in order:
+        r = corpus[i]
+        if len(pos) >= 2 * N_PAIRS and len(neg) >= 2 * N_PAIRS and len(ctx) >= 2 * N_PAIRS:
+            break
+        n = ntok(r["text"])
+        if not 22 <= n <= 40:
+            continue
+        if r["valence"] >= 1.5 and len(pos) < 2 * N_PAIRS:
+            pos.append(r["text"])
+        elif r["valence"] <= -1.5 and len(neg) < 2 * N_PAIRS:
+            neg.append(r["text"])
+        elif -1.0 <= r["valence"] <= 1.0 and len(ctx) < 2 * N_PAIRS:
+            ctx.append(r["text"])
+    rows = []
+    for k in range(N_PAIRS):
+        ids = tok(ctx[2 * k] + " " + ctx[2 * k + 1], add_special_tokens=False).input_ids[:PROMPT_TOKENS]
+        prompt = tok.decode(ids).strip()
+        chosen = pos[2 * k] + " " + pos[2 * k + 1]
+        rejected = neg[2 * k] + " " + neg[2 * k + 1]
+        p_c, m_c = encode_completion(tok, prompt, chosen, MAX_PROMPT, MAX_LENGTH)
+        p_r, m_r = encode_completion(tok, prompt, rejected, MAX_PROMPT, MAX_LENGTH)
+        n_prompt = m_c.index(1)
+        assert p_c[:n_prompt] == p_r[:n_prompt] and m_r.index(1) == n_prompt
+        rows.append({"pair_id": k, "prompt": prompt, "generation1": chosen, "generation2": rejected,
+                     "prompt_ids": p_c[:n_prompt], "chosen_ids": p_c[n_prompt:], "rejected_ids": p_r[n_prompt:],
+                     "tokens": len(p_c) + len(p_r)})
+    # The order our trainer visits them in (epoch 0, seed 0, no length grouping); TRL reads this order.
+    batches = epoch_batches(rows, BATCH, SEED, 0, group_by_length=False)
+    for pos_, r in enumerate(r for b in batches for r in b):
+        r["batch_order"] = pos_
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def load_pairs(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(path).to_pylist(), key=lambda r: r["pair_id"])
+
+
+def expected_tokens(rows: list[dict], steps: int) -> int:
+    ordered = sorted(rows, key=lambda r: r["batch_order"])
+    return sum(r["tokens"] for r in ordered[: steps * BATCH])
+
+
+# --------------------------------------------------------------------------- child measurements
+
+
+def rss_peak_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def gb(kb: int | None) -> float | None:
+    return None if kb is None else kb * 1024 / 1e9
+
+
+def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool) -> dict:
+    import torch
+
+    torch.manual_seed(SEED)
+    rows = load_pairs(pairs_path)
+    want_tokens = expected_tokens(rows, steps)
+    out: dict = {"config": name, "steps": steps, "tokens": want_tokens, "gradient_checkpointing": grad_ckpt,
+                 "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()[0]}
+    seen = {"per_batch": [], "batches": []}
+
+    def count(batch, ids):
+        seen["per_batch"].append(int(batch["attention_mask"].sum()))
+        seen["batches"].append(ids)
+
+    t_setup = time.perf_counter()
+    if name.startswith("ours"):
+        from stages.config import ReferenceConfig, TrainConfig
+        from stages.models import load_causal_lm, load_tokenizer, resolve_model
+        from stages.reference import score
+        from stages.train import attach_reference, prepare
+        from stages.trainer import fit
+
+        mode = name.split("_")[1]
+        for r in rows:
+            r["generation1_weight"] = r["generation2_weight"] = 1.0
+        if mode == "cached":
+            t0 = time.perf_counter()
+            path = resolve_model("smollm2")
+            tok = load_tokenizer(path)
+            base = load_causal_lm(path).eval()
+            t1 = time.perf_counter()
+            rcfg = ReferenceConfig(model="smollm2", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT,
+                                   batch_size=REF_BATCH)
+            for col, gen in (("reference_logp1", "generation1"), ("reference_logp2", "generation2")):
+                sums, _ = score(base, tok, [(r["prompt"], r[gen]) for r in rows], rcfg, per_token=False, desc="ref")
+                for r, s in zip(rows, sums):
+                    r[col] = s
+            out["precompute_s"] = time.perf_counter() - t1
+            out["precompute_load_s"] = t1 - t0
+            del base, tok
+            gc.collect()
+        cfg = TrainConfig(objective="dpo", model="smollm2", batch_size=BATCH, max_length=MAX_LENGTH,
+                          max_prompt_length=MAX_PROMPT, learning_rate=LR, max_steps=steps, epochs=100,
+                          lr_scheduler="constant", checkpoint_every=10**6, reference=mode, dpo={"beta": BETA},
+                          group_by_length=False, gradient_checkpointing=grad_ckpt, max_grad_norm=1.0,
+                          weight_decay=0.0, warmup_steps=0, grad_accum=1, mixed_precision="no")
+        objective, model, tokenizer = prepare(cfg, rows, seed=SEED)
+        got = attach_reference(objective, cfg, rows, model)
+        assert got == mode, (got, mode)
+        collate = objective.collate
+
+        def counting_collate(micro, tok_):
+            batch = collate(micro, tok_)
+            count(batch, [r["pair_id"] for r in micro])
+            return batch
+
+        objective.collate = counting_collate
+        out["setup_s"] = time.perf_counter() - t_setup
+        gc.collect()
+        out["peak_rss_before_train_gb"] = gb(rss_peak_kb())
+        out["rss_before_train_gb"] = gb(status_kb("VmRSS"))
+        before = rss_peak_kb()
+        reset = reset_peak()
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            history = fit(model, tokenizer, objective, rows, cfg, seed=SEED, resume_dir=Path(tmp))
+            out["train_s"] = time.perf_counter() - t0
+        out["steps_s"] = sum(h["tokens"] / h["tokens_per_s"] for h in history)  # per-step windows, summed
+        out["losses"] = [h["loss"] for h in history]
+        out["grad_norms"] = [h["grad_norm"] for h in history]
+    else:
+        import datasets
+        from transformers import TrainerCallback
+        from trl import DPOConfig, DPOTrainer
+
+        from stages.models import load_causal_lm, load_tokenizer, resolve_model
+
+        datasets.disable_progress_bars()
+        precompute = name == "trl_precompute"
+        timing: dict = {}
+
+        class PreTokenized(DPOTrainer):
+            """The pairs arrive already tokenised (by our encode_completion): skip TRL's tokenisation."""
+
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset
+
+            def _precompute_ref_logps(self, dataset, name_, batch_size):
+                t = time.perf_counter()
+                res = super()._precompute_ref_logps(dataset, name_, batch_size)
+                timing["precompute_s"] = timing.get("precompute_s", 0.0) + time.perf_counter() - t
+                return res
+
+        class Clock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                timing["train_begin"] = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                timing["step_end"] = time.perf_counter()
+
+        path = resolve_model("smollm2")
+        tok = load_tokenizer(path)
+        model = load_causal_lm(path)
+        ordered = sorted(rows, key=lambda r: r["batch_order"])
+        ds = datasets.Dataset.from_list([{"pair_id": r["pair_id"], "prompt_ids": r["prompt_ids"],
+                                          "chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]}
+                                         for r in ordered])
+        args = DPOConfig(
+            output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+            warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", beta=BETA,
+            loss_type=["sigmoid"], max_length=MAX_LENGTH, truncation_mode="keep_start", bf16=False, fp16=False,
+            gradient_checkpointing=grad_ckpt, precompute_ref_log_probs=precompute,
+            precompute_ref_batch_size=REF_BATCH, train_sampling_strategy="sequential", report_to="none",
+            dataloader_num_workers=0, save_strategy="no", logging_steps=1, use_cpu=True, seed=SEED,
+            disable_tqdm=True, remove_unused_columns=True,
+        )
+        trainer = PreTokenized(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                               callbacks=[Clock()])
+        if precompute:
+            assert trainer.ref_model is None and "precompute_s" in timing
+            out["precompute_s"] = timing["precompute_s"]
+        else:
+            assert trainer.ref_model is not None
+        # Count what the training dataloader really collates (TRL drops pair_id as an unused column,
+        # so its batches are checked by their token counts only).
+        collator = trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collator(examples)
+            count(batch, None)
+            return batch
+
+        trainer.data_collator = counting_collator
+        out["setup_s"] = time.perf_counter() - t_setup
+        gc.collect()
+        out["peak_rss_before_train_gb"] = gb(rss_peak_kb())
+        out["rss_before_train_gb"] = gb(status_kb("VmRSS"))
+        before = rss_peak_kb()
+        reset = reset_peak()
+        t0 = time.perf_counter()
+        trainer.train()
+        out["train_s"] = time.perf_counter() - t0
+        out["steps_s"] = timing["step_end"] - timing["train_begin"]
+        logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+        out["losses"] = [h["loss"] for h in logs]
+        out["grad_norms"] = [h.get("grad_norm") for h in logs]
+        assert trainer.state.global_step == steps, trainer.state.global_step
+
+    after = rss_peak_kb()
+    out["peak_rss_gb"] = gb(max(before, after))  # the whole child, loading and precompute included
+    out["train_peak_rss_gb"] = gb(status_kb("VmHWM")) if reset else None  # high-water mark since the reset
+    # The batches really collated during training must be the expected ones, step by step. (A
+    # dataloader may look one batch ahead; such a batch is collated but never trained on.)
+    ordered = sorted(rows, key=lambda r: r["batch_order"])
+    want_per_batch = [sum(r["tokens"] for r in ordered[k * BATCH:(k + 1) * BATCH]) for k in range(steps)]
+    assert seen["per_batch"][:steps] == want_per_batch, (seen["per_batch"], want_per_batch)
+    out["collated_batches"] = len(seen["per_batch"])
+    if name.startswith("ours"):
+        want_ids = [[r["pair_id"] for r in ordered[k * BATCH:(k + 1) * BATCH]] for k in range(steps)]
+        assert seen["batches"] == want_ids, "our trainer did not visit the batches in the expected order"
+    out["tokens_per_s"] = want_tokens / out["train_s"]
+    out["steps_tokens_per_s"] = want_tokens / out["steps_s"]
+    out["loadavg_end"] = os.getloadavg()[0]
+    return out
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def summarise(runs: list[dict]) -> dict:
+    summary = {}
+    for name in CONFIGS:
+        rs = [r for r in runs if r["config"] == name and "error" not in r]
+        if not rs:
+            continue
+        first = [median([r["losses"][i] for r in rs if len(r["losses"]) > i]) for i in range(4)]
+        summary[name] = {
+            "runs": len(rs),
+            "tokens": rs[0]["tokens"],
+            "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+            "tokens_per_s_all": [round(r["tokens_per_s"], 2) for r in rs],
+            "steps_tokens_per_s": median([r["steps_tokens_per_s"] for r in rs]),
+            "train_s": median([r["train_s"] for r in rs]),
+            "peak_rss_gb": median([r["peak_rss_gb"] for r in rs]),
+            "train_peak_rss_gb": median([r["train_peak_rss_gb"] for r in rs]),
+            "rss_before_train_gb": median([r["rss_before_train_gb"] for r in rs]),
+            "precompute_s": median([r.get("precompute_s") for r in rs]),
+            "first_losses": first,
+        }
+    ratios = {}
+    for ours, trl, label in (("ours_resident", "trl_resident", "resident"), ("ours_cached", "trl_precompute", "cached")):
+        if ours in summary and trl in summary:
+            o, t = summary[ours], summary[trl]
+            ratios[label] = {
+                "tokens_per_s": o["tokens_per_s"] / t["tokens_per_s"],
+                "peak_rss": o["peak_rss_gb"] / t["peak_rss_gb"],
+                "train_peak_rss": (o["train_peak_rss_gb"] / t["train_peak_rss_gb"]
+                                   if o["train_peak_rss_gb"] and t["train_peak_rss_gb"] else None),
+            }
+    return {"configs": summary, "ratios": ratios}
+
+
+def table(result: dict) -> str:
+    s, ratios = result["configs"], result["ratios"]
+    lines = ["| config | tokens/s (median) | runs | peak RSS GB (child) | peak RSS GB (training) | precompute s |",
+             "|---|---|---|---|---|---|"]
+    for name, v in s.items():
+        lines.append(f"| {name} | {fmt(v['tokens_per_s'], 1)} | {v['runs']} | {fmt(v['peak_rss_gb'])} | "
+                     f"{fmt(v['train_peak_rss_gb'])} | {fmt(v['precompute_s'], 1)} |")
+    lines += ["", "| ours / TRL | tokens/s | target | peak RSS (child) | target | peak RSS (training) |", "|---|---|---|---|---|---|"]
+    targets = {"resident": (">= 1.5", "<= 0.75"), "cached": (">= 1.2", "-")}
+    for label, r in ratios.items():
+        pair = "ours_resident / trl_resident" if label == "resident" else "ours_cached / trl_precompute"
+        lines.append(f"| {pair} | {fmt(r['tokens_per_s'])}x | {targets[label][0]} | {fmt(r['peak_rss'])}x | "
+                     f"{targets[label][1]} | {fmt(r['train_peak_rss'])}x |")
+    lines += ["", "| step | " + " | ".join(s) + " |", "|---" * (len(s) + 1) + "|"]
+    for i in range(4):
+        cells = [fmt(v["first_losses"][i], 4) if v["first_losses"][i] is not None else "-" for v in s.values()]
+        lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import trl
+        trl_version = trl.__version__
+    except ImportError:
+        trl_version = None
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl_version,
+            "mem_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each configuration (default 3)")
+    ap.add_argument("--quick", action="store_true", help=f"1 repeat of {QUICK_STEPS} steps (a smoke check)")
+    ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {STEPS}, max 16)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/dpo.json)")
+    ap.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
+    if not 1 <= steps <= N_PAIRS // BATCH:
+        ap.error(f"--steps must be in 1..{N_PAIRS // BATCH} (one epoch of the {N_PAIRS} pairs)")
+
+    if a.child:
+        res = child(a.child, a.pairs, steps, a.gradient_checkpointing)
+        print("BENCH_RESULT " + json.dumps(res), flush=True)
+        return
+
+    repeats = 1 if a.quick else a.repeats
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        ap.error(f"unknown config(s): {bad}")
+    out = a.out or RESULTS / ("dpo_quick.json" if a.quick else "dpo.json")
+    logs = RESULTS / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    build_pairs(a.pairs)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hfds-")}
+    runs = []
+    started = datetime.now(timezone.utc)
+    for rep in range(repeats):
+        order = configs[rep % len(configs):] + configs[: rep % len(configs)]  # rotate the first config
+        for name in order:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--pairs", str(a.pairs),
+                   "--steps", str(steps)] + (["--gradient-checkpointing"] if a.gradient_checkpointing else [])
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            (logs / f"{name}-{rep}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+            line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("BENCH_RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                res = {"config": name, "repeat": rep, "error": proc.stderr.strip().splitlines()[-1:] or ["no output"]}
+                print(f"[{rep + 1}/{repeats}] {name}: FAILED ({res['error'][0]}); see {logs / f'{name}-{rep}.log'}",
+                      flush=True)
+            else:
+                res = json.loads(line[len("BENCH_RESULT "):])
+                res["repeat"], res["process_wall_s"] = rep, wall
+                print(f"[{rep + 1}/{repeats}] {name}: {res['tokens_per_s']:.1f} tokens/s, train {res['train_s']:.1f} s, "
+                      f"peak RSS {res['peak_rss_gb']:.2f} GB (training {fmt(res['train_peak_rss_gb'])}), "
+                      f"precompute {fmt(res.get('precompute_s'), 1)} s, losses {[round(x, 4) for x in res['losses'][:4]]}",
+                      flush=True)
+            runs.append(res)
+    result = {"benchmark": "dpo", "started": started.isoformat(timespec="seconds"),
+              "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+              "settings": {"model": "smollm2 (SmolLM2-135M-Instruct, fp32)", "pairs": N_PAIRS, "batch_pairs": BATCH,
+                           "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT, "steps": steps,
+                           "repeats": repeats, "learning_rate": LR, "beta": BETA, "loss": "sigmoid",
+                           "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
+                           "optimizer": "AdamW fused, weight_decay 0", "dtype": "float32",
+                           "gradient_checkpointing": a.gradient_checkpointing, "reference_batch_size": REF_BATCH,
+                           "order": "our epoch_batches(seed 0, group_by_length=False); TRL sequential over the same order"},
+              **summarise(runs), "runs": runs}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(table(result))
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""sample: n generations per prompt from the current policy.
+
+Round 0 samples from `sample.model` (the base policy); round k from round k-1's trained model.
+Batched `generate` with a KV cache and left padding, prompts sorted by length so batches waste
+little padding; temperature, top-p, max_new_tokens, stop on EOS; an optional conditioning prefix
+(Quark's best reward token, or NLF feedback). Seeded: the same config and checkpoint give the same
+samples. Each row records the policy's own summed log-prob of its generation (temperature 1, no
+top-p: the distribution importance weights need), computed by a teacher-forced pass.
+
+Backends: "hf" (transformers generate, default) and "vllm" (GPU machines; imported only when chosen).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from stages.config import SampleConfig
+from stages.errors import BadInput
+from stages.logprobs import completion_token_logps
+from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
+from stages.objectives import pad
+
+NAME = "sample"
+VERSION = "1"
+INPUTS = ("load_prompts@0", "train@prev")
+
+SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("prompt", pa.string()), ("split", pa.string()), ("sample_index", pa.int32()),
+    ("completion", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+    ("truncated", pa.bool_()), ("policy_logprob", pa.float64()), ("conditioning", pa.string()),
+    ("checkpoint", pa.string()),
+])
+
+
+def identity(cfg: SampleConfig) -> dict:
+    return {"model": model_identity(cfg.model, "sample.model")}
+
+
+def conditioned(prompt: str, cfg: SampleConfig) -> tuple[str, str | None]:
+    """The text the policy sees, and the conditioning it carries."""
+    if cfg.conditioning == "quark_best":
+        return cfg.control_token + prompt, cfg.control_token
+    if cfg.conditioning == "feedback":
+        return cfg.feedback_template.format(feedback=cfg.feedback, prompt=prompt), cfg.feedback
+    return prompt, None
+
+
+@torch.no_grad()
+def policy_logprobs(model, prompt_ids: list[list[int]], gen_ids: list[list[int]]) -> list[float]:
+    """Summed log-probs of each generation under the raw policy, right-padded teacher forcing."""
+    ids = [p + g for p, g in zip(prompt_ids, gen_ids)]
+    batch = {"input_ids": pad(ids, 0), "attention_mask": pad([[1] * len(x) for x in ids], 0),
+             "completion_mask": pad([[0] * len(p) + [1] * len(g) for p, g in zip(prompt_ids, gen_ids)], 0)}
+    logps, _ = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    return logps.sum(-1).tolist()
+
+
+def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
+    """For each prompt, n dicts: text, prompt/completion token counts, truncated, policy_logprob."""
+    tokenizer = load_tokenizer(path, padding_side="left")
+    model = load_causal_lm(path).eval()
+    eos = tokenizer.eos_token_id
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids[-cfg.max_prompt_tokens:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
+    out: list[list[dict]] = [[] for _ in prompts]
+    torch.manual_seed(seed)
+    t0, new_tokens = time.perf_counter(), 0
+    bar = tqdm(total=len(prompts) * cfg.n, desc="sample", unit="seq", disable=None)
+    for k in range(0, len(order), per_call):
+        idx = order[k:k + per_call]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+        with torch.no_grad():
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                 num_return_sequences=cfg.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        rows = gen[:, width:].tolist()
+        gens, prompt_ids = [], []
+        for j, tokens in enumerate(rows):
+            stop = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+            gens.append(tokens[:stop])
+            prompt_ids.append(encoded[idx[j // cfg.n]])
+        logps = policy_logprobs(model, prompt_ids, gens)
+        for j, (tokens, lp) in enumerate(zip(gens, logps)):
+            truncated = not tokens or tokens[-1] != eos
+            out[idx[j // cfg.n]].append({
+                "completion": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_tokens": len(prompt_ids[j]),
+                "completion_tokens": len(tokens), "truncated": truncated, "policy_logprob": lp})
+            new_tokens += len(tokens)
+        bar.update(len(rows))
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    log.info("sample: %d sequences, %d new tokens, %.0f tokens/s", len(prompts) * cfg.n, new_tokens,
+             new_tokens / max(1e-9, time.perf_counter() - t0))
+    return out
+
+
+def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
+    try:
+        import vllm
+    except ImportError:
+        raise BadInput("sample.backend: 'vllm' is not installed here (pip install vllm on a machine with a GPU), "
+                       "or use backend: hf") from None
+    llm = vllm.LLM(model=str(path), seed=seed)
+    params = vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                 seed=seed, logprobs=0)
+    out = []
+    for result in llm.generate(prompts, params):
+        # vLLM's cumulative log-prob is under the sampling distribution (after temperature / top-p).
+        out.append([{"completion": o.text, "prompt_tokens": len(result.prompt_token_ids),
+                     "completion_tokens": len(o.token_ids), "truncated": o.finish_reason != "stop",
+                     "policy_logprob": o.cumulative_logprob} for o in result.outputs])
+    return out
+
+
+def run(ctx, cfg: SampleConfig):
+    from stages.runner import StageOutput
+
+    prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if cfg.split in ("all", r["split"])]
+    prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
+    if not prompts:
+        raise BadInput(f"sample: no prompts in split '{cfg.split}'")
+    path = ctx.inputs["train"].local_dir() / "model" if "train" in ctx.inputs else resolve_model(cfg.model, "sample.model")
+    texts, conds = zip(*(conditioned(r["prompt"], cfg) for r in prompts))
+    ctx.log.info("sample: %d prompts x %d from %s (%s backend)", len(prompts), cfg.n, path, cfg.backend)
+    backend = generate_vllm if cfg.backend == "vllm" else generate_hf
+    generated = backend(path, list(texts), cfg, ctx.seed + 1000 * ctx.round, ctx.log)
+    rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "split": r["split"], "sample_index": i,
+             "conditioning": cond, "checkpoint": str(path), **g}
+            for r, cond, gens in zip(prompts, conds, generated) for i, g in enumerate(gens)]
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    truncated = sum(r["truncated"] for r in rows) / len(rows)
+    mean_len = sum(r["completion_tokens"] for r in rows) / len(rows)
+    return StageOutput(table, {"samples": len(rows), "prompts": len(prompts), "truncated_fraction": truncated,
+                               "mean_completion_tokens": mean_len})
