@@ -1,0 +1,125 @@
+"""Online rounds on the tiny model, annotators and reweighters with known answers, and bad
+annotators failing cleanly."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from conftest import ROOT, needs_prepared
+from stages import reweight as R
+from stages.annotators import LLMJudge, TemplateFeedback, parse_score
+from stages.config import AnnotatorStep, load_config
+from stages.errors import BadInput
+from stages.runner import run_flow_locally
+from stages.store import ArtifactStore
+
+
+# -- reweighters ---------------------------------------------------------------------------------
+
+def test_importance_weights_on_hand_made_logprobs():
+    rows = [{"policy_logprob": -10.0}, {"policy_logprob": -12.0}, {"policy_logprob": -8.0}]
+    train = [-10.0, -11.0, -10.0]  # ratios e^0, e^1, e^-2
+    raw = [1.0, math.e, math.exp(-2)]
+    mean = sum(raw) / 3
+    assert R.importance(rows, train, clip=100) == pytest.approx([x / mean for x in raw])
+    clipped = R.importance(rows, train, clip=1.5)
+    assert clipped == pytest.approx([1 / mean, 1.5, math.exp(-2) / mean])
+
+
+def test_reward_softmax_balance_and_ess():
+    rows = [{"prompt_id": "a", "score": 1.0}, {"prompt_id": "a", "score": 0.0}, {"prompt_id": "b", "score": 5.0}]
+    w = R.reward_softmax(rows, temperature=1.0)
+    assert w[:2] == pytest.approx([2 * math.e / (math.e + 1), 2 / (math.e + 1)]) and w[2] == pytest.approx(1.0)
+    rows = [{"score": s} for s in (0.1, 0.2, 0.3, 0.9)]
+    b = R.balance(rows, "median", 5)
+    assert sum(b[:2]) == pytest.approx(sum(b[2:]))  # equal total weight above and below the median
+    assert R.effective_sample_size([1.0, 1.0, 1.0, 1.0]) == 4
+    assert R.effective_sample_size([4.0, 0.0, 0.0, 0.0]) == 1
+
+
+# -- annotators ----------------------------------------------------------------------------------
+
+def test_judge_combines_both_orders_to_cancel_position_bias():
+    # A judge that always says "A" with 0.8: shown first or second, a sample is no better than the other.
+    assert LLMJudge.combine(0.8, 0.8) == pytest.approx(0.5)
+    # A consistent judge: prefers `a` in both orders.
+    assert LLMJudge.combine(0.9, 0.2) == pytest.approx(0.85)
+
+
+def test_score_parsing_never_guesses():
+    assert parse_score("Score: 7/10. Feedback: upbeat.") == pytest.approx(0.7)
+    assert parse_score("score=9.5") == pytest.approx(0.95)
+    assert parse_score("I liked it a lot!") is None
+    assert parse_score("Score: 42/10") is None
+
+
+def test_template_feedback_buckets():
+    fb = TemplateFeedback(AnnotatorStep(kind="template_feedback"))
+    assert [fb.feedback_for(s) for s in (0.95, 0.75, 0.5, 0.31, 0.0, None)] == \
+        ["Excellent.", "Good.", "Okay.", "Poor.", "Terrible.", None]
+
+
+@needs_prepared
+def test_llm_judge_on_a_real_prompt_order_swap():
+    judge = LLMJudge(AnnotatorStep(kind="llm_judge", model="tiny-llama", batch_size=4))
+    out = judge(["The film", "The film"], ["was wonderful.", "was awful."])
+    a, b = out["score"]
+    assert a == pytest.approx(1 - b) and 0 < a < 1
+
+
+# -- flows ---------------------------------------------------------------------------------------
+
+@needs_prepared
+@pytest.mark.parametrize("name", ["smoke_online_dpo", "smoke_online_kto", "smoke_online_rl"])
+def test_online_flow_runs_two_rounds(tmp_path, name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    results = run_flow_locally(cfg, ArtifactStore(str(tmp_path)))
+    assert [r.round for r in results if r.stage == "evaluate"] == [0, 1]
+    base = tmp_path / cfg.experiment
+    s1 = json.loads((base / "round-1/sample/manifest.json").read_text())
+    assert s1["inputs"]["train"]["path"].endswith("round-0/train"), "round 1 samples from round 0's policy"
+    assert s1["inputs"]["load_prompts"]["path"].endswith("round-0/load_prompts")
+    assert not (base / "round-1/load_prompts").exists()
+    evals = [r.metrics for r in results if r.stage == "evaluate"]
+    assert all(math.isfinite(m["mean_reward"]) and math.isfinite(m["kl_to_reference"]) for m in evals)
+    again = run_flow_locally(cfg, ArtifactStore(str(tmp_path)))
+    assert {r.status for r in again} == {"skipped"}
+
+
+@needs_prepared
+@pytest.mark.parametrize("rule, message", [
+    ("rules.raises", "raised ValueError: the scorer broke"),
+    ("rules.returns_nan", "returned nan for sample 0"),
+    ("rules.too_few", "returned 23 scores for 24 samples"),
+    ("rules.nope", "cannot import 'rules.nope'"),
+])
+def test_bad_annotator_fails_cleanly_and_rerun_resumes_at_annotate(tmp_path, rule, message):
+    overrides = ["rounds=1", "stages=[load_prompts, sample, annotate, build_pool]"]
+    good = load_config(ROOT / "configs/smoke_online_dpo.yaml", overrides + ["annotate.steps=[{kind: rule, callable: rules.count_e}]"])
+    bad = load_config(ROOT / "configs/smoke_online_dpo.yaml", overrides + [f"annotate.steps=[{{kind: rule, callable: {rule}}}]"])
+    store = ArtifactStore(str(tmp_path))
+    with pytest.raises(BadInput) as e:
+        run_flow_locally(bad, store)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    base = tmp_path / "smoke_online_dpo/round-0"
+    assert (base / "sample/manifest.json").exists() and not (base / "annotate").exists()
+    sample_before = (base / "sample/manifest.json").read_text()
+    status = {r.stage: r.status for r in run_flow_locally(good, store)}
+    assert status == {"load_prompts": "skipped", "sample": "skipped", "annotate": "ran", "build_pool": "ran"}
+    assert (base / "sample/manifest.json").read_text() == sample_before
+
+
+@needs_prepared
+def test_sampling_is_seeded(tmp_path):
+    cfg = load_config(ROOT / "configs/smoke_online_dpo.yaml", ["rounds=1", "stages=[load_prompts, sample]"])
+    run_flow_locally(cfg, ArtifactStore(str(tmp_path / "a")))
+    run_flow_locally(cfg, ArtifactStore(str(tmp_path / "b")))
+    a = (tmp_path / "a/smoke_online_dpo/round-0/sample/data.parquet").read_bytes()
+    assert a == (tmp_path / "b/smoke_online_dpo/round-0/sample/data.parquet").read_bytes()
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "a/smoke_online_dpo/round-0/sample/data.parquet").to_pylist()
+    assert {r["sample_index"] for r in rows} == {0, 1}
+    assert all(r["policy_logprob"] < 0 and r["completion_tokens"] > 0 and r["checkpoint"] for r in rows)
