@@ -154,13 +154,17 @@ def quark(rows, cfg, seed):
 
 
 def nlf(rows, cfg, seed):
+    """An annotator's own feedback when the sample has it; otherwise the phrase of its reward quantile."""
     if len(cfg.feedback_phrases) != cfg.quantiles:
         raise BadInput(f"build_pool.feedback_phrases: {len(cfg.feedback_phrases)} phrases for {cfg.quantiles} quantiles")
-    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
-             "generation1_reward": r["score"], "generation1_weight": _w(r),
-             # an LLM annotator's own feedback wins over the quantile phrase
-             "feedback": r.get("feedback") or cfg.feedback_phrases[k], "split": r["split"]}
-            for r, k in _quantile_bins(rows, cfg, seed)]
+    record = lambda r, fb: {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],  # noqa: E731
+                            "generation1_reward": r.get("score"), "generation1_weight": _w(r), "feedback": fb,
+                            "split": r["split"]}
+    given = [record(r, r["feedback"]) for r in rows if r.get("feedback") and r.get("completion")]
+    rest = [r for r in rows if not r.get("feedback")]
+    if not rest:
+        return given
+    return given + [record(r, cfg.feedback_phrases[k]) for r, k in _quantile_bins(rest, cfg, seed)]
 
 
 def rl(rows, cfg, seed):

@@ -222,6 +222,7 @@ class EvaluateConfig(Section):
     generation: SampleConfig | None = None
     annotate: AnnotateConfig | None = None
     max_prompts: int | None = Field(50, gt=0)
+    compare_base: bool = False  # round 0 also samples and scores the base model, for a baseline
 
 
 StageName = Literal["load_prompts", "sample", "annotate", "reweight", "build_pool", "reference", "train", "evaluate"]

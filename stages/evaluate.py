@@ -90,7 +90,16 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     for r, sc, lr in zip(rows, scores, ref):
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     known = [x for x in scores if x is not None]
-    metrics = {"mean_reward": sum(known) / len(known) if known else None,
+    metrics = {}
+    if cfg.compare_base and ctx.round == 0 and cfg.annotate:
+        base_path = resolve_model(train_cfg.model, "train.model")
+        base = [g[0] for g in generate_hf(base_path, texts, gen_cfg, ctx.seed + 7, ctx.log)]
+        step = next((s for s in cfg.annotate.steps if s.kind != "template_feedback"), None)
+        if step is not None:
+            out = ANNOTATORS[step.kind](step)([r["prompt"] for r in prompts], [g["completion"] for g in base])
+            got = [x for x in checked_scores(out.get("score"), len(base), "evaluate (base)", True) if x is not None]
+            metrics["base_mean_reward"] = sum(got) / len(got) if got else None
+    metrics |= {"mean_reward": sum(known) / len(known) if known else None,
                "kl_to_reference": sum(r["kl"] for r in rows) / len(rows),
                "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
                "truncated_fraction": sum(r["truncated"] for r in rows) / len(rows), "prompts": len(rows),

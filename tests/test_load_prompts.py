@@ -113,3 +113,42 @@ def test_hub_source_is_refused_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BadInput, match="hub is offline"):
         run_stage(config("stanfordnlp/imdb"), "load_prompts", 0, ArtifactStore(str(tmp_path)))
+
+
+def test_tldr_config_loader_on_a_local_file_of_its_schema(tmp_path):
+    """nlf_tldr.yaml reads trl-lib/tldr from the hub; the same mapping works on a local file."""
+    from stages.config import load_config
+    from stages.paths import PROJECT_ROOT
+
+    posts = [{"prompt": f"SUBREDDIT: r/movies\n\nTITLE: Post {i}\n\nPOST: I watched film {i} last night and "
+                        f"could not stop thinking about it.\n\nTL;DR:", "completion": f" film {i} stuck with me"}
+             for i in range(30)]
+    path = tmp_path / "tldr.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in posts))
+    cfg = load_config(PROJECT_ROOT / "configs/nlf_tldr.yaml", [f"load_prompts.source={path}", "stages=[load_prompts]"])
+    store = ArtifactStore(str(tmp_path / "a"))
+    run_stage(cfg, "load_prompts", 0, store)
+    rows = store.read_table(store.stage_dir("nlf_tldr", 0, "load_prompts")).to_pylist()
+    assert len(rows) == 30 and all(r["prompt"].endswith("TL;DR:") and r["completion"] == f" film {r['prompt'].split()[4]} stuck with me" for r in rows)
+
+
+def test_hh_rlhf_file_becomes_pairs_and_pointwise_records(tmp_path):
+    rows = [{"chosen": f"\n\nHuman: Recommend film {i}?\n\nAssistant: Sure, try Casablanca.",
+             "rejected": f"\n\nHuman: Recommend film {i}?\n\nAssistant: No."} for i in range(20)]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = ArtifactStore(str(tmp_path / "a"))
+    cfg = validate_config({"experiment": "lp", "stages": ["load_prompts", "build_pool"],
+                           "load_prompts": {"source": str(path), "format": "hh_rlhf", "heldout_fraction": 0.2},
+                           "build_pool": {"kind": "pairs"}})
+    run_stage(cfg, "load_prompts", 0, store)
+    run_stage(cfg, "build_pool", 0, store)
+    pool = table_of(store, "build_pool")
+    assert len(pool) == 20
+    assert all(p["prompt"].endswith("Assistant:") and p["generation1"] == "Sure, try Casablanca." and p["generation2"] == "No."
+               for p in pool)
+    cfg = validate_config({**cfg.model_dump(), "build_pool": {"kind": "pointwise"}})
+    run_stage(cfg, "build_pool", 0, store)
+    points = table_of(store, "build_pool")
+    assert len(points) == 40 and sum(p["desirable"] for p in points) == 20
+    assert all(p["kl_generation"] is not None for p in points)
