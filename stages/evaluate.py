@@ -26,15 +26,19 @@ VERSION = "2"
 INPUTS = ("build_pool", "reference", "train", "load_prompts@0")
 
 
+def batches(rows: list[dict], size: int):
+    for k in range(0, len(rows), size):
+        yield rows[k:k + size]
+
+
 @torch.no_grad()
 def sft_heldout(model, tokenizer, objective, rows, batch_size) -> list[dict]:
     model.eval()
     out = []
-    for k in range(0, len(rows), batch_size):
-        chunk = rows[k:k + batch_size]
+    for chunk in batches(rows, batch_size):
         logps, mask = objective.token_logps(model, objective.collate(chunk, tokenizer))
-        for r, lp, m in zip(chunk, logps.sum(-1).tolist(), mask.sum(-1).tolist()):
-            out.append({"prompt_id": r["prompt_id"], "logprob": lp, "tokens": int(m)})
+        out.extend({"prompt_id": r["prompt_id"], "logprob": lp, "tokens": int(m)}
+                   for r, lp, m in zip(chunk, logps.sum(-1).tolist(), mask.sum(-1).tolist()))
     return out
 
 
@@ -42,24 +46,23 @@ def sft_heldout(model, tokenizer, objective, rows, batch_size) -> list[dict]:
 def reward_heldout(model, tokenizer, objective: RewardBT, rows, batch_size) -> list[dict]:
     model.eval()
     out = []
-    for k in range(0, len(rows), batch_size):
-        chunk = rows[k:k + batch_size]
+    for chunk in batches(rows, batch_size):
         s_c, s_r = objective.scores(model, objective.collate(chunk, tokenizer))
-        for r, a, b in zip(chunk, s_c.tolist(), s_r.tolist()):
-            out.append({"prompt_id": r["prompt_id"], "score_chosen": a, "score_rejected": b, "correct": a > b})
+        out.extend({"prompt_id": r["prompt_id"], "score_chosen": a, "score_rejected": b, "correct": a > b}
+                   for r, a, b in zip(chunk, s_c.tolist(), s_r.tolist()))
     return out
 
 
 @torch.no_grad()
 def objective_heldout(model, tokenizer, objective, rows, batch_size) -> list[dict]:
+    """Any objective's own per-example loss and metrics on held-out records."""
     model.eval()
     out = []
-    for k in range(0, len(rows), batch_size):
-        chunk = rows[k:k + batch_size]
+    for chunk in batches(rows, batch_size):
         loss, metrics = objective.per_example_loss(model, objective.collate(chunk, tokenizer))
-        for i, r in enumerate(chunk):
-            out.append({"prompt_id": r["prompt_id"], "loss": float(loss[i]),
-                        **{m: float(v[i]) for m, v in metrics.items() if v.dim() == 1 and len(v) == len(chunk)}})
+        out.extend({"prompt_id": r["prompt_id"], "loss": float(loss[i]),
+                    **{m: float(v[i]) for m, v in metrics.items() if v.dim() == 1 and len(v) == len(chunk)}}
+                   for i, r in enumerate(chunk))
     return out
 
 

@@ -94,7 +94,11 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
                 "completion_tokens": len(tokens), "truncated": truncated, "policy_logprob": lp})
             new_tokens += len(tokens)
         bar.update(len(rows))
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+        rate = new_tokens / (time.perf_counter() - t0)
+        bar.set_postfix(tok_s=f"{rate:.0f}")
+        calls = -(-len(order) // per_call)
+        if (k // per_call + 1) % max(1, calls // 5) == 0:  # the bar is hidden when not on a terminal
+            log.info("sample: %d/%d sequences, %.0f tokens/s", bar.n, bar.total, rate)
     bar.close()
     log.info("sample: %d sequences, %d new tokens, %.0f tokens/s", len(prompts) * cfg.n, new_tokens,
              new_tokens / max(1e-9, time.perf_counter() - t0))
