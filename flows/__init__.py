@@ -17,6 +17,8 @@ def configure_environment() -> None:
         # The first ephemeral start migrates a fresh database: slow on 2 busy cores.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "align",
+        # Stages also run outside flow runs (`align stage`, tests): their log lines stay local then.
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         # Models and data come from the local cache; never reach for a hub unless the user opts in.
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",

@@ -181,10 +181,36 @@ def data_prepare():
 
 
 @app.command()
-def server(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(4200)):
-    """Start the Prefect server and UI on HOST:PORT with the project's offline settings."""
-    console.print(f"Prefect UI: http://{host}:{port}  (PREFECT_HOME={os.environ['PREFECT_HOME']})")
+def server(host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+           port: int = typer.Option(4200, help="Port of the API and the UI.")):
+    """Start the Prefect server and UI on HOST:PORT with the project's quiet, offline settings."""
+    url = f"http://{host}:{port}"
+    console.print(f"Prefect UI: {url}  (PREFECT_HOME={os.environ['PREFECT_HOME']})")
+    console.print(f"then, in another shell: align serve [CONFIG ...]{'' if port == 4200 else f' --port {port}'}"
+                  f"  (or PREFECT_API_URL={url}/api align run CONFIG)")
+    # The UI finds the API through these (`prefect server start --port` alone leaves the UI on 4200).
+    os.environ.update({"PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port),
+                       "PREFECT_UI_API_URL": f"{url}/api"})
+    os.environ.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
     os.execv(sys.executable, [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)])
+
+
+@app.command()
+def serve(
+    configs: Optional[list[Path]] = typer.Argument(None, help="Configs to deploy with their path filled in."),
+    cron: Optional[str] = typer.Option(None, help="Schedule rounds by cron ('0 * * * *'); each run adds one round."),
+    interval: Optional[int] = typer.Option(None, help="Schedule rounds every SECONDS; each run adds one round."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root the deployments default to."),
+    port: int = typer.Option(4200, help="Port of `align server` (used when PREFECT_API_URL is not set)."),
+    debug: bool = DebugOpt,
+):
+    """Register deployments of the pipeline flows on the Prefect server and run what the UI triggers."""
+    from flows.serve import Schedule, serve as serve_deployments
+
+    if not debug:
+        _quiet_prefect_tracebacks()
+    serve_deployments(list(configs or []), artifacts, Schedule(cron, interval), port,
+                      echo=lambda line: console.print(line, markup=False, highlight=False))
 
 
 def main() -> None:

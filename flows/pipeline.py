@@ -1,48 +1,271 @@
-"""The Prefect flow that runs a config's stages in order, one Prefect task per stage.
+"""The Prefect flows that run a config's stages in order, one Prefect task per stage.
 
 Each task calls the same runner the CLI and tests use; the runner's manifests decide what is
-complete, so a re-run skips finished stages and a retried run resumes at the failed one. Tasks
-return small JSON summaries (persisted as JSON: nothing is pickled), never models or tables.
+complete, so a re-run skips finished stages (their task runs end in a Completed state named
+Skipped) and a retried run resumes at the failed stage. Tasks return small JSON summaries
+(persisted as JSON: nothing is pickled), never models or tables.
+
+Two flows share one body:
+- `align-pipeline` (`pipeline`) runs the config's rounds, or `rounds` of them;
+- `align-rounds` (`iterate`) adds `add_rounds` rounds after the experiment's last complete round:
+  what a schedule runs, so each scheduled run trains one more round of an online flow.
+
+Both hold the experiment's lock (flows/lock.py) while they run, and both show tables, the
+round's metrics, a reward histogram and sample generations as artifacts (flows/ui_artifacts.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Optional
+
 import flows  # noqa: F401  (configures Prefect's environment before it is imported)
 from prefect import flow, task
+from pydantic import Field, WithJsonSchema
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+from prefect.states import Completed, Failed, State
 
-import logging
-
-from stages.config import load_config, validate_config
-from stages.paths import default_artifact_root
+from flows import ui_artifacts
+from flows.lock import experiment_lock
+from stages.config import RunConfig, load_config, validate_config
+from stages.errors import BadInput
+from stages.paths import PROJECT_ROOT, default_artifact_root
 from stages.runner import forced_stages, preflight, run_stage, stages_of_round
 from stages.store import ArtifactStore
 
-
 logging.getLogger("align").setLevel(logging.INFO)  # Prefect attaches its handlers (PREFECT_LOGGING_EXTRA_LOGGERS)
 
+SKIPPED = "Skipped"  # the name of the Completed state of a stage whose complete artifact was reused
 
-@task(persist_result=True, result_serializer="json", log_prints=True)
-def stage_task(config: dict, stage: str, round_: int, artifacts: str, force: bool = False) -> dict:
-    result = run_stage(validate_config(config), stage, round_, ArtifactStore(artifacts), force=force)
-    return result.to_dict()
+# Optional parameters that the UI's Run form shows as plain fields prefilled with an empty value (an
+# Optional[...] shows as a "type or None" switch, and a None default fails the form's validation);
+# in Python None still means "not given", which is what the CLI passes.
+Text = Annotated[Optional[str], WithJsonSchema({"type": "string"}), Field(json_schema_extra={"default": ""})]
+Texts = Annotated[Optional[list[str]], WithJsonSchema({"type": "array", "items": {"type": "string"}}),
+                  Field(json_schema_extra={"default": []})]
+Count = Annotated[Optional[int], WithJsonSchema({"type": "integer", "minimum": 0}),
+                  Field(json_schema_extra={"default": 0})]
+
+
+@contextlib.contextmanager
+def injected_fault(stage: str | None) -> Iterator[None]:
+    """Make the runner's test hook (ALIGN_INJECT_FAULT) fail `stage` for the duration of the block."""
+    if not stage:
+        yield
+        return
+    before = os.environ.get("ALIGN_INJECT_FAULT")
+    os.environ["ALIGN_INJECT_FAULT"] = ",".join(filter(None, [before, f"{stage}:fail"]))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ALIGN_INJECT_FAULT", None)
+        else:
+            os.environ["ALIGN_INJECT_FAULT"] = before
+
+
+def skipped_state(result: dict) -> Completed:
+    where = f"{result['stage']} (round {result['round']})"
+    return Completed(name=SKIPPED, data=result, message=f"{where}: complete artifact {result['fingerprint']} reused")
+
+
+# No Prefect cache: the runner's manifests are the skip check (Prefect's input cache would miss an
+# edited or deleted artifact). Results are still persisted, as JSON, which is what Retry needs.
+@task(persist_result=True, result_serializer="json", log_prints=True, cache_policy=NO_CACHE)
+def stage_task(config: dict, stage: str, round_: int, artifacts: str, force: bool = False, fail: bool = False):
+    """One stage through the runner; `fail` injects a fault (the `fail_once` test hook)."""
+    cfg = validate_config(config)
+    with injected_fault(stage if fail else None):
+        result = run_stage(cfg, stage, round_, ArtifactStore(artifacts), force=force).to_dict()
+    ui_artifacts.stage_artifact(cfg.experiment, result)
+    return skipped_state(result) if result["status"] == "skipped" else result
+
+
+# -- parameters, checked like the CLI checks them ---------------------------------------------------
+
+@dataclass
+class Plan:
+    config: RunConfig
+    root: str
+    forced: set[str]
+    fail_once: str | None
+
+
+def resolve_config_path(config_path: str) -> Path:
+    """As given; a relative path that is not there is also looked up in the project (configs/...)."""
+    path = Path(config_path).expanduser()
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        return PROJECT_ROOT / path
+    return path
+
+
+def plan_run(config_path: str, overrides: list[str] | None = None, artifacts: str | None = None,
+             experiment: str | None = None, force: list[str] | None = None, rounds: int | None = None,
+             add_rounds: int = 0, fail_once: str | None = None) -> Plan:
+    """Validate every parameter before anything runs or is written; each error is one BadInput line."""
+    if not config_path or not str(config_path).strip():
+        raise BadInput("config_path: give a YAML run configuration, e.g. configs/smoke.yaml")
+    if rounds is not None and rounds < 0:
+        raise BadInput(f"rounds: must be at least 1 (got {rounds}; 0 means the config's)")
+    rounds = rounds or None
+    if add_rounds < 0:
+        raise BadInput(f"add_rounds: must be 0 or more (got {add_rounds})")
+    if rounds is not None and add_rounds:
+        raise BadInput("give rounds or add_rounds, not both")
+    overrides = [o for o in (overrides or []) if o.strip()]
+    if rounds is not None:
+        overrides.append(f"rounds={rounds}")
+    config = load_config(resolve_config_path(config_path), overrides, experiment or None)
+    preflight(config)
+    forced = forced_stages(config, [s for s in (force or []) if s])
+    fail_once = fail_once or None
+    if fail_once and fail_once not in config.stages:
+        raise BadInput(f"fail_once {fail_once}: not a stage of this flow (stages: {', '.join(config.stages)})")
+    return Plan(config, artifacts or default_artifact_root(), forced, fail_once)
+
+
+def complete_rounds(config: RunConfig, store: ArtifactStore) -> int:
+    """How many rounds, from round 0 on, have a complete artifact for every stage."""
+    k = 0
+    while all(store.read_manifest(store.stage_dir(config.experiment, k, s)) is not None
+              for s in stages_of_round(config, k)):
+        k += 1
+    return k
+
+
+def rounds_to_run(config: RunConfig, store: ArtifactStore, add_rounds: int = 0) -> int:
+    """The number of rounds this run covers: the config's, or the complete ones plus `add_rounds`."""
+    return complete_rounds(config, store) + add_rounds if add_rounds else config.rounds
+
+
+# -- the attempt: first run, or a Retry of a failed run ---------------------------------------------
+
+@dataclass
+class Attempt:
+    number: int = 1  # Prefect's run count: 2 and more is a Retry
+    started: datetime | None = None  # when the flow run first started (kept across retries)
+    from_deployment: bool = False
+
+    @property
+    def retry(self) -> bool:
+        return self.number > 1
+
+
+def current_attempt() -> Attempt:
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return Attempt()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the context's copy predates the Running state
+        run = client.read_flow_run(ctx.flow_run.id)
+    return Attempt(max(1, run.run_count), run.start_time, run.deployment_id is not None)
+
+
+def written_since(store: ArtifactStore, config: RunConfig, round_: int, stage: str, since: datetime | None) -> bool:
+    """Did this flow run (an earlier attempt of it) write the stage's complete artifact?"""
+    manifest = store.read_manifest(store.stage_dir(config.experiment, round_, stage))
+    if since is None or manifest is None:
+        return False
+    return datetime.fromisoformat(manifest["started"]) >= since.replace(microsecond=0)
+
+
+# -- the flows --------------------------------------------------------------------------------------
+
+def execute(config_path: str, overrides: list[str] | None, artifacts: str | None, experiment: str | None,
+            force: list[str] | None, rounds: int | None, add_rounds: int, fail_once: str | None,
+            if_running: str) -> list[dict] | Failed:
+    logger = get_run_logger() if FlowRunContext.get() else logging.getLogger("align")
+    attempt = current_attempt()
+    try:
+        plan = plan_run(config_path, overrides, artifacts, experiment, force, rounds, add_rounds, fail_once)
+        cfg, store = plan.config, ArtifactStore(plan.root)
+        with experiment_lock(plan.root, cfg.experiment, wait=if_running == "wait"):
+            total = rounds_to_run(cfg, store, add_rounds)
+            if add_rounds:
+                done = total - add_rounds
+                logger.info("experiment %s: %d complete round%s; this run goes to round %d",
+                            cfg.experiment, done, "" if done == 1 else "s", total - 1)
+            if attempt.retry:
+                logger.info("retry %d: complete stages are skipped; the failed stage and what follows run",
+                            attempt.number - 1)
+            results = run_rounds(plan, store, total, attempt)
+    except BadInput as e:
+        if not attempt.from_deployment:
+            raise  # `align run` prints it as its one-line error and exits 2
+        logger.error("align: error: %s", e)
+        return Failed(message=f"align: error: {e}")  # the UI shows this line as the run's state message
+    ran = [f"{r['stage']}@{r['round']}" for r in results if r["status"] == "ran"]
+    skipped = [f"{r['stage']}@{r['round']}" for r in results if r["status"] == "skipped"]
+    logger.info("experiment %s: ran %s; skipped %s", cfg.experiment, ", ".join(ran) or "nothing",
+                ", ".join(skipped) or "nothing")
+    return results
+
+
+def run_rounds(plan: Plan, store: ArtifactStore, total: int, attempt: Attempt) -> list[dict]:
+    cfg = plan.config
+    config_json = cfg.model_dump(mode="json")
+    results, failed = [], None
+    try:
+        for k in range(total):
+            for stage in stages_of_round(cfg, k):
+                failed = (stage, k)
+                # --force re-runs a stage once per flow run: a Retry keeps what the first attempt re-ran.
+                redone = attempt.retry and written_since(store, cfg, k, stage, attempt.started)
+                force = stage in plan.forced and not redone
+                fail = stage == plan.fail_once and not attempt.retry
+                run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {k})")
+                result = run(config_json, stage, k, plan.root, force, fail)
+                results.append(result.result() if isinstance(result, State) else result)  # Skipped: a State
+                failed = None
+            ui_artifacts.round_artifacts(store, cfg.experiment, k, stages_of_round(cfg, k))
+    finally:
+        ui_artifacts.run_artifact(cfg.experiment, results, failed)
+    return results
 
 
 @flow(name="align-pipeline", log_prints=True, persist_result=True, result_serializer="json")
-def pipeline(config_path: str, overrides: list[str] | None = None, artifacts: str | None = None,
-             experiment: str | None = None, force: list[str] | None = None) -> list[dict]:
-    """Run every round and stage of CONFIG (a YAML file); complete stages are skipped."""
-    logger = get_run_logger()
-    config = load_config(config_path, overrides or [], experiment)
-    preflight(config)
-    root = artifacts or default_artifact_root()
-    forced = forced_stages(config, force or [])
-    results = []
-    for k in range(config.rounds):
-        for stage in stages_of_round(config, k):
-            run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {k})")
-            results.append(run(config.model_dump(mode="json"), stage, k, root, stage in forced))
-    ran = [r["stage"] for r in results if r["status"] == "ran"]
-    logger.info("experiment %s: ran %s; skipped %s", config.experiment, ", ".join(ran) or "nothing",
-                ", ".join(r["stage"] for r in results if r["status"] == "skipped") or "nothing")
-    return results
+def pipeline(config_path: str, overrides: Texts = None, artifacts: Text = None, experiment: Text = None,
+             force: Texts = None, rounds: Count = None, fail_once: Text = None,
+             if_running: Literal["refuse", "wait"] = "refuse") -> list[dict]:
+    """Run every round and stage of a config; complete stages are skipped and shown as Skipped.
+
+    Args:
+        config_path: YAML run configuration, e.g. configs/smoke.yaml (relative paths are also looked up in the project).
+        overrides: Config overrides, one KEY=VALUE per item, the value parsed as YAML (align run --set), e.g.
+            train.epochs=1.
+        artifacts: Artifact root (a folder or any fsspec URL); empty means ALIGN_ARTIFACTS or ./artifacts.
+        experiment: Experiment name; empty means the config's.
+        force: Stages to re-run with everything downstream even if complete (align run --force), e.g. train.
+        rounds: How many rounds to run; 0 means the config's rounds.
+        fail_once: Test hook: this stage fails on the run's first attempt, so that Retry can be tried.
+        if_running: When another run holds this experiment: refuse (fail at once with a message) or wait for it.
+    """
+    return execute(config_path, overrides, artifacts, experiment, force, rounds, 0, fail_once, if_running)
+
+
+@flow(name="align-rounds", log_prints=True, persist_result=True, result_serializer="json")
+def iterate(config_path: str, overrides: Texts = None, artifacts: Text = None, experiment: Text = None,
+            force: Texts = None, add_rounds: int = 1, fail_once: Text = None,
+            if_running: Literal["refuse", "wait"] = "wait") -> list[dict]:
+    """Add rounds to an online experiment: continue after its last complete round (scheduled runs add one each).
+
+    Args:
+        config_path: YAML run configuration of an online flow, e.g. configs/online_dpo_movies.yaml.
+        overrides: Config overrides, one KEY=VALUE per item, the value parsed as YAML (align run --set).
+        artifacts: Artifact root (a folder or any fsspec URL); empty means ALIGN_ARTIFACTS or ./artifacts.
+        experiment: Experiment name; empty means the config's.
+        force: Stages to re-run with everything downstream even if complete (align run --force).
+        add_rounds: Rounds to add after the last complete one (an incomplete round is finished first); 0 runs the
+            config's rounds.
+        fail_once: Test hook: this stage fails on the run's first attempt, so that Retry can be tried.
+        if_running: When another run holds this experiment: wait for it (scheduled rounds queue up) or refuse.
+    """
+    return execute(config_path, overrides, artifacts, experiment, force, None, add_rounds, fail_once, if_running)
