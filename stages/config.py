@@ -198,7 +198,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _lengths(self):
-        if self.max_prompt_length >= self.max_length:
+        if self.objective != "reward" and self.max_prompt_length >= self.max_length:  # reward scores whole texts
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})")
         return self
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from stages.config import apply_overrides, load_config, validate_config
@@ -52,3 +54,10 @@ def test_bad_override():
 def test_stage_listed_twice():
     with pytest.raises(BadInput, match="listed twice"):
         validate_config({"experiment": "e", "stages": ["train", "train"]})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.stages and cfg.experiment
