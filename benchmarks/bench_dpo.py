@@ -64,7 +64,10 @@ N_PAIRS = 64
 BATCH = 4
 MAX_LENGTH = 128
 MAX_PROMPT = 64
-PROMPT_TOKENS = 48  # prompt text is cut to about this many tokens
+# Prompt text is cut to about this many tokens; our encoder then keeps its last MAX_PROMPT tokens.
+# (Not the brief's ~48: stages.objectives.encode_completion keeps only max_prompt - n of an n-token
+# prompt when max_prompt/2 < n < max_prompt, so prompts in that range would be mangled; see README.)
+PROMPT_TOKENS = 76
 LR = 5e-6
 BETA = 0.1
 SEED = 0
@@ -96,7 +99,7 @@ def build_pairs(path: Path) -> None:
     pos, neg, ctx = [], [], []
     for i in order:
         r = corpus[i]
-        if len(pos) >= 2 * N_PAIRS and len(neg) >= 2 * N_PAIRS and len(ctx) >= 2 * N_PAIRS:
+        if len(pos) >= 2 * N_PAIRS and len(neg) >= 2 * N_PAIRS and len(ctx) >= 3 * N_PAIRS:
             break
         n = ntok(r["text"])
         if not 22 <= n <= 40:
@@ -105,18 +108,20 @@ def build_pairs(path: Path) -> None:
             pos.append(r["text"])
         elif r["valence"] <= -1.5 and len(neg) < 2 * N_PAIRS:
             neg.append(r["text"])
-        elif -1.0 <= r["valence"] <= 1.0 and len(ctx) < 2 * N_PAIRS:
+        elif -1.0 <= r["valence"] <= 1.0 and len(ctx) < 3 * N_PAIRS:
             ctx.append(r["text"])
     rows = []
     for k in range(N_PAIRS):
-        ids = tok(ctx[2 * k] + " " + ctx[2 * k + 1], add_special_tokens=False).input_ids[:PROMPT_TOKENS]
+        ids = tok(" ".join(ctx[3 * k:3 * k + 3]), add_special_tokens=False).input_ids[:PROMPT_TOKENS]
         prompt = tok.decode(ids).strip()
+        full = tok(prompt, add_special_tokens=False).input_ids
+        assert len(full) > MAX_PROMPT, len(full)
         chosen = pos[2 * k] + " " + pos[2 * k + 1]
         rejected = neg[2 * k] + " " + neg[2 * k + 1]
         p_c, m_c = encode_completion(tok, prompt, chosen, MAX_PROMPT, MAX_LENGTH)
         p_r, m_r = encode_completion(tok, prompt, rejected, MAX_PROMPT, MAX_LENGTH)
         n_prompt = m_c.index(1)
-        assert p_c[:n_prompt] == p_r[:n_prompt] and m_r.index(1) == n_prompt
+        assert p_c[:n_prompt] == p_r[:n_prompt] == full[-MAX_PROMPT:] and m_r.index(1) == n_prompt
         rows.append({"pair_id": k, "prompt": prompt, "generation1": chosen, "generation2": rejected,
                      "prompt_ids": p_c[:n_prompt], "chosen_ids": p_c[n_prompt:], "rejected_ids": p_r[n_prompt:],
                      "tokens": len(p_c) + len(p_r)})
@@ -156,6 +161,11 @@ def status_kb(field: str) -> int | None:
     return None
 
 
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def reset_peak() -> bool:
     """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not allowed."""
     try:
@@ -169,9 +179,11 @@ def gb(kb: int | None) -> float | None:
     return None if kb is None else kb * 1024 / 1e9
 
 
-def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool) -> dict:
+def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int | None = None) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     rows = load_pairs(pairs_path)
     want_tokens = expected_tokens(rows, steps)
@@ -233,9 +245,9 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool) -> dict:
         before = rss_peak_kb()
         reset = reset_peak()
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_s()
             history = fit(model, tokenizer, objective, rows, cfg, seed=SEED, resume_dir=Path(tmp))
-            out["train_s"] = time.perf_counter() - t0
+            out["train_s"], out["train_cpu_s"] = time.perf_counter() - t0, cpu_s() - c0
         out["steps_s"] = sum(h["tokens"] / h["tokens_per_s"] for h in history)  # per-step windows, summed
         out["losses"] = [h["loss"] for h in history]
         out["grad_norms"] = [h["grad_norm"] for h in history]
@@ -309,9 +321,9 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool) -> dict:
         out["rss_before_train_gb"] = gb(status_kb("VmRSS"))
         before = rss_peak_kb()
         reset = reset_peak()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         trainer.train()
-        out["train_s"] = time.perf_counter() - t0
+        out["train_s"], out["train_cpu_s"] = time.perf_counter() - t0, cpu_s() - c0
         out["steps_s"] = timing["step_end"] - timing["train_begin"]
         logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
         out["losses"] = [h["loss"] for h in logs]
@@ -332,6 +344,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool) -> dict:
         assert seen["batches"] == want_ids, "our trainer did not visit the batches in the expected order"
     out["tokens_per_s"] = want_tokens / out["train_s"]
     out["steps_tokens_per_s"] = want_tokens / out["steps_s"]
+    out["tokens_per_cpu_s"] = want_tokens / out["train_cpu_s"]
     out["loadavg_end"] = os.getloadavg()[0]
     return out
 
@@ -361,6 +374,8 @@ def summarise(runs: list[dict]) -> dict:
             "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
             "tokens_per_s_all": [round(r["tokens_per_s"], 2) for r in rs],
             "steps_tokens_per_s": median([r["steps_tokens_per_s"] for r in rs]),
+            "tokens_per_cpu_s": median([r["tokens_per_cpu_s"] for r in rs]),
+            "loadavg_start": median([r["loadavg_start"] for r in rs]),
             "train_s": median([r["train_s"] for r in rs]),
             "peak_rss_gb": median([r["peak_rss_gb"] for r in rs]),
             "train_peak_rss_gb": median([r["train_peak_rss_gb"] for r in rs]),
@@ -374,6 +389,7 @@ def summarise(runs: list[dict]) -> dict:
             o, t = summary[ours], summary[trl]
             ratios[label] = {
                 "tokens_per_s": o["tokens_per_s"] / t["tokens_per_s"],
+                "tokens_per_cpu_s": o["tokens_per_cpu_s"] / t["tokens_per_cpu_s"],
                 "peak_rss": o["peak_rss_gb"] / t["peak_rss_gb"],
                 "train_peak_rss": (o["train_peak_rss_gb"] / t["train_peak_rss_gb"]
                                    if o["train_peak_rss_gb"] and t["train_peak_rss_gb"] else None),
@@ -383,16 +399,19 @@ def summarise(runs: list[dict]) -> dict:
 
 def table(result: dict) -> str:
     s, ratios = result["configs"], result["ratios"]
-    lines = ["| config | tokens/s (median) | runs | peak RSS GB (child) | peak RSS GB (training) | precompute s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config | tokens/s (median) | runs (tokens/s each) | tokens per CPU-s | peak RSS GB (child) | "
+             "peak RSS GB (training) | precompute s |", "|---|---|---|---|---|---|---|"]
     for name, v in s.items():
-        lines.append(f"| {name} | {fmt(v['tokens_per_s'], 1)} | {v['runs']} | {fmt(v['peak_rss_gb'])} | "
-                     f"{fmt(v['train_peak_rss_gb'])} | {fmt(v['precompute_s'], 1)} |")
-    lines += ["", "| ours / TRL | tokens/s | target | peak RSS (child) | target | peak RSS (training) |", "|---|---|---|---|---|---|"]
+        each = ", ".join(f"{x:.1f}" for x in v["tokens_per_s_all"])
+        lines.append(f"| {name} | {fmt(v['tokens_per_s'], 1)} | {v['runs']} ({each}) | {fmt(v['tokens_per_cpu_s'], 1)} | "
+                     f"{fmt(v['peak_rss_gb'])} | {fmt(v['train_peak_rss_gb'])} | {fmt(v['precompute_s'], 1)} |")
+    lines += ["", "| ours / TRL | tokens/s | target | tokens per CPU-s | peak RSS (child) | target | peak RSS (training) |",
+              "|---|---|---|---|---|---|---|"]
     targets = {"resident": (">= 1.5", "<= 0.75"), "cached": (">= 1.2", "-")}
     for label, r in ratios.items():
         pair = "ours_resident / trl_resident" if label == "resident" else "ours_cached / trl_precompute"
-        lines.append(f"| {pair} | {fmt(r['tokens_per_s'])}x | {targets[label][0]} | {fmt(r['peak_rss'])}x | "
+        lines.append(f"| {pair} | {fmt(r['tokens_per_s'])}x | {targets[label][0]} | {fmt(r['tokens_per_cpu_s'])}x | "
+                     f"{fmt(r['peak_rss'])}x | "
                      f"{targets[label][1]} | {fmt(r['train_peak_rss'])}x |")
     lines += ["", "| step | " + " | ".join(s) + " |", "|---" * (len(s) + 1) + "|"]
     for i in range(4):
@@ -431,6 +450,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {STEPS}, max 16)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     ap.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads in each child (default: torch's own, the core count)")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="run the children with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this size (a diagnostic)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/dpo.json)")
     ap.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
@@ -440,7 +463,7 @@ def main() -> None:
         ap.error(f"--steps must be in 1..{N_PAIRS // BATCH} (one epoch of the {N_PAIRS} pairs)")
 
     if a.child:
-        res = child(a.child, a.pairs, steps, a.gradient_checkpointing)
+        res = child(a.child, a.pairs, steps, a.gradient_checkpointing, a.threads)
         print("BENCH_RESULT " + json.dumps(res), flush=True)
         return
 
@@ -455,26 +478,30 @@ def main() -> None:
     build_pairs(a.pairs)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hfds-")}
+    if a.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
     runs = []
     started = datetime.now(timezone.utc)
     for rep in range(repeats):
         order = configs[rep % len(configs):] + configs[: rep % len(configs)]  # rotate the first config
         for name in order:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--pairs", str(a.pairs),
-                   "--steps", str(steps)] + (["--gradient-checkpointing"] if a.gradient_checkpointing else [])
+                   "--steps", str(steps)] + (["--gradient-checkpointing"] if a.gradient_checkpointing else []) \
+                + (["--threads", str(a.threads)] if a.threads else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
-            (logs / f"{name}-{rep}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+            (logs / f"{out.stem}-{name}-{rep}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("BENCH_RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 res = {"config": name, "repeat": rep, "error": proc.stderr.strip().splitlines()[-1:] or ["no output"]}
-                print(f"[{rep + 1}/{repeats}] {name}: FAILED ({res['error'][0]}); see {logs / f'{name}-{rep}.log'}",
+                print(f"[{rep + 1}/{repeats}] {name}: FAILED ({res['error'][0]}); see {logs / f'{out.stem}-{name}-{rep}.log'}",
                       flush=True)
             else:
                 res = json.loads(line[len("BENCH_RESULT "):])
                 res["repeat"], res["process_wall_s"] = rep, wall
-                print(f"[{rep + 1}/{repeats}] {name}: {res['tokens_per_s']:.1f} tokens/s, train {res['train_s']:.1f} s, "
+                print(f"[{rep + 1}/{repeats}] {name}: {res['tokens_per_s']:.1f} tokens/s "
+                      f"({res['tokens_per_cpu_s']:.1f} per CPU-s, load {res['loadavg_start']:.1f}), train {res['train_s']:.1f} s, "
                       f"peak RSS {res['peak_rss_gb']:.2f} GB (training {fmt(res['train_peak_rss_gb'])}), "
                       f"precompute {fmt(res.get('precompute_s'), 1)} s, losses {[round(x, 4) for x in res['losses'][:4]]}",
                       flush=True)
@@ -487,6 +514,7 @@ def main() -> None:
                            "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                            "optimizer": "AdamW fused, weight_decay 0", "dtype": "float32",
                            "gradient_checkpointing": a.gradient_checkpointing, "reference_batch_size": REF_BATCH,
+                           "threads": a.threads or "torch default", "malloc_mmap_threshold": a.malloc_mmap_threshold,
                            "order": "our epoch_batches(seed 0, group_by_length=False); TRL sequential over the same order"},
               **summarise(runs), "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
