@@ -130,7 +130,9 @@ def build_pairs(path: Path) -> None:
     for pos_, r in enumerate(r for b in batches for r in b):
         r["batch_order"] = pos_
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
 
 
 def load_pairs(path: Path) -> list[dict]:
@@ -454,6 +456,8 @@ def main() -> None:
                     help="torch intra-op threads in each child (default: torch's own, the core count)")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                     help="run the children with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this size (a diagnostic)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in the ledger (<out>_runs.jsonl) with the same settings; run the rest")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/dpo.json)")
     ap.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
@@ -480,11 +484,26 @@ def main() -> None:
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hfds-")}
     if a.malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
+    # Every finished child is appended to a ledger at once, so a killed benchmark loses at most the
+    # run in progress; --resume picks up from there.
+    ledger = out.with_name(out.stem + "_runs.jsonl")
+    key = {"steps": steps, "gradient_checkpointing": a.gradient_checkpointing, "threads": a.threads,
+           "malloc_mmap_threshold": a.malloc_mmap_threshold}
     runs = []
+    if a.resume and ledger.exists():
+        runs = [r for r in map(json.loads, ledger.read_text().splitlines())
+                if r.get("key") == key and "error" not in r and r["repeat"] < repeats and r["config"] in configs]
+        print(f"resuming: {len(runs)} runs already in {ledger}", flush=True)
+    else:
+        ledger.write_text("")
+    done = {(r["repeat"], r["config"]) for r in runs}
     started = datetime.now(timezone.utc)
     for rep in range(repeats):
         order = configs[rep % len(configs):] + configs[: rep % len(configs)]  # rotate the first config
         for name in order:
+            if (rep, name) in done:
+                continue
+            began = datetime.now(timezone.utc).isoformat(timespec="seconds")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--pairs", str(a.pairs),
                    "--steps", str(steps)] + (["--gradient-checkpointing"] if a.gradient_checkpointing else []) \
                 + (["--threads", str(a.threads)] if a.threads else [])
@@ -499,13 +518,17 @@ def main() -> None:
                       flush=True)
             else:
                 res = json.loads(line[len("BENCH_RESULT "):])
-                res["repeat"], res["process_wall_s"] = rep, wall
+                res["repeat"], res["process_wall_s"], res["began"] = rep, wall, began
                 print(f"[{rep + 1}/{repeats}] {name}: {res['tokens_per_s']:.1f} tokens/s "
                       f"({res['tokens_per_cpu_s']:.1f} per CPU-s, load {res['loadavg_start']:.1f}), train {res['train_s']:.1f} s, "
                       f"peak RSS {res['peak_rss_gb']:.2f} GB (training {fmt(res['train_peak_rss_gb'])}), "
                       f"precompute {fmt(res.get('precompute_s'), 1)} s, losses {[round(x, 4) for x in res['losses'][:4]]}",
                       flush=True)
+            res["key"] = key
+            with ledger.open("a") as f:
+                f.write(json.dumps(res) + "\n")
             runs.append(res)
+    runs.sort(key=lambda r: (r["repeat"], r.get("began", "")))
     result = {"benchmark": "dpo", "started": started.isoformat(timespec="seconds"),
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "settings": {"model": "smollm2 (SmolLM2-135M-Instruct, fp32)", "pairs": N_PAIRS, "batch_pairs": BATCH,
