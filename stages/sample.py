@@ -5,7 +5,8 @@ Batched `generate` with a KV cache and left padding, prompts sorted by length so
 little padding; temperature, top-p, max_new_tokens, stop on EOS; an optional conditioning prefix
 (Quark's best reward token, or NLF feedback). Seeded: the same config and checkpoint give the same
 samples. Each row records the policy's own summed log-prob of its generation (temperature 1, no
-top-p: the distribution importance weights need), computed by a teacher-forced pass.
+top-p: the distribution importance weights need), read from the raw logits while generating, so no
+second forward pass is needed.
 
 Backends: "hf" (transformers generate, default) and "vllm" (GPU machines; imported only when chosen).
 """
@@ -20,9 +21,9 @@ from tqdm.auto import tqdm
 
 from stages.config import SampleConfig
 from stages.errors import BadInput
-from stages.logprobs import completion_token_logps
+from transformers import LogitsProcessor, LogitsProcessorList
+
 from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
-from stages.objectives import pad
 
 NAME = "sample"
 VERSION = "1"
@@ -49,14 +50,32 @@ def conditioned(prompt: str, cfg: SampleConfig) -> tuple[str, str | None]:
     return prompt, None
 
 
-@torch.no_grad()
-def policy_logprobs(model, prompt_ids: list[list[int]], gen_ids: list[list[int]]) -> list[float]:
-    """Summed log-probs of each generation under the raw policy, right-padded teacher forcing."""
-    ids = [p + g for p, g in zip(prompt_ids, gen_ids)]
-    batch = {"input_ids": pad(ids, 0), "attention_mask": pad([[1] * len(x) for x in ids], 0),
-             "completion_mask": pad([[0] * len(p) + [1] * len(g) for p, g in zip(prompt_ids, gen_ids)], 0)}
-    logps, _ = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    return logps.sum(-1).tolist()
+class TokenLogprobs(LogitsProcessor):
+    """Records log p(sampled token) under the raw policy as `generate` goes.
+
+    Custom processors run before generate's temperature and top-p warpers, so the scores seen here
+    are the model's own logits. Step t's log-softmax is kept until step t+1's call reveals the token
+    sampled from it; `finish` reads the last one.
+    """
+
+    def __init__(self):
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, tokens[:, None]).squeeze(1))
+            self.pending = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[batch, new tokens] log-probs of the generated tokens (pad positions included)."""
+        self._take(sequences[:, -1])
+        return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros(sequences.shape[0], 0, dtype=torch.float)
 
 
 def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
@@ -76,17 +95,20 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
         width = max(len(encoded[i]) for i in idx)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
         mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+        recorder = TokenLogprobs()
         with torch.no_grad():
             gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True,
                                  temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                 num_return_sequences=cfg.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                                 num_return_sequences=cfg.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                 logits_processor=LogitsProcessorList([recorder]))
+        token_logps = recorder.finish(gen)
         rows = gen[:, width:].tolist()
-        gens, prompt_ids = [], []
+        gens, prompt_ids, logps = [], [], []
         for j, tokens in enumerate(rows):
             stop = tokens.index(eos) + 1 if eos in tokens else len(tokens)
             gens.append(tokens[:stop])
             prompt_ids.append(encoded[idx[j // cfg.n]])
-        logps = policy_logprobs(model, prompt_ids, gens)
+            logps.append(float(token_logps[j, :stop].double().sum()))
         for j, (tokens, lp) in enumerate(zip(gens, logps)):
             truncated = not tokens or tokens[-1] != eos
             out[idx[j // cfg.n]].append({

@@ -123,3 +123,38 @@ def test_sampling_is_seeded(tmp_path):
     rows = pq.read_table(tmp_path / "a/smoke_online_dpo/round-0/sample/data.parquet").to_pylist()
     assert {r["sample_index"] for r in rows} == {0, 1}
     assert all(r["policy_logprob"] < 0 and r["completion_tokens"] > 0 and r["checkpoint"] for r in rows)
+
+
+@needs_prepared
+def test_recorded_policy_logprob_equals_teacher_forced_pass():
+    """The log-probs read off generate's raw logits are the policy's own (temperature 1, no top-p),
+    whatever sampling temperature and top-p drew the tokens, with left padding in the batch."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from stages.logprobs import completion_token_logps
+    from stages.models import load_causal_lm, load_tokenizer, resolve_model
+    from stages.objectives import pad
+    from stages.sample import TokenLogprobs
+
+    path = resolve_model("tiny-llama")
+    tok, model = load_tokenizer(path, padding_side="left"), load_causal_lm(path).eval()
+    enc = tok(["The movie was", "I did not expect the ending to be so", "Acting"], add_special_tokens=False,
+              padding=True, return_tensors="pt")
+    recorder = TokenLogprobs()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        gen = model.generate(**enc, do_sample=True, temperature=1.7, top_p=0.8, max_new_tokens=12,
+                             num_return_sequences=2, pad_token_id=tok.pad_token_id,
+                             logits_processor=LogitsProcessorList([recorder]))
+    got = recorder.finish(gen)
+    width = enc.input_ids.shape[1]
+    assert got.shape == (6, gen.shape[1] - width)
+    for j in range(6):
+        prompt = enc.input_ids[j // 2][enc.attention_mask[j // 2].bool()].tolist()
+        new = gen[j, width:].tolist()
+        batch = {"input_ids": pad([prompt + new], 0), "attention_mask": pad([[1] * (len(prompt) + len(new))], 0),
+                 "completion_mask": pad([[0] * len(prompt) + [1] * len(new)], 0)}
+        with torch.no_grad():
+            want = completion_token_logps(model, **batch)[0][0, len(prompt) - 1:]
+        torch.testing.assert_close(got[j], want, atol=1e-4, rtol=0)
