@@ -181,7 +181,8 @@ def gb(kb: int | None) -> float | None:
     return None if kb is None else kb * 1024 / 1e9
 
 
-def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int | None = None) -> dict:
+def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int | None = None,
+          ours_plain: bool = False) -> dict:
     import torch
 
     if threads:
@@ -228,7 +229,9 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
                           max_prompt_length=MAX_PROMPT, learning_rate=LR, max_steps=steps, epochs=100,
                           lr_scheduler="constant", checkpoint_every=10**6, reference=mode, dpo={"beta": BETA},
                           group_by_length=False, gradient_checkpointing=grad_ckpt, max_grad_norm=1.0,
-                          weight_decay=0.0, warmup_steps=0, grad_accum=1, mixed_precision="no")
+                          weight_decay=0.0, warmup_steps=0, grad_accum=1, mixed_precision="no",
+                          **({"lean_layers": False, "malloc_mmap_threshold_kb": None} if ours_plain else {}))
+        out["ours_plain"] = ours_plain
         objective, model, tokenizer = prepare(cfg, rows, seed=SEED)
         got = attach_reference(objective, cfg, rows, model)
         assert got == mode, (got, mode)
@@ -456,6 +459,8 @@ def main() -> None:
                     help="torch intra-op threads in each child (default: torch's own, the core count)")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                     help="run the children with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this size (a diagnostic)")
+    ap.add_argument("--ours-plain", action="store_true",
+                    help="our trainer without its memory levers (lean_layers off, malloc left alone): an ablation")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in the ledger (<out>_runs.jsonl) with the same settings; run the rest")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/dpo.json)")
@@ -467,7 +472,7 @@ def main() -> None:
         ap.error(f"--steps must be in 1..{N_PAIRS // BATCH} (one epoch of the {N_PAIRS} pairs)")
 
     if a.child:
-        res = child(a.child, a.pairs, steps, a.gradient_checkpointing, a.threads)
+        res = child(a.child, a.pairs, steps, a.gradient_checkpointing, a.threads, a.ours_plain)
         print("BENCH_RESULT " + json.dumps(res), flush=True)
         return
 
@@ -488,7 +493,7 @@ def main() -> None:
     # run in progress; --resume picks up from there.
     ledger = out.with_name(out.stem + "_runs.jsonl")
     key = {"steps": steps, "gradient_checkpointing": a.gradient_checkpointing, "threads": a.threads,
-           "malloc_mmap_threshold": a.malloc_mmap_threshold}
+           "malloc_mmap_threshold": a.malloc_mmap_threshold, "ours_plain": a.ours_plain}
     runs = []
     if a.resume and ledger.exists():
         runs = [r for r in map(json.loads, ledger.read_text().splitlines())
@@ -506,7 +511,7 @@ def main() -> None:
             began = datetime.now(timezone.utc).isoformat(timespec="seconds")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--pairs", str(a.pairs),
                    "--steps", str(steps)] + (["--gradient-checkpointing"] if a.gradient_checkpointing else []) \
-                + (["--threads", str(a.threads)] if a.threads else [])
+                + (["--threads", str(a.threads)] if a.threads else []) + (["--ours-plain"] if a.ours_plain else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
@@ -538,6 +543,8 @@ def main() -> None:
                            "optimizer": "AdamW fused, weight_decay 0", "dtype": "float32",
                            "gradient_checkpointing": a.gradient_checkpointing, "reference_batch_size": REF_BATCH,
                            "threads": a.threads or "torch default", "malloc_mmap_threshold": a.malloc_mmap_threshold,
+                           "ours": "plain (lean_layers off, malloc untouched)" if a.ours_plain
+                           else "defaults (lean_layers on, malloc mmap threshold 1 MiB)",
                            "order": "our epoch_batches(seed 0, group_by_length=False); TRL sequential over the same order"},
               **summarise(runs), "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
     per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
     out: list[list[dict]] = [[] for _ in prompts]
     torch.manual_seed(seed)
-    t0, new_tokens = time.perf_counter(), 0
+    t0, new_tokens, done = time.perf_counter(), 0, 0
     bar = tqdm(total=len(prompts) * cfg.n, desc="sample", unit="seq", disable=None)
     for k in range(0, len(order), per_call):
         idx = order[k:k + per_call]
@@ -116,11 +116,12 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
                 "completion_tokens": len(tokens), "truncated": truncated, "policy_logprob": lp})
             new_tokens += len(tokens)
         bar.update(len(rows))
+        done += len(rows)  # the bar counts nothing when it is disabled (not a terminal)
         rate = new_tokens / (time.perf_counter() - t0)
         bar.set_postfix(tok_s=f"{rate:.0f}")
         calls = -(-len(order) // per_call)
         if (k // per_call + 1) % max(1, calls // 5) == 0:  # the bar is hidden when not on a terminal
-            log.info("sample: %d/%d sequences, %.0f tokens/s", bar.n, bar.total, rate)
+            log.info("sample: %d/%d sequences, %.0f tokens/s", done, len(prompts) * cfg.n, rate)
     bar.close()
     log.info("sample: %d sequences, %d new tokens, %.0f tokens/s", len(prompts) * cfg.n, new_tokens,
              new_tokens / max(1e-9, time.perf_counter() - t0))

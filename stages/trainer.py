@@ -11,9 +11,10 @@ Multi-GPU: `accelerate launch -m flows.cli stage train --config ...` (not exerci
 
 from __future__ import annotations
 
+import ctypes
 import logging
-from contextlib import nullcontext
 import math
+from contextlib import nullcontext
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from stages.checkpoint import load_checkpoint, save_checkpoint
+from stages.lean_layers import make_lean
 from stages.losses import weighted_mean
 from stages.objectives import Objective
 
@@ -54,13 +56,26 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, grou
     return [batches[i] for i in perm]
 
 
+def set_malloc_mmap_threshold(kib: int) -> bool:
+    """Fix glibc's mmap threshold (which also stops its dynamic growth); False off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, kib * 1024))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int, resume_dir: Path) -> list[dict]:
     """Train `model` in place on `rows`; returns one metrics dict per optimizer step."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
+    if cfg.malloc_mmap_threshold_kb and accelerator.device.type == "cpu":
+        set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_kb)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.lean_layers:
+        log.debug("train: lean layers %s", make_lean(model))
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel per step over all parameters, no temporary copies of the moment buffers.
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
