@@ -27,7 +27,8 @@ prompt+rejected over the timed steps (identical for all four configurations).
 Settings common to both: fp32, batch 4 pairs, no gradient accumulation, AdamW (fused, torch's
 defaults, weight decay 0), lr 5e-6 constant, no warm-up, max_grad_norm 1.0, sigmoid loss, beta 0.1,
 dropout off (SmolLM2 has none), gradient checkpointing off (TRL defaults to on; `--gradient-checkpointing`
-turns it on for both), 1 dataloader worker (the main process).
+turns it on for both), 1 dataloader worker (the main process). Ours runs with its defaults
+(lean layers on, malloc untouched); `--ours-set KEY=VALUE` changes a train setting for an ablation.
 
 Measured in each child: wall seconds of the training call only (`fit(...)` / `trainer.train()`;
 model loading, data preparation and reference precompute excluded), tokens/s over that time, the
@@ -182,7 +183,7 @@ def gb(kb: int | None) -> float | None:
 
 
 def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int | None = None,
-          ours_plain: bool = False) -> dict:
+          ours_set: dict | None = None) -> dict:
     import torch
 
     if threads:
@@ -230,8 +231,8 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
                           lr_scheduler="constant", checkpoint_every=10**6, reference=mode, dpo={"beta": BETA},
                           group_by_length=False, gradient_checkpointing=grad_ckpt, max_grad_norm=1.0,
                           weight_decay=0.0, warmup_steps=0, grad_accum=1, mixed_precision="no",
-                          **({"lean_layers": False, "malloc_mmap_threshold_kb": None} if ours_plain else {}))
-        out["ours_plain"] = ours_plain
+                          **(ours_set or {}))
+        out["ours_set"] = ours_set or {}
         objective, model, tokenizer = prepare(cfg, rows, seed=SEED)
         got = attach_reference(objective, cfg, rows, model)
         assert got == mode, (got, mode)
@@ -459,12 +460,14 @@ def main() -> None:
                     help="torch intra-op threads in each child (default: torch's own, the core count)")
     ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                     help="run the children with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this size (a diagnostic)")
-    ap.add_argument("--ours-plain", action="store_true",
-                    help="our trainer without its memory levers (lean_layers off, malloc left alone): an ablation")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a train setting in our children (YAML value; repeatable), e.g. lean_layers=false "
+                         "or malloc_mmap_threshold_kb=1024")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in the ledger (<out>_runs.jsonl) with the same settings; run the rest")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/dpo.json)")
     ap.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--ours-set-json", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
     a = ap.parse_args()
     steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
@@ -472,7 +475,7 @@ def main() -> None:
         ap.error(f"--steps must be in 1..{N_PAIRS // BATCH} (one epoch of the {N_PAIRS} pairs)")
 
     if a.child:
-        res = child(a.child, a.pairs, steps, a.gradient_checkpointing, a.threads, a.ours_plain)
+        res = child(a.child, a.pairs, steps, a.gradient_checkpointing, a.threads, json.loads(a.ours_set_json))
         print("BENCH_RESULT " + json.dumps(res), flush=True)
         return
 
@@ -491,9 +494,17 @@ def main() -> None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
     # Every finished child is appended to a ledger at once, so a killed benchmark loses at most the
     # run in progress; --resume picks up from there.
+    import yaml
+
+    ours_set = {}
+    for item in a.ours_set:
+        key_, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--ours-set wants KEY=VALUE, got {item!r}")
+        ours_set[key_.strip()] = yaml.safe_load(value)
     ledger = out.with_name(out.stem + "_runs.jsonl")
     key = {"steps": steps, "gradient_checkpointing": a.gradient_checkpointing, "threads": a.threads,
-           "malloc_mmap_threshold": a.malloc_mmap_threshold, "ours_plain": a.ours_plain}
+           "malloc_mmap_threshold": a.malloc_mmap_threshold, "ours_set": ours_set}
     runs = []
     if a.resume and ledger.exists():
         runs = [r for r in map(json.loads, ledger.read_text().splitlines())
@@ -511,7 +522,7 @@ def main() -> None:
             began = datetime.now(timezone.utc).isoformat(timespec="seconds")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--pairs", str(a.pairs),
                    "--steps", str(steps)] + (["--gradient-checkpointing"] if a.gradient_checkpointing else []) \
-                + (["--threads", str(a.threads)] if a.threads else []) + (["--ours-plain"] if a.ours_plain else [])
+                + (["--threads", str(a.threads)] if a.threads else []) + (["--ours-set-json", json.dumps(ours_set)] if ours_set else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
@@ -543,8 +554,7 @@ def main() -> None:
                            "optimizer": "AdamW fused, weight_decay 0", "dtype": "float32",
                            "gradient_checkpointing": a.gradient_checkpointing, "reference_batch_size": REF_BATCH,
                            "threads": a.threads or "torch default", "malloc_mmap_threshold": a.malloc_mmap_threshold,
-                           "ours": "plain (lean_layers off, malloc untouched)" if a.ours_plain
-                           else "defaults (lean_layers on, malloc mmap threshold 1 MiB)",
+                           "ours_set": ours_set,
                            "order": "our epoch_batches(seed 0, group_by_length=False); TRL sequential over the same order"},
               **summarise(runs), "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)

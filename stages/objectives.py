@@ -173,8 +173,10 @@ class DPO(Objective):
         return out
 
     def per_example_loss(self, model, batch):
+        # The reference goes first: its transient buffers are gone before the policy's activations pile up.
+        ref = None if self.opt.reference_free else self.reference_logps(batch, "ref_logps")
         pi, n = self.seq_logps(model, batch)
-        ref = torch.zeros_like(pi) if self.opt.reference_free else self.reference_logps(batch, "ref_logps").to(pi.dtype)
+        ref = torch.zeros_like(pi) if ref is None else ref.to(pi.dtype)
         if self.opt.length_normalize:
             pi, ref = pi / n.clamp(min=1), ref / n.clamp(min=1)
         pi_c, pi_r = pi.chunk(2)
@@ -208,8 +210,9 @@ class KTO(Objective):
         return out
 
     def per_example_loss(self, model, batch):
+        ref = self.reference_logps(batch, "ref_logps")  # first: see DPO
         pi, n = self.seq_logps(model, batch)
-        ref = self.reference_logps(batch, "ref_logps").to(pi.dtype)
+        ref = ref.to(pi.dtype)
         pi_y, pi_kl = pi.chunk(2)
         ref_y, ref_kl = ref.chunk(2)
         losses, rewards, z0 = L.kto_loss(pi_y, ref_y, batch["desirable"], pi_kl, ref_kl, self.opt.beta,
@@ -306,8 +309,9 @@ class RLOO(Objective):
         return self.add_cached(out, rows, {"ref_logps": "reference_logp1"})
 
     def per_example_loss(self, model, batch):
+        ref = self.reference_logps(batch, "ref_logps") if self.opt.kl_coef > 0 else None  # first: see DPO
         logp, n = self.seq_logps(model, batch)
-        ref = self.reference_logps(batch, "ref_logps").to(logp.dtype) if self.opt.kl_coef > 0 else logp.detach()
+        ref = logp.detach() if ref is None else ref.to(logp.dtype)
         losses, adv = L.rloo_loss(logp, ref, batch["rewards"], batch["groups"], self.opt.kl_coef)
         return losses, {"advantage": adv, "reward": batch["rewards"], "kl": (logp - ref).detach(), "tokens": n}
 
