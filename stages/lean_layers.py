@@ -7,6 +7,9 @@ decoder keep more than they must:
   of its four intermediate-width tensors: a quarter of all activation memory at SmolLM2's shapes.
 - RMSNorm keeps its input and the normalised input; keeping the input and 1/rms per position and
   recomputing the rest drops one hidden-width tensor per norm.
+- attention with grouped key/value heads: transformers copies each KV head to its query heads
+  (`repeat_kv`) before sdpa, and autograd keeps the copies. On CPU, sdpa's own GQA gives the same
+  numbers without them; `native_gqa()` turns that on through transformers' switch while training.
 `make_lean(model)` swaps the `forward` of matching modules in place. Weights are untouched, so
 state dicts, saving and LoRA merging are unaffected. Modules that differ from the expected structure
 are left alone: a LoRA-wrapped or biased projection, another activation, another norm formula. Under
@@ -15,7 +18,9 @@ autocast the original forward runs, since its dtype rules are autocast's to appl
 
 from __future__ import annotations
 
+import os
 import types
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -111,3 +116,22 @@ def make_lean(model: nn.Module) -> dict[str, int]:
             module.forward = types.MethodType(_norm_forward, module)
             counts["norm"] += 1
     return counts
+
+
+@contextmanager
+def native_gqa(enabled: bool = True):
+    """Let transformers hand grouped KV heads to sdpa unexpanded (its TRANSFORMERS_SDPA_FORCE_GQA
+    switch, read at every call) for the duration; the previous value is restored afterwards.
+    CPU only: with a padding mask, CUDA's sdpa would fall back to its slow math kernel."""
+    key = "TRANSFORMERS_SDPA_FORCE_GQA"
+    before = os.environ.get(key)
+    if enabled:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if enabled:
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from stages.checkpoint import load_checkpoint, save_checkpoint
-from stages.lean_layers import make_lean
+from stages.lean_layers import make_lean, native_gqa
 from stages.losses import weighted_mean
 from stages.objectives import Objective
 
@@ -100,40 +100,41 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
         log.info("train: resumed from checkpoint at step %d/%d", step, total)
 
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None)
-    while step < total:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = epoch_batches(rows, cfg.batch_size, seed, epoch, cfg.group_by_length, group_key)
-        group = batches[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        loss_total, tokens = 0.0, 0.0
-        for i, micro in enumerate(group):
-            batch = {k: v.to(accelerator.device) for k, v in objective.collate(micro, tokenizer).items()}
-            ctx = accelerator.no_sync(model) if i < len(group) - 1 else nullcontext()
-            with ctx, accelerator.autocast():
-                per_example, metrics = objective.per_example_loss(model, batch)
-                loss = weighted_mean(per_example, batch["weights"]) / len(group)
-            accelerator.backward(loss)
-            loss_total += loss.item()
-            tokens += float(metrics.pop("tokens").sum())
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), batch["weights"])) / len(group)
-        grad_norm = None
-        if cfg.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        row = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": scheduler.get_last_lr()[0],
-               "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt if dt else None, **sums}
-        history.append(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_total:.4f}")
-        if step % max(1, total // 10) == 0 or step == total:  # the bar is hidden when not on a terminal
-            log.info("train: step %d/%d loss %.4f, %.0f tokens/s", step, total, loss_total, row["tokens_per_s"] or 0)
-        if step % cfg.checkpoint_every == 0 and step < total:
-            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history})
+    with native_gqa(cfg.lean_layers and accelerator.device.type == "cpu"):
+        while step < total:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            batches = epoch_batches(rows, cfg.batch_size, seed, epoch, cfg.group_by_length, group_key)
+            group = batches[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            loss_total, tokens = 0.0, 0.0
+            for i, micro in enumerate(group):
+                batch = {k: v.to(accelerator.device) for k, v in objective.collate(micro, tokenizer).items()}
+                ctx = accelerator.no_sync(model) if i < len(group) - 1 else nullcontext()
+                with ctx, accelerator.autocast():
+                    per_example, metrics = objective.per_example_loss(model, batch)
+                    loss = weighted_mean(per_example, batch["weights"]) / len(group)
+                accelerator.backward(loss)
+                loss_total += loss.item()
+                tokens += float(metrics.pop("tokens").sum())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), batch["weights"])) / len(group)
+            grad_norm = None
+            if cfg.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            row = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt if dt else None, **sums}
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_total:.4f}")
+            if step % max(1, total // 10) == 0 or step == total:  # the bar is hidden when not on a terminal
+                log.info("train: step %d/%d loss %.4f, %.0f tokens/s", step, total, loss_total, row["tokens_per_s"] or 0)
+            if step % cfg.checkpoint_every == 0 and step < total:
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history})
     bar.close()
     return history

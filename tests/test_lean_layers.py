@@ -84,3 +84,24 @@ def test_lean_layers_leave_lora_projections_and_autocast_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids).logits
     assert torch.isfinite(out.float()).all()
+
+
+@needs_prepared
+def test_native_gqa_gives_the_same_numbers_and_restores_the_switch(monkeypatch):
+    import os
+
+    from stages.lean_layers import native_gqa
+    from stages.models import build_tiny_llama, load_causal_lm
+
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    model = load_causal_lm(build_tiny_llama())
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped, as SmolLM2
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    want = model(input_ids=ids, attention_mask=mask).logits
+    with native_gqa():
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
