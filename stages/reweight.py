@@ -17,11 +17,14 @@ import math
 import statistics
 
 import pyarrow as pa
+import torch
 
 from stages.annotators import load_callable
 from stages.config import ReweightConfig, ReweightStrategy
 from stages.errors import BadInput
+from stages.logprobs import completion_token_logps
 from stages.models import load_causal_lm, load_tokenizer, resolve_model
+from stages.objectives import pad
 
 NAME = "reweight"
 VERSION = "1"
@@ -74,9 +77,16 @@ def importance(rows: list[dict], train_logps: list[float], clip: float) -> list[
     return [min(x, clip) for x in w]
 
 
-def policy_logps(path, rows: list[dict]) -> list[float]:
-    from stages.sample import policy_logprobs
+@torch.no_grad()
+def policy_logprobs(model, prompt_ids: list[list[int]], gen_ids: list[list[int]]) -> list[float]:
+    """Summed log-probs of each generation under `model`, right-padded teacher forcing."""
+    ids = [p + g for p, g in zip(prompt_ids, gen_ids)]
+    logps, _ = completion_token_logps(model, pad(ids, 0), pad([[1] * len(x) for x in ids], 0),
+                                      pad([[0] * len(p) + [1] * len(g) for p, g in zip(prompt_ids, gen_ids)], 0))
+    return logps.sum(-1).tolist()
 
+
+def policy_logps(path, rows: list[dict]) -> list[float]:
     tok = load_tokenizer(path)
     model = load_causal_lm(path).eval()
     out = []
