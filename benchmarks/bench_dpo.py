@@ -492,16 +492,15 @@ def main() -> None:
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hfds-")}
     if a.malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
+    from stages.config import apply_overrides
+    from stages.errors import BadInput
+
+    try:
+        ours_set = apply_overrides({}, a.ours_set)  # the CLI's --set parsing: dotted keys, YAML values
+    except BadInput as e:
+        ap.error(f"--ours-set: {e}")
     # Every finished child is appended to a ledger at once, so a killed benchmark loses at most the
     # run in progress; --resume picks up from there.
-    import yaml
-
-    ours_set = {}
-    for item in a.ours_set:
-        key_, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--ours-set wants KEY=VALUE, got {item!r}")
-        ours_set[key_.strip()] = yaml.safe_load(value)
     ledger = out.with_name(out.stem + "_runs.jsonl")
     key = {"steps": steps, "gradient_checkpointing": a.gradient_checkpointing, "threads": a.threads,
            "malloc_mmap_threshold": a.malloc_mmap_threshold, "ours_set": ours_set}

@@ -82,10 +82,9 @@ def _autocasting(t: torch.Tensor) -> bool:
 
 
 def _mlp_forward(self, x):
-    gate, up = self.gate_proj(x), self.up_proj(x)
     if _autocasting(x):
-        return self.down_proj(self.act_fn(gate) * up)
-    return SwiGLUDown.apply(gate, up, self.down_proj.weight)
+        return type(self).forward(self, x)
+    return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
 def _norm_forward(self, x):
@@ -123,15 +122,16 @@ def native_gqa(enabled: bool = True):
     """Let transformers hand grouped KV heads to sdpa unexpanded (its TRANSFORMERS_SDPA_FORCE_GQA
     switch, read at every call) for the duration; the previous value is restored afterwards.
     CPU only: with a padding mask, CUDA's sdpa would fall back to its slow math kernel."""
+    if not enabled:
+        yield
+        return
     key = "TRANSFORMERS_SDPA_FORCE_GQA"
     before = os.environ.get(key)
-    if enabled:
-        os.environ[key] = "1"
+    os.environ[key] = "1"
     try:
         yield
     finally:
-        if enabled:
-            if before is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = before
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

@@ -18,11 +18,10 @@ import time
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from stages.config import SampleConfig
 from stages.errors import BadInput
-from transformers import LogitsProcessor, LogitsProcessorList
-
 from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
 
 NAME = "sample"
@@ -103,17 +102,14 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
                                  logits_processor=LogitsProcessorList([recorder]))
         token_logps = recorder.finish(gen)
         rows = gen[:, width:].tolist()
-        gens, prompt_ids, logps = [], [], []
-        for j, tokens in enumerate(rows):
-            stop = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-            gens.append(tokens[:stop])
-            prompt_ids.append(encoded[idx[j // cfg.n]])
-            logps.append(float(token_logps[j, :stop].double().sum()))
-        for j, (tokens, lp) in enumerate(zip(gens, logps)):
-            truncated = not tokens or tokens[-1] != eos
-            out[idx[j // cfg.n]].append({
-                "completion": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_tokens": len(prompt_ids[j]),
-                "completion_tokens": len(tokens), "truncated": truncated, "policy_logprob": lp})
+        for j, generated in enumerate(rows):
+            stop = generated.index(eos) + 1 if eos in generated else len(generated)
+            tokens = generated[:stop]
+            i = idx[j // cfg.n]
+            out[i].append({
+                "completion": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_tokens": len(encoded[i]),
+                "completion_tokens": len(tokens), "truncated": not tokens or tokens[-1] != eos,
+                "policy_logprob": float(token_logps[j, :stop].double().sum())})
             new_tokens += len(tokens)
         bar.update(len(rows))
         done += len(rows)  # the bar counts nothing when it is disabled (not a terminal)

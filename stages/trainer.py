@@ -14,8 +14,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
