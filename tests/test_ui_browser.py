@@ -88,11 +88,29 @@ class Stack:
         self.procs.append(proc)
         return proc, log
 
+    def request(self, method: str, path: str, body: dict | None = None):
+        """The JSON answer; a 5xx (SQLite busy on a loaded machine) is retried, anything else not 2xx fails
+        with the server's own words. Retrying writes is safe where the caller passes an idempotency key."""
+        for attempt in range(5):
+            try:
+                response = httpx.request(method, f"{self.api}{path}", json=body, timeout=60)
+            except httpx.TransportError as error:
+                problem = repr(error)
+            else:
+                if response.is_success:
+                    return response.json()
+                problem = f"{response.status_code} {response.text[:2000]}"
+                if response.status_code < 500:
+                    break
+            print(f"{method} {path}: {problem}; retrying", file=sys.stderr)
+            time.sleep(2 ** attempt)
+        pytest.fail(f"{method} {path}: {problem}\nserver log:\n{self.server_log.read_text()[-3000:]}")
+
     def get(self, path: str):
-        return httpx.get(f"{self.api}{path}", timeout=30).json()
+        return self.request("GET", path)
 
     def post(self, path: str, body: dict):
-        return httpx.post(f"{self.api}{path}", json=body, timeout=30).json()
+        return self.request("POST", path, body)
 
     def healthy(self) -> bool:
         try:
@@ -135,9 +153,9 @@ class Stack:
 def stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("ui"))
     t0 = time.monotonic()
-    server, server_log = s.start("server", "server", "--port", str(s.port))
+    server, s.server_log = s.start("server", "server", "--port", str(s.port))
     try:
-        wait_until(s.healthy, 300, "the Prefect server", server, server_log)
+        wait_until(s.healthy, 300, "the Prefect server", server, s.server_log)
         t1 = time.monotonic()
         s.serve_proc, s.serve_log = s.start("serve", "serve", "configs/smoke.yaml", "--artifacts", str(s.artifacts),
                                             "--interval", "86400", env={"PREFECT_API_URL": s.api})
@@ -300,8 +318,9 @@ def test_scheduled_rounds_wait_for_the_running_one_and_each_adds_a_round(stack):
     assert schedule["interval"] == 86400
     params = {"experiment": "ui_rounds", "overrides": ["stages=[load_prompts, build_pool]"]}
     with experiment_lock(str(stack.artifacts), "ui_rounds"):
-        runs = [stack.post(f"/deployments/{deployment_id}/create_flow_run", {"parameters": params})["id"]
-                for _ in range(2)]
+        runs = [stack.post(f"/deployments/{deployment_id}/create_flow_run",
+                           {"parameters": params, "idempotency_key": f"ui-rounds-{i}-{stack.port}"})["id"]
+                for i in range(2)]
 
         def both_waiting():
             logs = stack.post("/logs/filter", {"logs": {"flow_run_id": {"any_": runs}}})
