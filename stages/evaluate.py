@@ -71,7 +71,7 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     did, and measure the KL to the reference on those samples (log pi(y) - log ref(y))."""
     from stages.annotate import checked_scores
     from stages.annotators import ANNOTATORS, TemplateFeedback
-    from stages.reweight import policy_logps
+    from stages.reweight import sequence_logps
     from stages.sample import conditioned, generate_hf
 
     prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if r["split"] == "heldout"]
@@ -89,7 +89,10 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         out = ANNOTATORS[step.kind](step)([r["prompt"] for r in rows], [r["completion"] for r in rows])
         scores = checked_scores(out.get("score"), len(rows), f"evaluate ({step.kind})", allow_missing=True)
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
-    ref = policy_logps(ref_path, rows)
+    # The reference sees the unconditioned prompt (the KL convention of Quark / NLF) and the sampled tokens.
+    ref_tok = load_tokenizer(ref_path)
+    ref_prompts = [ref_tok(r["prompt"], add_special_tokens=False).input_ids[-gen_cfg.max_prompt_tokens:] for r in rows]
+    ref = sequence_logps(ref_path, ref_prompts, [r["completion_ids"] for r in rows])
     for r, sc, lr in zip(rows, scores, ref):
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     known = [x for x in scores if x is not None]

@@ -23,7 +23,7 @@ from stages.annotators import load_callable
 from stages.config import ReweightConfig, ReweightStrategy
 from stages.errors import BadInput
 from stages.logprobs import completion_token_logps
-from stages.models import load_causal_lm, load_tokenizer, resolve_model
+from stages.models import load_causal_lm, resolve_model
 from stages.objectives import pad
 
 NAME = "reweight"
@@ -78,24 +78,21 @@ def importance(rows: list[dict], train_logps: list[float], clip: float) -> list[
 
 
 @torch.no_grad()
-def policy_logprobs(model, prompt_ids: list[list[int]], gen_ids: list[list[int]]) -> list[float]:
-    """Summed log-probs of each generation under `model`, right-padded teacher forcing."""
-    ids = [p + g for p, g in zip(prompt_ids, gen_ids)]
-    logps, _ = completion_token_logps(model, pad(ids, 0), pad([[1] * len(x) for x in ids], 0),
-                                      pad([[0] * len(p) + [1] * len(g) for p, g in zip(prompt_ids, gen_ids)], 0))
-    return logps.sum(-1).tolist()
-
-
-def policy_logps(path, rows: list[dict]) -> list[float]:
-    tok = load_tokenizer(path)
+def sequence_logps(path, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 16) -> list[float]:
+    """Summed log-probs of each completion given its prompt under the model at `path`, teacher-forced
+    on the given token ids (right padding, batches of similar length)."""
     model = load_causal_lm(path).eval()
-    out = []
-    for k in range(0, len(rows), 16):
-        chunk = rows[k:k + 16]
-        prompt_ids = [tok(r["prompt"], add_special_tokens=False).input_ids for r in chunk]
-        gen_ids = [tok(r["completion"], add_special_tokens=False).input_ids + ([] if r["truncated"] else [tok.eos_token_id])
-                   for r in chunk]
-        out.extend(policy_logprobs(model, prompt_ids, gen_ids))
+    out = [0.0] * len(prompt_ids)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    for k in range(0, len(order), batch_size):
+        idx = [i for i in order[k:k + batch_size] if completion_ids[i]]  # an empty completion sums to 0
+        if not idx:
+            continue
+        ids = [prompt_ids[i] + completion_ids[i] for i in idx]
+        completion = [[0] * len(prompt_ids[i]) + [1] * len(completion_ids[i]) for i in idx]
+        logps, _ = completion_token_logps(model, pad(ids, 0), pad([[1] * len(x) for x in ids], 0), pad(completion, 0))
+        for i, s in zip(idx, logps.sum(-1).tolist()):
+            out[i] = s
     return out
 
 
@@ -113,7 +110,9 @@ def strategy_weights(s: ReweightStrategy, rows: list[dict], ctx) -> list[float]:
             path = ctx.inputs["train"].local_dir() / "model"
         else:
             path = resolve_model(rows[0]["checkpoint"], "reweight.policy")
-        return importance(rows, policy_logps(path, rows), s.clip)
+        # the same tokens, in the same (conditioned) context, that the sampling policy scored
+        return importance(rows, sequence_logps(path, [r["prompt_ids"] for r in rows],
+                                               [r["completion_ids"] for r in rows]), s.clip)
     fn = load_callable(s.callable or "", "reweight.callable")
     w = fn(rows)
     if len(w) != len(rows) or any(not isinstance(x, (int, float)) or x < 0 or math.isnan(x) for x in w):

@@ -4,7 +4,7 @@ Round 0 samples from `sample.model` (the base policy); round k from round k-1's 
 Batched `generate` with a KV cache and left padding, prompts sorted by length so batches waste
 little padding; temperature, top-p, max_new_tokens, stop on EOS; an optional conditioning prefix
 (Quark's best reward token, or NLF feedback). Seeded: the same config and checkpoint give the same
-samples. Each row records the policy's own summed log-prob of its generation (temperature 1, no
+samples. Each row records the prompt and completion token ids and the policy's own summed log-prob of its generation (temperature 1, no
 top-p: the distribution importance weights need), read from the raw logits while generating, so no
 second forward pass is needed.
 
@@ -25,7 +25,7 @@ from stages.errors import BadInput
 from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
 
 NAME = "sample"
-VERSION = "1"
+VERSION = "2"
 INPUTS = ("load_prompts@0", "train@prev")
 
 SCHEMA = pa.schema([
@@ -33,6 +33,9 @@ SCHEMA = pa.schema([
     ("completion", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
     ("truncated", pa.bool_()), ("policy_logprob", pa.float64()), ("conditioning", pa.string()),
     ("checkpoint", pa.string()),
+    # The exact tokens the policy saw and drew, so later log-probs score the same sequence the
+    # recorded one did (text need not round-trip through the tokenizer).
+    ("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32())),
 ])
 
 
@@ -78,7 +81,7 @@ class TokenLogprobs(LogitsProcessor):
 
 
 def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
-    """For each prompt, n dicts: text, prompt/completion token counts, truncated, policy_logprob."""
+    """For each prompt, n dicts: text, token ids and counts, truncated, policy_logprob."""
     tokenizer = load_tokenizer(path, padding_side="left")
     model = load_causal_lm(path).eval()
     eos = tokenizer.eos_token_id
@@ -109,7 +112,8 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
             out[i].append({
                 "completion": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_tokens": len(encoded[i]),
                 "completion_tokens": len(tokens), "truncated": not tokens or tokens[-1] != eos,
-                "policy_logprob": float(token_logps[j, :stop].double().sum())})
+                "policy_logprob": float(token_logps[j, :stop].double().sum()),
+                "prompt_ids": encoded[i], "completion_ids": tokens})
             new_tokens += len(tokens)
         bar.update(len(rows))
         done += len(rows)  # the bar counts nothing when it is disabled (not a terminal)
@@ -138,7 +142,8 @@ def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -
         # vLLM's cumulative log-prob is under the sampling distribution (after temperature / top-p).
         out.append([{"completion": o.text, "prompt_tokens": len(result.prompt_token_ids),
                      "completion_tokens": len(o.token_ids), "truncated": o.finish_reason != "stop",
-                     "policy_logprob": o.cumulative_logprob} for o in result.outputs])
+                     "policy_logprob": o.cumulative_logprob, "prompt_ids": list(result.prompt_token_ids),
+                     "completion_ids": list(o.token_ids)} for o in result.outputs])
     return out
 
 
