@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from stages import losses as L
-from stages.logprobs import completion_token_logps, completion_token_stats
+from stages.logprobs import completion_token_logps, completion_token_stats, shared_prompt_token_logps
 
 
 def encode_completion(tokenizer, prompt: str, completion: str, max_prompt: int, max_length: int,
@@ -36,13 +36,35 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def sequences(tokenizer, pairs: list[tuple[str, str]], max_prompt: int, max_length: int, prefixes=None) -> dict:
-    """A right-padded batch of (prompt, completion) pairs."""
+def sequences(tokenizer, pairs: list[tuple[str, str]], max_prompt: int, max_length: int, prefixes=None,
+              share_prompt: int = 0) -> dict:
+    """A right-padded batch of (prompt, completion) pairs.
+
+    With share_prompt=R the pairs are R groups over the same B prompts (pair r*B + i has prompt i),
+    and the batch also carries them as B prompts + R*B completions (`shared_*`, for
+    logprobs.shared_prompt_token_logps), when the prompts' tokens do match and none is empty.
+    """
     enc = [encode_completion(tokenizer, p, c, max_prompt, max_length, prefixes[i] if prefixes else None)
            for i, (p, c) in enumerate(pairs)]
-    return {"input_ids": pad([e[0] for e in enc], tokenizer.pad_token_id),
-            "attention_mask": pad([[1] * len(e[0]) for e in enc], 0),
-            "completion_mask": pad([e[1] for e in enc], 0)}
+    out = {"input_ids": pad([e[0] for e in enc], tokenizer.pad_token_id),
+           "attention_mask": pad([[1] * len(e[0]) for e in enc], 0),
+           "completion_mask": pad([e[1] for e in enc], 0)}
+    if share_prompt:
+        out |= shared_prompt_batch(enc, share_prompt, tokenizer.pad_token_id)
+    return out
+
+
+def shared_prompt_batch(enc: list[tuple[list[int], list[int]]], repeats: int, pad_id: int) -> dict:
+    """encode_completion outputs as `shared_*` tensors (see sequences); {} when they do not share prompts."""
+    n = len(enc) // repeats
+    split = [(ids[:len(ids) - sum(mask)], ids[len(ids) - sum(mask):]) for ids, mask in enc]
+    prompts, completions = [p for p, _ in split], [c for _, c in split]
+    if (n * repeats != len(enc) or not all(prompts) or not all(completions)
+            or any(prompts[k] != prompts[k % n] for k in range(len(enc)))):
+        return {}
+    return {"shared_prompt_ids": pad(prompts[:n], pad_id), "shared_prompt_mask": pad([[1] * len(p) for p in prompts[:n]], 0),
+            "shared_completion_ids": pad(completions, pad_id),
+            "shared_completion_mask": pad([[1] * len(c) for c in completions], 0)}
 
 
 def column(rows, name, dtype=torch.float32, default=None):
@@ -76,13 +98,20 @@ class Objective:
         raise NotImplementedError
 
     # -- helpers shared by objectives ----------------------------------------------------------------
-    def seqs(self, tokenizer, pairs, prefixes=None):
-        return sequences(tokenizer, pairs, self.max_prompt, self.cfg.max_length, prefixes)
+    def seqs(self, tokenizer, pairs, prefixes=None, share_prompt: int = 0):
+        """share_prompt=R: the pairs are R groups over the same prompts; run each prompt once if allowed."""
+        share = share_prompt if self.cfg.share_prompt and not self.cfg.gradient_checkpointing else 0
+        return sequences(tokenizer, pairs, self.max_prompt, self.cfg.max_length, prefixes, share)
 
     @staticmethod
     def seq_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probs and completion token counts per sequence."""
-        logps, mask = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        if "shared_prompt_ids" in batch:
+            logps, mask = shared_prompt_token_logps(model, batch["shared_prompt_ids"], batch["shared_prompt_mask"],
+                                                    batch["shared_completion_ids"], batch["shared_completion_mask"])
+        else:
+            logps, mask = completion_token_logps(model, batch["input_ids"], batch["attention_mask"],
+                                                 batch["completion_mask"])
         return logps.sum(-1), mask.sum(-1)
 
     def reference_logps(self, batch, cached_key: str) -> torch.Tensor:
@@ -166,7 +195,7 @@ class DPO(Objective):
 
     def collate(self, rows, tokenizer):
         pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["generation2"]) for r in rows]
-        out = self.seqs(tokenizer, pairs)
+        out = self.seqs(tokenizer, pairs, share_prompt=2)
         out["weights"] = column(rows, "generation1_weight", default=1.0) * column(rows, "generation2_weight", default=1.0)
         if all(r.get("reference_logp1") is not None and r.get("reference_logp2") is not None for r in rows):
             out["ref_logps"] = torch.cat([column(rows, "reference_logp1"), column(rows, "reference_logp2")])
@@ -202,7 +231,7 @@ class KTO(Objective):
 
     def collate(self, rows, tokenizer):
         pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["kl_generation"]) for r in rows]
-        out = self.seqs(tokenizer, pairs)
+        out = self.seqs(tokenizer, pairs, share_prompt=2)
         out["weights"] = column(rows, "generation1_weight", default=1.0)
         out["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
         if all(r.get("reference_logp1") is not None and r.get("reference_kl_logp") is not None for r in rows):
