@@ -28,7 +28,9 @@ Settings common to both: fp32, batch 4 pairs, no gradient accumulation, AdamW (f
 defaults, weight decay 0), lr 5e-6 constant, no warm-up, max_grad_norm 1.0, sigmoid loss, beta 0.1,
 dropout off (SmolLM2 has none), gradient checkpointing off (TRL defaults to on; `--gradient-checkpointing`
 turns it on for both), 1 dataloader worker (the main process). Ours runs with its defaults
-(lean layers on, malloc untouched); `--ours-set KEY=VALUE` changes a train setting for an ablation.
+(lean layers on, shared prompts on); `--ours-set KEY=VALUE` changes a train setting for an ablation.
+Both sides run on the same malloc: jemalloc (what `align` runs on when it is installed) unless
+`--allocator system`.
 
 Measured in each child: wall seconds of the training call only (`fit(...)` / `trainer.train()`;
 model loading, data preparation and reference precompute excluded), tokens/s over that time, the
@@ -339,6 +341,9 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
     after = rss_peak_kb()
     out["peak_rss_gb"] = gb(max(before, after))  # the whole child, loading and precompute included
     out["train_peak_rss_gb"] = gb(status_kb("VmHWM")) if reset else None  # high-water mark since the reset
+    from stages.allocator import current
+
+    out["allocator"] = current()  # as loaded in this child, not as asked
     # The batches really collated during training must be the expected ones, step by step. (A
     # dataloader may look one batch ahead; such a batch is collated but never trained on.)
     ordered = sorted(rows, key=lambda r: r["batch_order"])
@@ -458,11 +463,11 @@ def main() -> None:
     ap.add_argument("--gradient-checkpointing", action="store_true", help="turn it on for both sides")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads in each child (default: torch's own, the core count)")
-    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
-                    help="run the children with glibc's MALLOC_MMAP_THRESHOLD_ fixed at this size (a diagnostic)")
+    ap.add_argument("--allocator", choices=["jemalloc", "system"], default="jemalloc",
+                    help="malloc of every child, ours and TRL's alike (default jemalloc, as `align` runs)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a train setting in our children (YAML value; repeatable), e.g. lean_layers=false "
-                         "or malloc_mmap_threshold_kb=1024")
+                         "or share_prompt=false")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in the ledger (<out>_runs.jsonl) with the same settings; run the rest")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/dpo.json)")
@@ -490,8 +495,14 @@ def main() -> None:
     build_pairs(a.pairs)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hfds-")}
-    if a.malloc_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
+    if a.allocator == "jemalloc":
+        from stages.allocator import jemalloc_library, preload_env
+
+        library = jemalloc_library()
+        if library is None:
+            ap.error("--allocator jemalloc: jemalloc is not installed (apt-get install libjemalloc2), "
+                     "or use --allocator system")
+        env = preload_env(env, library)
     from stages.config import apply_overrides
     from stages.errors import BadInput
 
@@ -503,7 +514,7 @@ def main() -> None:
     # run in progress; --resume picks up from there.
     ledger = out.with_name(out.stem + "_runs.jsonl")
     key = {"steps": steps, "gradient_checkpointing": a.gradient_checkpointing, "threads": a.threads,
-           "malloc_mmap_threshold": a.malloc_mmap_threshold, "ours_set": ours_set}
+           "allocator": a.allocator, "ours_set": ours_set}
     runs = []
     if a.resume and ledger.exists():
         runs = [r for r in map(json.loads, ledger.read_text().splitlines())
@@ -552,7 +563,7 @@ def main() -> None:
                            "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
                            "optimizer": "AdamW fused, weight_decay 0", "dtype": "float32",
                            "gradient_checkpointing": a.gradient_checkpointing, "reference_batch_size": REF_BATCH,
-                           "threads": a.threads or "torch default", "malloc_mmap_threshold": a.malloc_mmap_threshold,
+                           "threads": a.threads or "torch default", "allocator": a.allocator,
                            "ours_set": ours_set,
                            "order": "our epoch_batches(seed 0, group_by_length=False); TRL sequential over the same order"},
               **summarise(runs), "runs": runs}

@@ -214,6 +214,9 @@ def serve(
 
 
 def main() -> None:
+    from stages.allocator import reexec_under_jemalloc
+
+    reexec_under_jemalloc("flows.cli")  # returns when jemalloc is absent, off, or already loaded
     debug = "--debug" in sys.argv or os.environ.get("ALIGN_DEBUG") == "1"
     try:
         typer.main.get_command(app).main(args=sys.argv[1:], prog_name="align", standalone_mode=False)

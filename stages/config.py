@@ -191,11 +191,6 @@ class TrainConfig(Section):
     # through the cache), instead of the prompt twice. Same numbers; fewer tokens through the model.
     # Off under gradient checkpointing (HF turns the cache off there).
     share_prompt: bool = True
-    # Memory over speed, glibc only: buffers of at least this many KiB get their own mmap and go
-    # back to the OS when freed. glibc's own threshold grows to 32 MiB as big buffers are freed;
-    # activations then land in the heap and fragment it. At SmolLM2's size, 1024 cut peak memory by
-    # ~0.5 GB and cost ~15% speed (fresh pages fault in). Process-wide once set; null: malloc's own.
-    malloc_mmap_threshold_kb: int | None = Field(None, ge=128)
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
     # Where reference log-probs come from: the pool's cached columns (the reference stage), a
     # resident reference model, or auto (cached when the pool has them).

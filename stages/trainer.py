@@ -11,7 +11,6 @@ Multi-GPU: `accelerate launch -m flows.cli stage train --config ...` (not exerci
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from stages import allocator
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.lean_layers import make_lean, native_gqa
 from stages.losses import weighted_mean
@@ -56,21 +56,13 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, grou
     return [batches[i] for i in perm]
 
 
-def set_malloc_mmap_threshold(kib: int) -> bool:
-    """Fix glibc's mmap threshold (which also stops its dynamic growth); False off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, kib * 1024))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int, resume_dir: Path) -> list[dict]:
     """Train `model` in place on `rows`; returns one metrics dict per optimizer step."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     torch.manual_seed(seed)
-    if cfg.malloc_mmap_threshold_kb and accelerator.device.type == "cpu":
-        set_malloc_mmap_threshold(cfg.malloc_mmap_threshold_kb)
+    if accelerator.device.type == "cpu" and allocator.current() != "jemalloc":
+        log.info("train: running on the system malloc; with jemalloc (apt-get install libjemalloc2) `align` "
+                 "peaks about 15%% lower")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
