@@ -1,0 +1,34 @@
+"""`align` re-executes itself under jemalloc where it is installed, once, and ALIGN_MALLOC=system
+keeps the C library's malloc."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from stages.allocator import jemalloc_library, preload_env
+
+
+def allocator_of(**env) -> str:
+    merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    out = subprocess.run([sys.executable, "-m", "stages.allocator"], cwd=ROOT, env=merged,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(jemalloc_library() is None, reason="needs jemalloc (apt-get install libjemalloc2)")
+def test_reexec_under_jemalloc_and_opt_out():
+    assert allocator_of(LD_PRELOAD=None, ALIGN_MALLOC=None) == "jemalloc"
+    assert allocator_of(LD_PRELOAD=None, ALIGN_MALLOC="system") == "system"
+
+
+def test_without_jemalloc_it_runs_on_and_never_loops():
+    # A preload that names jemalloc but cannot load: no re-exec loop, the system malloc, exit 0.
+    assert allocator_of(LD_PRELOAD="/nonexistent/libjemalloc.so.2") == "system"
+
+
+def test_preload_env_keeps_what_was_there():
+    assert preload_env({}, "libjemalloc.so.2")["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert preload_env({"LD_PRELOAD": "libx.so"}, "libjemalloc.so.2")["LD_PRELOAD"] == "libjemalloc.so.2:libx.so"
