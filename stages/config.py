@@ -187,9 +187,9 @@ class TrainConfig(Section):
     # backward pass instead of saving them, and (on CPU) sdpa's own GQA instead of expanded KV
     # copies: about 40% less activation memory, same numbers (stages/lean_layers.py).
     lean_layers: bool = True
-    # DPO / KTO: run each prompt once and both of its completions on its KV cache (gradients flow
-    # through the cache), instead of the prompt twice. Same numbers; fewer tokens through the model.
-    # Off under gradient checkpointing (HF turns the cache off there).
+    # DPO, KTO, RL: run each prompt of a batch once and all its completions on its KV cache
+    # (gradients flow through the cache), instead of the prompt once per completion. Same numbers;
+    # fewer tokens through the model. Off under gradient checkpointing (HF turns the cache off there).
     share_prompt: bool = True
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
     # Where reference log-probs come from: the pool's cached columns (the reference stage), a

@@ -57,24 +57,22 @@ def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out.masked_scatter(mask, values)
 
 
-def shared_prompt_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Like completion_hidden, with each prompt run once for all its completions.
+def shared_prompt_hidden(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask):
+    """Like completion_hidden, with each prompt run once for all the completions that continue it.
 
-    prompt_ids [B, P] right-padded (every prompt at least one token); completion_ids [R*B, C]
-    right-padded, row r*B + i continuing prompt i. The prompts' KV cache is tiled R times and the
-    completions attend to it (gradients flow back through it); the first completion token is
-    predicted from its prompt's last hidden state. Returns ([N, H], labels [N], mask [R*B, C]).
+    prompt_ids [P, Tp] right-padded, every prompt at least one token; completion_ids [N, Tc]
+    right-padded, row n continuing prompt prompt_index[n]. The prompts' KV cache is gathered per
+    row and the completions attend to it (gradients flow back through it); a completion's first
+    token is predicted from its prompt's last hidden state. Returns ([M, H], labels [M], mask [N, Tc]).
     """
     body = model.get_decoder()
-    n_prompts, repeats = prompt_ids.shape[0], completion_ids.shape[0] // prompt_ids.shape[0]
     lengths = prompt_mask.sum(-1)
     out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
-    rows = torch.arange(n_prompts, device=prompt_ids.device).repeat(repeats)
-    last = out.last_hidden_state[torch.arange(n_prompts, device=prompt_ids.device), lengths - 1][rows]
+    last = out.last_hidden_state[torch.arange(len(prompt_ids), device=prompt_ids.device), lengths - 1][prompt_index]
     cache = out.past_key_values
-    cache.reorder_cache(rows)  # index_select: differentiable, so both completions' gradients reach the prompt
-    positions = lengths[rows, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
-    attention = torch.cat([prompt_mask[rows], completion_mask], 1)  # pads in the middle are masked out
+    cache.reorder_cache(prompt_index)  # index_select: differentiable, so every completion's gradient reaches its prompt
+    positions = lengths[prompt_index, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
+    attention = torch.cat([prompt_mask[prompt_index], completion_mask], 1)  # pads in the middle are masked out
     hidden = body(input_ids=completion_ids, attention_mask=attention, position_ids=positions,
                   past_key_values=cache).last_hidden_state
     hidden = torch.cat([last[:, None], hidden[:, :-1]], 1)
@@ -87,9 +85,10 @@ def completion_token_logps(model, input_ids, attention_mask, completion_mask) ->
     return token_logps(model, *completion_hidden(model, input_ids, attention_mask, completion_mask))
 
 
-def shared_prompt_token_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """log p(token | prefix) of each completion token, [R*B, C], and the float mask (shared_prompt_hidden)."""
-    return token_logps(model, *shared_prompt_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask))
+def shared_prompt_token_logps(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask):
+    """log p(token | prefix) of each completion token, [N, Tc], and the float mask (shared_prompt_hidden)."""
+    return token_logps(model, *shared_prompt_hidden(model, prompt_ids, prompt_mask, prompt_index, completion_ids,
+                                                    completion_mask))
 
 
 def token_logps(model, h, y, mask) -> tuple[torch.Tensor, torch.Tensor]:

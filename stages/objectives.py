@@ -37,12 +37,11 @@ def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 
 def sequences(tokenizer, pairs: list[tuple[str, str]], max_prompt: int, max_length: int, prefixes=None,
-              share_prompt: int = 0) -> dict:
+              share_prompt: bool = False) -> dict:
     """A right-padded batch of (prompt, completion) pairs.
 
-    With share_prompt=R the pairs are R groups over the same B prompts (pair r*B + i has prompt i),
-    and the batch also carries them as B prompts + R*B completions (`shared_*`, for
-    logprobs.shared_prompt_token_logps), when the prompts' tokens do match and none is empty.
+    With share_prompt, when some rows carry the same prompt tokens, the batch also holds them as
+    unique prompts + one completion per row (`shared_*`, for logprobs.shared_prompt_token_logps).
     """
     enc = [encode_completion(tokenizer, p, c, max_prompt, max_length, prefixes[i] if prefixes else None)
            for i, (p, c) in enumerate(pairs)]
@@ -50,21 +49,25 @@ def sequences(tokenizer, pairs: list[tuple[str, str]], max_prompt: int, max_leng
            "attention_mask": pad([[1] * len(e[0]) for e in enc], 0),
            "completion_mask": pad([e[1] for e in enc], 0)}
     if share_prompt:
-        out |= shared_prompt_batch(enc, share_prompt, tokenizer.pad_token_id)
+        out |= shared_prompt_batch(enc, tokenizer.pad_token_id)
     return out
 
 
-def shared_prompt_batch(enc: list[tuple[list[int], list[int]]], repeats: int, pad_id: int) -> dict:
-    """encode_completion outputs as `shared_*` tensors (see sequences); {} when they do not share prompts."""
-    n = len(enc) // repeats
+def shared_prompt_batch(enc: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """encode_completion outputs as unique prompts, the prompt of each row, and the rows'
+    completions; {} when no prompt repeats, or a prompt or completion is empty."""
     split = [(ids[:len(ids) - sum(mask)], ids[len(ids) - sum(mask):]) for ids, mask in enc]
-    prompts, completions = [p for p, _ in split], [c for _, c in split]
-    if (n * repeats != len(enc) or not all(prompts) or not all(completions)
-            or any(prompts[k] != prompts[k % n] for k in range(len(enc)))):
+    if not all(p and c for p, c in split):
         return {}
-    return {"shared_prompt_ids": pad(prompts[:n], pad_id), "shared_prompt_mask": pad([[1] * len(p) for p in prompts[:n]], 0),
-            "shared_completion_ids": pad(completions, pad_id),
-            "shared_completion_mask": pad([[1] * len(c) for c in completions], 0)}
+    unique: dict[tuple[int, ...], int] = {}
+    index = [unique.setdefault(tuple(p), len(unique)) for p, _ in split]
+    if len(unique) == len(split):
+        return {}
+    prompts = [list(p) for p in unique]
+    return {"shared_prompt_ids": pad(prompts, pad_id), "shared_prompt_mask": pad([[1] * len(p) for p in prompts], 0),
+            "shared_prompt_index": torch.tensor(index),
+            "shared_completion_ids": pad([c for _, c in split], pad_id),
+            "shared_completion_mask": pad([[1] * len(c) for _, c in split], 0)}
 
 
 def column(rows, name, dtype=torch.float32, default=None):
@@ -98,17 +101,18 @@ class Objective:
         raise NotImplementedError
 
     # -- helpers shared by objectives ----------------------------------------------------------------
-    def seqs(self, tokenizer, pairs, prefixes=None, share_prompt: int = 0):
-        """share_prompt=R: the pairs are R groups over the same prompts; run each prompt once if allowed."""
-        share = share_prompt if self.cfg.share_prompt and not self.cfg.gradient_checkpointing else 0
+    def seqs(self, tokenizer, pairs, prefixes=None, share_prompt: bool = False):
+        """share_prompt: rows repeat prompts (DPO, KTO, RL); run each prompt once where allowed."""
+        share = share_prompt and self.cfg.share_prompt and not self.cfg.gradient_checkpointing
         return sequences(tokenizer, pairs, self.max_prompt, self.cfg.max_length, prefixes, share)
 
     @staticmethod
     def seq_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probs and completion token counts per sequence."""
         if "shared_prompt_ids" in batch:
-            logps, mask = shared_prompt_token_logps(model, batch["shared_prompt_ids"], batch["shared_prompt_mask"],
-                                                    batch["shared_completion_ids"], batch["shared_completion_mask"])
+            logps, mask = shared_prompt_token_logps(
+                model, batch["shared_prompt_ids"], batch["shared_prompt_mask"], batch["shared_prompt_index"],
+                batch["shared_completion_ids"], batch["shared_completion_mask"])
         else:
             logps, mask = completion_token_logps(model, batch["input_ids"], batch["attention_mask"],
                                                  batch["completion_mask"])
@@ -195,7 +199,7 @@ class DPO(Objective):
 
     def collate(self, rows, tokenizer):
         pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["generation2"]) for r in rows]
-        out = self.seqs(tokenizer, pairs, share_prompt=2)
+        out = self.seqs(tokenizer, pairs, share_prompt=True)
         out["weights"] = column(rows, "generation1_weight", default=1.0) * column(rows, "generation2_weight", default=1.0)
         if all(r.get("reference_logp1") is not None and r.get("reference_logp2") is not None for r in rows):
             out["ref_logps"] = torch.cat([column(rows, "reference_logp1"), column(rows, "reference_logp2")])
@@ -231,7 +235,7 @@ class KTO(Objective):
 
     def collate(self, rows, tokenizer):
         pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["kl_generation"]) for r in rows]
-        out = self.seqs(tokenizer, pairs, share_prompt=2)
+        out = self.seqs(tokenizer, pairs, share_prompt=True)
         out["weights"] = column(rows, "generation1_weight", default=1.0)
         out["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
         if all(r.get("reference_logp1") is not None and r.get("reference_kl_logp") is not None for r in rows):
@@ -330,7 +334,7 @@ class RLOO(Objective):
         return self.opt.kl_coef > 0
 
     def collate(self, rows, tokenizer):
-        out = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows])
+        out = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows], share_prompt=True)
         ids = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in rows))}
         out["groups"] = torch.tensor([ids[r["prompt_id"]] for r in rows])
         out["rewards"] = column(rows, "generation1_reward")

@@ -163,12 +163,17 @@ def test_chunked_logprobs_match_full_logits(tiny, monkeypatch):
 
 
 @needs_prepared
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("objective", ["dpo", "kto", "rl"])
 def test_shared_prompt_gives_the_joint_numbers_and_gradients(tiny, objective):
-    """Each prompt run once with both completions on its KV cache: same log-probs and gradients as
-    running prompt + completion twice (prompts and completions of different lengths, so both pad)."""
+    """Each prompt run once with all its completions on its KV cache: same log-probs and gradients
+    as running prompt + completion per row (prompts and completions of different lengths, so both
+    pad; RL's rows come grouped per prompt, DPO's chosen block then rejected block)."""
     model, tok = tiny
-    rows = [dict(r, kl_generation=ROWS[(i + 1) % 3]["generation1"], desirable=i != 1) for i, r in enumerate(ROWS)]
+    if objective == "rl":
+        rows = [{"prompt_id": str(i), "prompt": r["prompt"], "generation1": g, "generation1_reward": 0.0}
+                for i, r in enumerate(ROWS) for g in (r["generation1"], r["generation2"])]
+    else:
+        rows = [dict(r, kl_generation=ROWS[(i + 1) % 3]["generation1"], desirable=i != 1) for i, r in enumerate(ROWS)]
     obj = make_objective(TrainConfig(objective=objective, max_length=32, max_prompt_length=8))
     batch = obj.collate(rows, tok)
     assert batch["shared_prompt_ids"].shape[0] == 3 and batch["shared_completion_ids"].shape[0] == 6
@@ -183,6 +188,19 @@ def test_shared_prompt_gives_the_joint_numbers_and_gradients(tiny, objective):
     g_want = torch.autograd.grad((want * coef).sum(), w)[0]
     # Llama's RMSNorm runs in float32 even in a float64 model: agreement to ~1e-7 of the largest entry
     torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-6 * g_want.abs().max().item())
+
+
+def test_shared_prompt_batch_groups_rows_by_prompt_tokens():
+    from stages.objectives import shared_prompt_batch
+
+    enc = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 1], [0, 1]), ([5, 6, 3], [0, 0, 1]), ([9, 4, 4], [0, 1, 1])]
+    out = shared_prompt_batch(enc, pad_id=0)
+    assert out["shared_prompt_ids"].tolist() == [[5, 6], [9, 0]]
+    assert out["shared_prompt_mask"].tolist() == [[1, 1], [1, 0]]
+    assert out["shared_prompt_index"].tolist() == [0, 1, 0, 1]
+    assert out["shared_completion_ids"].tolist() == [[7, 8], [1, 0], [3, 0], [4, 4]]
+    assert shared_prompt_batch(enc[:2], pad_id=0) == {}  # no prompt repeats: nothing to share
+    assert shared_prompt_batch([([1], [1]), ([1], [1])], pad_id=0) == {}  # empty prompt
 
 
 @needs_prepared
