@@ -119,18 +119,31 @@ def _nll(rows: list[dict]) -> float:
 
 
 def run(ctx, cfg: EvaluateConfig):
+    """Held-out metrics of the objective on the pool's held-out records, and, with `generation`
+    set (online flows fill it in; offline flows may set it), the trained policy's samples on the
+    held-out prompts, scored. The table holds the samples when there are any, else the records."""
     from stages.runner import StageOutput
 
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
-    if cfg.generation is not None:
-        scored, metrics = generate_and_score(ctx, cfg, ctx.inputs["train"].local_dir() / "model", train_cfg)
-        ctx.log.info("evaluate: held-out mean reward %s, KL to reference %.3f nats",
-                     f"{metrics['mean_reward']:.4f}" if metrics["mean_reward"] is not None else "-", metrics["kl_to_reference"])
-        return StageOutput(pa.Table.from_pylist(scored), metrics)
     rows = pool_rows(ctx, "heldout")
-    if not rows:
-        raise BadInput("evaluate: the pool has no held-out records (raise load_prompts.heldout_fraction)")
     rows = rows[: cfg.max_records] if cfg.max_records else rows
+    if cfg.generation is None and not rows:
+        raise BadInput("evaluate: the pool has no held-out records (raise load_prompts.heldout_fraction)")
+    table, metrics = None, {}
+    if rows:
+        table, metrics = objective_metrics(ctx, cfg, train_cfg, rows)
+    if cfg.generation is not None:
+        scored, generated = generate_and_score(ctx, cfg, ctx.inputs["train"].local_dir() / "model", train_cfg)
+        ctx.log.info("evaluate: held-out mean reward %s, KL to reference %.3f nats",
+                     f"{generated['mean_reward']:.4f}" if generated["mean_reward"] is not None else "-",
+                     generated["kl_to_reference"])
+        table, metrics = pa.Table.from_pylist(scored), {**metrics, **generated}
+    return StageOutput(table, metrics)
+
+
+def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: list[dict]) -> tuple[pa.Table, dict]:
+    """The trained model on held-out pool records, by its objective: pairwise accuracy (reward),
+    NLL against the base model's (sft), or the objective's own loss and metrics."""
     trained = ctx.inputs["train"].local_dir() / "model"
     objective, model, tokenizer = prepare(train_cfg, rows, ctx.seed, model_path=trained, training=False)
     ctx.log.info("evaluate: %s on %d held-out records", train_cfg.objective, len(rows))
@@ -139,7 +152,7 @@ def run(ctx, cfg: EvaluateConfig):
         scored = reward_heldout(model, tokenizer, objective, rows, cfg.batch_size)
         accuracy = sum(r["correct"] for r in scored) / len(scored)
         ctx.log.info("evaluate: held-out pairwise accuracy %.3f", accuracy)
-        return StageOutput(pa.Table.from_pylist(scored), {"pairwise_accuracy": accuracy, "pairs": len(scored)})
+        return pa.Table.from_pylist(scored), {"pairwise_accuracy": accuracy, "pairs": len(scored)}
 
     if objective.name == "sft":
         scored = sft_heldout(model, tokenizer, objective, rows, cfg.batch_size)
@@ -150,13 +163,13 @@ def run(ctx, cfg: EvaluateConfig):
             r["base_logprob"] = b["logprob"]
         nll, base_nll = _nll(scored), _nll(before)
         ctx.log.info("evaluate: held-out NLL per token %.4f (base model %.4f)", nll, base_nll)
-        return StageOutput(pa.Table.from_pylist(scored), {
+        return pa.Table.from_pylist(scored), {
             "heldout_nll": nll, "heldout_perplexity": math.exp(nll),
-            "base_heldout_nll": base_nll, "base_heldout_perplexity": math.exp(base_nll), "records": len(scored)})
+            "base_heldout_nll": base_nll, "base_heldout_perplexity": math.exp(base_nll), "records": len(scored)}
 
     attach_reference(objective, train_cfg.model_copy(update={"lora": None}), rows, model)
     scored = objective_heldout(model, tokenizer, objective, rows, cfg.batch_size)
     keys = [k for k in scored[0] if k != "prompt_id"]
     metrics = {f"heldout_{k}": sum(r[k] for r in scored) / len(scored) for k in keys}
     ctx.log.info("evaluate: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return StageOutput(pa.Table.from_pylist(scored), {**metrics, "records": len(scored)})
+    return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}

@@ -60,3 +60,15 @@ def test_resident_reference_and_lora(tmp_path):
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "smoke_dpo/round-0/train/model")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_offline_evaluate_also_samples_and_scores_when_asked(tmp_path):
+    """An offline flow's evaluate reports the objective's held-out metrics and, with `generation`
+    and `annotate` set, the trained policy's scored samples, as the online flows do."""
+    cfg = load_config(ROOT / "configs" / "smoke_dpo.yaml", [
+        "train.epochs=1", "evaluate.generation={max_new_tokens: 8, batch_size: 8}",
+        "evaluate.annotate={steps: [{kind: rule}]}", "evaluate.max_prompts=6", "evaluate.compare_base=true"])
+    results = {r.stage: r for r in run_flow_locally(cfg, ArtifactStore(str(tmp_path)))}
+    metrics = results["evaluate"].metrics
+    assert {"heldout_loss", "heldout_reward_accuracy", "mean_reward", "base_mean_reward", "kl_to_reference"} <= set(metrics)
+    assert metrics["prompts"] == 6 and metrics["records"] > 0
