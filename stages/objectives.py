@@ -70,6 +70,16 @@ def shared_prompt_batch(enc: list[tuple[list[int], list[int]]], pad_id: int) -> 
             "shared_completion_mask": pad([[1] * len(c) for _, c in split], 0)}
 
 
+def batch_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token completion log-probs of a `sequences` batch and their mask, one row per pair
+    (through the shared prompts when the batch has them)."""
+    if "shared_prompt_ids" in batch:
+        return shared_prompt_token_logps(model, batch["shared_prompt_ids"], batch["shared_prompt_mask"],
+                                         batch["shared_prompt_index"], batch["shared_completion_ids"],
+                                         batch["shared_completion_mask"])
+    return completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
+
 def column(rows, name, dtype=torch.float32, default=None):
     return torch.tensor([r.get(name, default) if r.get(name) is not None else default for r in rows], dtype=dtype)
 
@@ -109,13 +119,7 @@ class Objective:
     @staticmethod
     def seq_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probs and completion token counts per sequence."""
-        if "shared_prompt_ids" in batch:
-            logps, mask = shared_prompt_token_logps(
-                model, batch["shared_prompt_ids"], batch["shared_prompt_mask"], batch["shared_prompt_index"],
-                batch["shared_completion_ids"], batch["shared_completion_mask"])
-        else:
-            logps, mask = completion_token_logps(model, batch["input_ids"], batch["attention_mask"],
-                                                 batch["completion_mask"])
+        logps, mask = batch_token_logps(model, batch)
         return logps.sum(-1), mask.sum(-1)
 
     def reference_logps(self, batch, cached_key: str) -> torch.Tensor:

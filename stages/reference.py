@@ -14,9 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.config import ReferenceConfig
-from stages.logprobs import completion_token_logps
 from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
-from stages.objectives import sequences
+from stages.objectives import batch_token_logps, sequences
 from stages.schemas import REFERENCE_COLUMNS, check_columns
 
 NAME = "reference"
@@ -30,16 +29,21 @@ def identity(cfg: ReferenceConfig) -> dict:
 
 @torch.no_grad()
 def score(model, tokenizer, pairs: list[tuple[str, str]], cfg: ReferenceConfig, per_token: bool, desc: str):
-    """Summed (and optionally per-token) completion log-probs, in the order of `pairs`."""
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))  # little padding
+    """Summed (and optionally per-token) completion log-probs, in the order of `pairs`. Pairs of one
+    prompt are batched together and share its forward pass (the trainer's shared prompts)."""
+    longest: dict[str, int] = {}
+    for p, c in pairs:
+        longest[p] = max(longest.get(p, 0), len(p) + len(c))
+    # longest prompt groups first (little padding), each group's pairs side by side
+    order = sorted(range(len(pairs)), key=lambda i: (-longest[pairs[i][0]], pairs[i][0], -len(pairs[i][1])))
     sums: list[float] = [0.0] * len(pairs)
     tokens: list[list[float] | None] = [None] * len(pairs)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     for k in tqdm(range(0, len(order), cfg.batch_size), desc=desc, disable=None):
         idx = order[k:k + cfg.batch_size]
-        batch = sequences(tokenizer, [pairs[i] for i in idx], cfg.max_prompt_length, cfg.max_length)
+        batch = sequences(tokenizer, [pairs[i] for i in idx], cfg.max_prompt_length, cfg.max_length, share_prompt=True)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logps, mask = completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            logps, mask = batch_token_logps(model, batch)
         for j, i in enumerate(idx):
             sums[i] = float(logps[j].sum())
             if per_token:
@@ -57,24 +61,18 @@ def run(ctx, cfg: ReferenceConfig):
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).eval()
     ctx.log.info("reference: log-probs of %d records under %s", len(rows), path)
-    columns = {}
-    for out_col, gen_col in (("reference_logp1", "generation1"), ("reference_logp2", "generation2"),
-                             ("reference_kl_logp", "kl_generation")):
-        present = [i for i, r in enumerate(rows) if r.get(gen_col) is not None]
-        values: list = [None] * len(rows)
-        per_token = cfg.token_logps and gen_col == "generation1"
-        if present:
-            sums, toks = score(model, tokenizer, [(rows[i]["prompt"], rows[i][gen_col]) for i in present], cfg,
-                               per_token, desc=f"reference {gen_col}")
-            for i, s in zip(present, sums):
-                values[i] = s
-            if per_token:
-                tok_values: list = [None] * len(rows)
-                for i, t in zip(present, toks):
-                    tok_values[i] = t
-                columns["reference_token_logps1"] = tok_values
-        columns[out_col] = values
-    columns.setdefault("reference_token_logps1", [None] * len(rows))
+    # Every completion of every record in one list, so the ones of a prompt share its forward pass.
+    wanted = [(out_col, gen_col, i) for out_col, gen_col in (("reference_logp1", "generation1"),
+                                                            ("reference_logp2", "generation2"),
+                                                            ("reference_kl_logp", "kl_generation"))
+              for i, r in enumerate(rows) if r.get(gen_col) is not None]
+    sums, toks = score(model, tokenizer, [(rows[i]["prompt"], rows[i][gen_col]) for _, gen_col, i in wanted], cfg,
+                       cfg.token_logps, desc="reference")
+    columns: dict[str, list] = {name: [None] * len(rows) for name in REFERENCE_COLUMNS.names}
+    for (out_col, gen_col, i), total, per_token in zip(wanted, sums, toks):
+        columns[out_col][i] = total
+        if gen_col == "generation1" and cfg.token_logps:
+            columns["reference_token_logps1"][i] = per_token
     table = pool.select([c for c in pool.column_names if c not in REFERENCE_COLUMNS.names])
     for field in REFERENCE_COLUMNS:
         table = table.append_column(field, pa.array(columns[field.name], type=field.type))

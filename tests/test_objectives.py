@@ -10,7 +10,7 @@ from conftest import needs_prepared
 from stages import losses as L
 from stages.config import TrainConfig
 from stages.logprobs import completion_token_logps
-from stages.objectives import make_objective
+from stages.objectives import make_objective, sequences
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
@@ -201,6 +201,22 @@ def test_shared_prompt_batch_groups_rows_by_prompt_tokens():
     assert out["shared_completion_ids"].tolist() == [[7, 8], [1, 0], [3, 0], [4, 4]]
     assert shared_prompt_batch(enc[:2], pad_id=0) == {}  # no prompt repeats: nothing to share
     assert shared_prompt_batch([([1], [1]), ([1], [1])], pad_id=0) == {}  # empty prompt
+
+
+@needs_prepared
+def test_reference_stage_scores_a_prompts_completions_together_with_the_same_numbers(tiny):
+    from stages.config import ReferenceConfig
+    from stages.reference import score
+
+    model, tok = tiny
+    pairs = [(r["prompt"], r[g]) for g in ("generation1", "generation2") for r in ROWS] + [(ROWS[0]["prompt"], "fine.")]
+    cfg = ReferenceConfig(model="tiny-llama", batch_size=4, max_length=32, max_prompt_length=8, token_logps=True)
+    sums, per_token = score(model, tok, pairs, cfg, per_token=True, desc="test")
+    for (prompt, completion), total, tokens in zip(pairs, sums, per_token):
+        one = sequences(tok, [(prompt, completion)], 8, 32)
+        want, mask = completion_token_logps(model, one["input_ids"], one["attention_mask"], one["completion_mask"])
+        assert math.isclose(total, want.sum().item(), rel_tol=1e-9)
+        assert tokens == pytest.approx(want[0][mask[0].bool()].tolist(), rel=1e-6)
 
 
 @needs_prepared
