@@ -209,9 +209,19 @@ def run_from_form(page, stack: Stack, deployment: str, texts: dict | None = None
             field.get_by_role("button", name="Add item").click()
             field.locator("textarea").last.fill(value)
     before = stack.run_ids(deployment)
-    page.get_by_role("button", name="Submit").click()
-    page.get_by_text("scheduled to start").first.wait_for()  # the UI's toast
-    return wait_until(lambda: next(iter(stack.run_ids(deployment) - before), None), 30, "the new flow run")
+    new_run = lambda: next(iter(stack.run_ids(deployment) - before), None)  # noqa: E731
+    # On a loaded machine a click can land while the form still re-renders and submit nothing:
+    # click again, as a user would, while no run has appeared and the form is still there.
+    for _ in range(3):
+        page.get_by_role("button", name="Submit").click()
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            if run_id := new_run():
+                return run_id
+            time.sleep(1)
+        if not page.get_by_role("button", name="Submit").is_visible():
+            break
+    return wait_until(new_run, 60, "the new flow run", stack.serve_proc, stack.serve_log)
 
 
 def open_run(page, stack: Stack, run_id: str, tab: str | None = None) -> None:
