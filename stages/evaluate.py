@@ -72,7 +72,7 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     from stages.annotate import checked_scores
     from stages.annotators import ANNOTATORS, TemplateFeedback
     from stages.reweight import sequence_logps
-    from stages.sample import conditioned, generate_hf
+    from stages.sample import conditioned, encode_prompt, generate_hf
 
     prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if r["split"] == "heldout"]
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
@@ -91,7 +91,7 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
     # The reference sees the unconditioned prompt (the KL convention of Quark / NLF) and the sampled tokens.
     ref_tok = load_tokenizer(ref_path)
-    ref_prompts = [ref_tok(r["prompt"], add_special_tokens=False).input_ids[-gen_cfg.max_prompt_tokens:] for r in rows]
+    ref_prompts = [encode_prompt(ref_tok, r["prompt"], gen_cfg) for r in rows]
     ref = sequence_logps(ref_path, ref_prompts, [r["completion_ids"] for r in rows])
     for r, sc, lr in zip(rows, scores, ref):
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})

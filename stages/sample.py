@@ -4,9 +4,9 @@ Round 0 samples from `sample.model` (the base policy); round k from round k-1's 
 Batched `generate` with a KV cache and left padding, prompts sorted by length so batches waste
 little padding; temperature, top-p, max_new_tokens, stop on EOS; an optional conditioning prefix
 (Quark's best reward token, or NLF feedback). Seeded: the same config and checkpoint give the same
-samples. Each row records the prompt and completion token ids and the policy's own summed log-prob of its generation (temperature 1, no
-top-p: the distribution importance weights need), read from the raw logits while generating, so no
-second forward pass is needed.
+samples. Each row records the prompt and completion token ids and the policy's own summed
+log-prob of its generation (temperature 1, no top-p: the distribution importance weights need),
+read from the raw logits while generating, so no second forward pass is needed.
 
 Backends: "hf" (transformers generate, default) and "vllm" (GPU machines; imported only when chosen).
 """
@@ -80,12 +80,17 @@ class TokenLogprobs(LogitsProcessor):
         return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros(sequences.shape[0], 0, dtype=torch.float)
 
 
+def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> list[int]:
+    """The prompt's token ids as the policy sees them: its last max_prompt_tokens tokens."""
+    return tokenizer(text, add_special_tokens=False).input_ids[-cfg.max_prompt_tokens:]
+
+
 def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
     """For each prompt, n dicts: text, token ids and counts, truncated, policy_logprob."""
     tokenizer = load_tokenizer(path, padding_side="left")
     model = load_causal_lm(path).eval()
     eos = tokenizer.eos_token_id
-    encoded = [tokenizer(p, add_special_tokens=False).input_ids[-cfg.max_prompt_tokens:] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
     out: list[list[dict]] = [[] for _ in prompts]

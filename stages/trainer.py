@@ -62,7 +62,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     torch.manual_seed(seed)
     if accelerator.device.type == "cpu" and allocator.current() != "jemalloc":
         log.info("train: running on the system malloc; with jemalloc (apt-get install libjemalloc2) `align` "
-                 "peaks about 15%% lower")
+                 "peaks about 15% lower")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -55,7 +55,8 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+def poll(predicate, timeout: float, what: str = "", proc: subprocess.Popen | None = None, log: Path | None = None):
+    """predicate()'s first truthy value within timeout seconds, else None; fails if proc exits meanwhile."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
@@ -64,7 +65,14 @@ def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | No
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"{what}: the process exited ({proc.returncode}):\n{log.read_text()[-3000:] if log else ''}")
         time.sleep(1)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
+    return None
+
+
+def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    value = poll(predicate, timeout, what, proc, log)
+    if not value:
+        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{log.read_text()[-3000:] if log else ''}")
+    return value
 
 
 class Stack:
@@ -214,11 +222,8 @@ def run_from_form(page, stack: Stack, deployment: str, texts: dict | None = None
     # click again, as a user would, while no run has appeared and the form is still there.
     for _ in range(3):
         page.get_by_role("button", name="Submit").click()
-        end = time.monotonic() + 30
-        while time.monotonic() < end:
-            if run_id := new_run():
-                return run_id
-            time.sleep(1)
+        if run_id := poll(new_run, 30, "the new flow run", stack.serve_proc, stack.serve_log):
+            return run_id
         if not page.get_by_role("button", name="Submit").is_visible():
             break
     return wait_until(new_run, 60, "the new flow run", stack.serve_proc, stack.serve_log)
