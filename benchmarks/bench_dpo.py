@@ -14,9 +14,9 @@ configurations alternating within every repeat (the starting one rotates from re
                       separately; it runs inside the trainer's constructor)
 
 Both sides train on exactly the same token ids, in the same batches, in the same order:
-- the pairs are tokenised once, here, by our own `encode_completion` (prompt keeps its last
-  max_prompt_length tokens, completion its first max_length - max_prompt_length tokens, EOS
-  included), and TRL is handed those ids (a DPOTrainer subclass skips its own tokenisation; its
+- the pairs are tokenised once, here, by our own token rules (stages/tokens.py: the prompt keeps
+  its last max_prompt_length tokens, the completion its first max_length - max_prompt_length
+  tokens, EOS included); our trainer reads those ids from the records, and TRL is handed them (a DPOTrainer subclass skips its own tokenisation; its
   collator's keep_start truncation at max_length=128 is then a no-op);
 - our trainer shuffles (`epoch_batches`, seed 0; group_by_length=False); the TRL dataset is
   written in that same batch order and read with train_sampling_strategy="sequential".
@@ -67,10 +67,6 @@ N_PAIRS = 64
 BATCH = 4
 MAX_LENGTH = 128
 MAX_PROMPT = 64
-# Prompt text is cut to about this many tokens; our encoder then keeps its last MAX_PROMPT tokens.
-# (Not the brief's ~48: stages.objectives.encode_completion keeps only max_prompt - n of an n-token
-# prompt when max_prompt/2 < n < max_prompt, so prompts in that range would be mangled; see README.)
-PROMPT_TOKENS = 76
 LR = 5e-6
 BETA = 0.1
 SEED = 0
@@ -90,7 +86,7 @@ def build_pairs(path: Path) -> None:
 
     from stages.data import read_corpus
     from stages.models import load_tokenizer, resolve_model
-    from stages.objectives import encode_completion
+    from stages.tokens import from_text, join
     from stages.trainer import epoch_batches
 
     tok = load_tokenizer(resolve_model("smollm2"))
@@ -115,19 +111,20 @@ def build_pairs(path: Path) -> None:
             ctx.append(r["text"])
     rows = []
     for k in range(N_PAIRS):
-        ids = tok(" ".join(ctx[3 * k:3 * k + 3]), add_special_tokens=False).input_ids[:PROMPT_TOKENS]
-        prompt = tok.decode(ids).strip()
-        full = tok(prompt, add_special_tokens=False).input_ids
-        assert len(full) > MAX_PROMPT, len(full)
-        chosen = pos[2 * k] + " " + pos[2 * k + 1]
-        rejected = neg[2 * k] + " " + neg[2 * k + 1]
-        p_c, m_c = encode_completion(tok, prompt, chosen, MAX_PROMPT, MAX_LENGTH)
-        p_r, m_r = encode_completion(tok, prompt, rejected, MAX_PROMPT, MAX_LENGTH)
+        # Prompts of natural lengths: one to three snippets (about 22 to 120 tokens), so some are
+        # kept whole and some lose their start to the 64-token budget.
+        prompt = " ".join(ctx[3 * k:3 * k + 1 + k % 3])
+        chosen = " " + pos[2 * k] + " " + pos[2 * k + 1]  # the space on the completion's side
+        rejected = " " + neg[2 * k] + " " + neg[2 * k + 1]
+        p_c, m_c = join(from_text(tok, prompt, chosen), MAX_PROMPT, MAX_LENGTH)
+        p_r, m_r = join(from_text(tok, prompt, rejected), MAX_PROMPT, MAX_LENGTH)
         n_prompt = m_c.index(1)
-        assert p_c[:n_prompt] == p_r[:n_prompt] == full[-MAX_PROMPT:] and m_r.index(1) == n_prompt
+        full = tok(prompt, add_special_tokens=False).input_ids
+        assert p_c[:n_prompt] == p_r[:n_prompt] == full[-min(len(full), MAX_PROMPT):] and m_r.index(1) == n_prompt
         rows.append({"pair_id": k, "prompt": prompt, "generation1": chosen, "generation2": rejected,
                      "prompt_ids": p_c[:n_prompt], "chosen_ids": p_c[n_prompt:], "rejected_ids": p_r[n_prompt:],
-                     "tokens": len(p_c) + len(p_r)})
+                     "generation1_ids": p_c[n_prompt:], "generation2_ids": p_r[n_prompt:],
+                     "prompt_tokens_before_cut": len(full), "tokens": len(p_c) + len(p_r)})
     # The order our trainer visits them in (epoch 0, seed 0, no length grouping); TRL reads this order.
     batches = epoch_batches(rows, BATCH, SEED, 0, group_by_length=False)
     for pos_, r in enumerate(r for b in batches for r in b):
@@ -206,6 +203,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
         from stages.config import ReferenceConfig, TrainConfig
         from stages.models import load_causal_lm, load_tokenizer, resolve_model
         from stages.reference import score
+        from stages.tokens import of_record
         from stages.train import attach_reference, prepare
         from stages.trainer import fit
 
@@ -221,7 +219,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
             rcfg = ReferenceConfig(model="smollm2", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT,
                                    batch_size=REF_BATCH)
             for col, gen in (("reference_logp1", "generation1"), ("reference_logp2", "generation2")):
-                sums, _ = score(base, tok, [(r["prompt"], r[gen]) for r in rows], rcfg, per_token=False, desc="ref")
+                sums, _ = score(base, tok, [of_record(tok, r, gen) for r in rows], rcfg, per_token=False, desc="ref")
                 for r, s in zip(rows, sums):
                     r[col] = s
             out["precompute_s"] = time.perf_counter() - t1
@@ -271,7 +269,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
         timing: dict = {}
 
         class PreTokenized(DPOTrainer):
-            """The pairs arrive already tokenised (by our encode_completion): skip TRL's tokenisation."""
+            """The pairs arrive already tokenised (by our token rules): skip TRL's tokenisation."""
 
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 return dataset

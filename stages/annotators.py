@@ -16,6 +16,7 @@ import torch
 from stages.errors import BadInput
 from stages.models import load_causal_lm, load_sequence_classifier, load_tokenizer, resolve_model
 from stages.paths import PROJECT_ROOT
+from stages.tokens import for_classifier, keep_last, pad, text_ids
 
 DEFAULT_REWARD_MODEL = "artifacts/reward_movies/round-0/train/model"
 
@@ -59,19 +60,27 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts, completions):
-        texts = [" ".join(filter(None, [p, c])) for p, c in zip(prompts, completions)]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        scores = [0.0] * len(texts)
+        # prompt + completion as one text, joined as given; too long, it loses the prompt's start
+        ids = for_classifier(self.tokenizer, list(zip(prompts, completions)), self.step.max_length)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        scores = [0.0] * len(ids)
         for k in range(0, len(order), self.step.batch_size):
             idx = order[k:k + self.step.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.step.max_length,
-                                 padding=True, return_tensors="pt")
-            logits = self.model(**enc).logits.float()
+            batch = [ids[i] for i in idx]
+            logits = self.model(input_ids=pad(batch, self.tokenizer.pad_token_id),
+                                attention_mask=pad([[1] * len(x) for x in batch], 0)).logits.float()
             # one output: P(preferred) as a sigmoid of the Bradley-Terry score; two: P(class 1)
             probs = torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else logits.softmax(-1)[:, 1]
             for i, s in zip(idx, probs.tolist()):
                 scores[i] = s
         return {"score": scores}
+
+
+def shown_prompt(tokenizer, prompt: str, max_tokens: int) -> str:
+    """The task prompt as an LLM annotator is shown it: its last max_tokens tokens (the
+    continuations it judges are shown whole)."""
+    ids = text_ids(tokenizer, prompt)
+    return prompt if len(ids) <= max_tokens else tokenizer.decode(keep_last(ids, max_tokens))
 
 
 class Rule:
@@ -96,7 +105,8 @@ class LLMJudge:
         self.answer_ids = [self.tokenizer.convert_tokens_to_ids(a) for a in ("A", "B")]
 
     def render(self, prompt, a, b) -> str:
-        text = self.step.judge_template.format(prompt=prompt, a=a, b=b)
+        text = self.step.judge_template.format(prompt=shown_prompt(self.tokenizer, prompt, self.step.max_length),
+                                               a=a, b=b)
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
@@ -171,7 +181,8 @@ class LLMFeedback:
         for k in range(0, len(prompts), self.step.batch_size):
             texts = []
             for p, c in zip(prompts[k:k + self.step.batch_size], completions[k:k + self.step.batch_size]):
-                msg = self.step.feedback_template.format(prompt=p, completion=c)
+                msg = self.step.feedback_template.format(prompt=shown_prompt(self.tokenizer, p, self.step.max_length),
+                                                         completion=c)
                 texts.append(self.tokenizer.apply_chat_template([{"role": "user", "content": msg}], tokenize=False,
                                                                 add_generation_prompt=True)
                              if self.tokenizer.chat_template else msg)

@@ -33,7 +33,7 @@ from stages.errors import BadInput
 from stages.schemas import check_columns, records_table
 
 NAME = "build_pool"
-VERSION = "2"
+VERSION = "3"
 INPUTS = ("load_prompts@0", "annotate", "reweight")
 
 
@@ -49,7 +49,19 @@ def _need(rows: list[dict], column: str, kind: str, hint: str) -> list[dict]:
 
 
 def _text(x: dict) -> str:
-    return " ".join(filter(None, [x["prompt"], x["completion"]]))
+    """Prompt and completion as one text, joined as the data gives them (no separator invented)."""
+    return (x["prompt"] or "") + (x["completion"] or "")
+
+
+def _prompt(r: dict) -> dict:
+    """A record's prompt fields, with the sampled prompt's token ids where the row has them."""
+    return {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "prompt_ids": r.get("prompt_ids"), "split": r["split"]}
+
+
+def _gen(r: dict, k: int | str = 1) -> dict:
+    """generation{k} (text, token ids as sampled, weight) of a sample row."""
+    return {f"generation{k}": r["completion"], f"generation{k}_ids": r.get("completion_ids"),
+            f"generation{k}_weight": _w(r)}
 
 
 def _w(r: dict) -> float:
@@ -58,8 +70,7 @@ def _w(r: dict) -> float:
 
 
 def sft_records(rows, cfg, seed):
-    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
-             "generation1_weight": _w(r), "split": r["split"]}
+    return [{**_prompt(r), **_gen(r)}
             for r in _need(rows, "completion", "sft", "map a column to 'completion' in load_prompts.columns")]
 
 
@@ -101,10 +112,8 @@ def preference_pairs(rows, cfg, seed):
             candidates = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]]
         for hi, lo in candidates:
             if hi["score"] - lo["score"] >= cfg.min_score_gap:
-                out.append({"prompt_id": pid, "prompt": hi["prompt"], "generation1": hi["completion"],
-                            "generation2": lo["completion"], "generation1_reward": hi["score"],
-                            "generation2_reward": lo["score"], "generation1_weight": _w(hi),
-                            "generation2_weight": _w(lo), "split": hi["split"]})
+                out.append({**_prompt(hi), **_gen(hi, 1), **_gen(lo, 2), "generation1_reward": hi["score"],
+                            "generation2_reward": lo["score"]})
     return out
 
 
@@ -117,20 +126,20 @@ def _threshold(scores: list[float], cfg) -> float:
 
 
 def pointwise(rows, cfg, seed):
-    base = {"prompt_id": None, "prompt": None, "split": None}
     given = [r for r in rows if r.get("rejected") is not None and r.get("completion") is not None]
     if given:
-        out = [{**{k: r[k] for k in base}, "generation1": g, "desirable": d}
+        out = [{**_prompt(r), "generation1": g, "desirable": d}
                for r in given for g, d in ((r["completion"], True), (r["rejected"], False))]
     else:
         scored = _need(rows, "score", "pointwise", "give chosen/rejected pairs, or completions with scores")
         scored = [r for r in scored if r.get("completion")]
         cut = _threshold([r["score"] for r in scored], cfg)
-        out = [{**{k: r[k] for k in base}, "generation1": r["completion"], "generation1_reward": r["score"],
-                "generation1_weight": _w(r), "desirable": r["score"] > cut} for r in scored]
+        out = [{**_prompt(r), **_gen(r), "generation1_reward": r["score"], "desirable": r["score"] > cut}
+               for r in scored]
     out.sort(key=lambda r: _order(seed, r["prompt_id"] + r["generation1"]))
     for i, r in enumerate(out):  # KTO's mismatched completion: the next record's, cyclically
-        r["kl_generation"] = out[(i + 1) % len(out)]["generation1"]
+        other = out[(i + 1) % len(out)]
+        r["kl_generation"], r["kl_generation_ids"] = other["generation1"], other.get("generation1_ids")
     return out
 
 
@@ -147,9 +156,7 @@ def _quantile_bins(rows, cfg, seed) -> list[tuple[dict, int]]:
 
 
 def quark(rows, cfg, seed):
-    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
-             "generation1_reward": r["score"], "generation1_weight": _w(r), "control": cfg.control_token.format(k=k),
-             "split": r["split"]}
+    return [{**_prompt(r), **_gen(r), "generation1_reward": r["score"], "control": cfg.control_token.format(k=k)}
             for r, k in _quantile_bins(rows, cfg, seed)]
 
 
@@ -157,9 +164,7 @@ def nlf(rows, cfg, seed):
     """An annotator's own feedback when the sample has it; otherwise the phrase of its reward quantile."""
     if len(cfg.feedback_phrases) != cfg.quantiles:
         raise BadInput(f"build_pool.feedback_phrases: {len(cfg.feedback_phrases)} phrases for {cfg.quantiles} quantiles")
-    record = lambda r, fb: {"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],  # noqa: E731
-                            "generation1_reward": r.get("score"), "generation1_weight": _w(r), "feedback": fb,
-                            "split": r["split"]}
+    record = lambda r, fb: {**_prompt(r), **_gen(r), "generation1_reward": r.get("score"), "feedback": fb}  # noqa: E731
     given = [record(r, r["feedback"]) for r in rows if r.get("feedback") and r.get("completion")]
     rest = [r for r in rows if not r.get("feedback")]
     if not rest:
@@ -169,9 +174,7 @@ def nlf(rows, cfg, seed):
 
 def rl(rows, cfg, seed):
     scored = _need(rows, "score", "rl", "completions need rewards (annotate, or a 'score' column)")
-    return [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "generation1": r["completion"],
-             "generation1_reward": r["score"], "generation1_weight": _w(r), "split": r["split"]}
-            for r in scored if r.get("completion")]
+    return [{**_prompt(r), **_gen(r), "generation1_reward": r["score"]} for r in scored if r.get("completion")]
 
 
 BUILDERS = {"sft": sft_records, "reward_pairs": reward_pairs, "pairs": preference_pairs, "pointwise": pointwise,

@@ -19,12 +19,20 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def conditioning_template(template: str) -> str:
+    """NLF templates put the conditioning before the prompt, so it is a prefix of the prompt's tokens."""
+    if not template.endswith("{prompt}") or template.count("{prompt}") != 1 or "{feedback}" not in template:
+        raise ValueError("must contain {feedback} and end with {prompt} (the conditioning is a prefix of the prompt)")
+    return template
+
+
 class LoadPromptsConfig(Section):
     # A built-in corpus ("movie_snippets", "tweets", "product_snippets", "editorial_snippets"),
     # a local/fsspec Parquet, JSONL or CSV file, or a hub dataset name (only where the hub is reachable).
     source: str = "movie_snippets"
     hub_split: str = "train"
-    # our column -> the source's column; `prompt` is required, `completion` and `score` optional.
+    # our column -> the source's column; `prompt` is required, `completion` and `score` optional;
+    # `prompt_ids` and `completion_ids` (token ids, as sample records them) are read when present.
     columns: dict[str, str] = Field(default_factory=dict)
     # plain: the columns above; or a preference schema mapped to prompt / completion / rejected.
     format: Literal["plain", "hh_rlhf", "ultrafeedback", "tldr_preference", "pairs"] = "plain"
@@ -56,6 +64,7 @@ class SampleConfig(Section):
     control_token: str = "<|quark_0|>"
     feedback: str = "Excellent."
     feedback_template: str = "feedback: {feedback} input: {prompt}"
+    _template = field_validator("feedback_template")(conditioning_template)
 
 
 class AnnotatorStep(Section):
@@ -67,11 +76,13 @@ class AnnotatorStep(Section):
     model: str | None = None  # reward_model: the reward flow's model; llm_*: smollm2
     callable: str = "stages.annotators.vader_compound"
     batch_size: int = Field(32, ge=1)
+    # reward_model: tokens of prompt + completion (a longer one loses the prompt's start first);
+    # llm_judge / llm_feedback: tokens of the task prompt shown (its start is cut).
     max_length: int = Field(128, ge=8)
     judge_template: str = ("Which continuation of the movie review is more positive?\n"
                            "Review start: {prompt}\nA: {a}\nB: {b}\nAnswer with A or B.")
     feedback_template: str = ("Rate how positive this movie review continuation is, then explain briefly.\n"
-                              "Review: {prompt} {completion}\nReply as 'Score: N/10. Feedback: ...'")
+                              "Review: {prompt}{completion}\nReply as 'Score: N/10. Feedback: ...'")
     max_feedback_tokens: int = Field(32, ge=4)
     # template_feedback: (threshold, phrase), highest first; a score >= threshold gets the phrase.
     buckets: list[tuple[float, str]] = Field(default_factory=lambda: [
@@ -151,6 +162,7 @@ class ConditionedOptions(Section):
 
 class NLFOptions(ConditionedOptions):
     feedback_template: str = "feedback: {feedback} input: {prompt}"
+    _template = field_validator("feedback_template")(conditioning_template)
 
 
 class RLOptions(Section):

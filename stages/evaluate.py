@@ -22,7 +22,7 @@ from stages.objectives import RewardBT
 from stages.train import attach_reference, pool_rows, prepare
 
 NAME = "evaluate"
-VERSION = "2"
+VERSION = "3"
 INPUTS = ("build_pool", "reference", "train", "load_prompts@0")
 
 
@@ -72,14 +72,14 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     from stages.annotate import checked_scores
     from stages.annotators import ANNOTATORS, TemplateFeedback
     from stages.reweight import sequence_logps
-    from stages.sample import conditioned, encode_prompt, generate_hf
+    from stages.sample import generate_hf
 
     prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if r["split"] == "heldout"]
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
     if not prompts:
         raise BadInput("evaluate: no held-out prompts (raise load_prompts.heldout_fraction)")
     gen_cfg = cfg.generation.model_copy(update={"n": 1})
-    texts = [conditioned(r["prompt"], gen_cfg)[0] for r in prompts]
+    texts = [r["prompt"] for r in prompts]
     samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.seed + 7, ctx.log)]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], **g} for r, g in zip(prompts, samples)]
     scores: list = [None] * len(rows)
@@ -90,9 +90,7 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         scores = checked_scores(out.get("score"), len(rows), f"evaluate ({step.kind})", allow_missing=True)
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
     # The reference sees the unconditioned prompt (the KL convention of Quark / NLF) and the sampled tokens.
-    ref_tok = load_tokenizer(ref_path)
-    ref_prompts = [encode_prompt(ref_tok, r["prompt"], gen_cfg) for r in rows]
-    ref = sequence_logps(ref_path, ref_prompts, [r["completion_ids"] for r in rows])
+    ref = sequence_logps(ref_path, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     for r, sc, lr in zip(rows, scores, ref):
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     known = [x for x in scores if x is not None]

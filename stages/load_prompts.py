@@ -1,7 +1,10 @@
 """load_prompts: a dataset mapped to our column names, filtered, deduplicated and split.
 
 Output columns: prompt_id (a hash of the prompt), prompt, completion, rejected and score (each may
-be null), split ("train" or "heldout"). Preference datasets in the usual hub schemas (`format`:
+be null), split ("train" or "heldout"), and prompt_ids / completion_ids where the source has them
+(a table of sampled rows: later stages then train the ids the policy drew). Texts are kept exactly
+as the data gives them; where this stage cuts one text into prompt and completion (the snippet
+corpora's first words), the space between them stays on the completion's side. Preference datasets in the usual hub schemas (`format`:
 hh_rlhf, ultrafeedback, tldr_preference, pairs) map to prompt / completion (chosen) / rejected.
 The split is decided by a seeded hash of the prompt, so it is stable across runs and a prompt
 never lands on both sides.
@@ -20,11 +23,11 @@ from stages.config import LoadPromptsConfig
 from stages.errors import BadInput
 
 NAME = "load_prompts"
-VERSION = "1"
+VERSION = "2"
 INPUTS: tuple[str, ...] = ()
 ONCE = True  # later rounds read round 0's prompts
 
-OUR_COLUMNS = ("prompt", "completion", "score")
+OUR_COLUMNS = ("prompt", "completion", "score", "prompt_ids", "completion_ids")
 SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
     ("prompt", pa.string()),
@@ -32,6 +35,8 @@ SCHEMA = pa.schema([
     ("rejected", pa.string()),
     ("score", pa.float64()),
     ("split", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("completion_ids", pa.list_(pa.int32())),
 ])
 
 
@@ -64,7 +69,9 @@ def _from_corpus(cfg: LoadPromptsConfig) -> list[dict]:
     for r in data.read_corpus(cfg.source).to_pylist():
         words = r["text"].split()
         if cfg.prompt_words:
-            prompt, completion = " ".join(words[: cfg.prompt_words]), " ".join(words[cfg.prompt_words:])
+            # the space between the two stays on the completion's side: " rest of the review"
+            rest = words[cfg.prompt_words:]
+            prompt, completion = " ".join(words[: cfg.prompt_words]), "".join(" " + w for w in rest)
         else:
             prompt, completion = " ".join(words), None
         rows.append({"prompt": prompt, "completion": completion, "rejected": None, "score": r["valence"]})
@@ -75,8 +82,8 @@ def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
     if cfg.format != "plain":
         from stages.preference_formats import to_pairs
 
-        return [{"prompt": r["prompt"], "completion": r["chosen"], "rejected": r["rejected"], "score": None}
-                for r in to_pairs(table, cfg.format, cfg.source)]
+        return [{"prompt": r["prompt"], "completion": r["chosen"], "rejected": r["rejected"], "score": None,
+                 "prompt_ids": None, "completion_ids": None} for r in to_pairs(table, cfg.format, cfg.source)]
     unknown = set(cfg.columns) - set(OUR_COLUMNS)
     if unknown:
         raise BadInput(f"load_prompts.columns: unknown column '{sorted(unknown)[0]}' (ours: {', '.join(OUR_COLUMNS)})")
@@ -84,9 +91,16 @@ def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
     if mapping["prompt"] not in table.column_names:
         raise BadInput(f"{cfg.source}: missing required column '{mapping['prompt']}' (mapped to prompt); "
                        f"columns are {', '.join(table.column_names)}")
-    for ours in ("completion", "score"):
+    for ours in OUR_COLUMNS[1:]:
         if ours in cfg.columns and cfg.columns[ours] not in table.column_names:
             raise BadInput(f"{cfg.source}: missing column '{cfg.columns[ours]}' (mapped to {ours})")
+    for ours in ("prompt_ids", "completion_ids"):
+        theirs = mapping[ours]
+        if theirs in table.column_names:
+            kind = table.schema.field(theirs).type
+            if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)):
+                raise BadInput(f"{cfg.source}: column '{theirs}' (mapped to {ours}) must hold lists of token ids, "
+                               f"it holds {kind}")
     n = table.num_rows
     cols = {ours: table.column(theirs).to_pylist() if theirs in table.column_names else [None] * n
             for ours, theirs in mapping.items()}
@@ -101,8 +115,13 @@ def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
         except (TypeError, ValueError):
             raise BadInput(f"{cfg.source}: column '{mapping['score']}' must be numeric (row {i}: {score!r})") from None
         completion = cols["completion"][i]
+        ids = {k: cols[k][i] for k in ("prompt_ids", "completion_ids")}
+        if (ids["prompt_ids"] is None) != (ids["completion_ids"] is None) or (ids["prompt_ids"] is not None
+                                                                                and completion is None):
+            raise BadInput(f"{cfg.source}: row {i} needs prompt_ids, completion_ids and completion together "
+                           f"(columns '{mapping['prompt_ids']}', '{mapping['completion_ids']}')")
         rows.append({"prompt": prompt, "completion": None if completion is None else str(completion),
-                     "rejected": None, "score": score})
+                     "rejected": None, "score": score, **ids})
     return rows
 
 
@@ -134,8 +153,8 @@ def run(ctx, cfg: LoadPromptsConfig):
     n_read = len(rows)
     kept, seen = [], set()
     for r in rows:
-        prompt = (r["prompt"] or "").strip()
-        if not (cfg.min_prompt_chars <= len(prompt) <= cfg.max_prompt_chars):
+        prompt = r["prompt"] or ""  # as given: its whitespace is part of the text the model sees
+        if not (cfg.min_prompt_chars <= len(prompt.strip()) <= cfg.max_prompt_chars):
             continue
         if cfg.min_completion_words and len((r["completion"] or "").split()) < cfg.min_completion_words:
             continue
@@ -158,7 +177,7 @@ def run(ctx, cfg: LoadPromptsConfig):
     for split in ("train", "heldout"):
         part = sorted((r for r in kept if r["split"] == split), key=lambda r: r["_order"])
         out.extend(part[: cfg.max_rows] if cfg.max_rows else part)
-    table = pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in out], schema=SCHEMA)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in out], schema=SCHEMA)
     counts = {s: sum(r["split"] == s for r in out) for s in ("train", "heldout")}
     ctx.log.info("load_prompts: %d read, %d kept, %d train / %d held out", n_read, len(kept), counts["train"], counts["heldout"])
     return StageOutput(table, {"read": n_read, "kept": len(kept), **{f"rows_{k}": v for k, v in counts.items()}})

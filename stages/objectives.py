@@ -13,48 +13,26 @@ import torch
 
 from stages import losses as L
 from stages.logprobs import completion_token_logps, completion_token_stats, shared_prompt_token_logps
+from stages.tokens import Sequence, feedback_prefix, for_classifier, join, of_record, pad, text_ids
 
 
-def encode_completion(tokenizer, prompt: str, completion: str, max_prompt: int, max_length: int,
-                      prefix_ids: list[int] | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of [prefix +] prompt + completion + EOS, and a mask that is 1 on completion tokens.
-
-    The prompt keeps its last tokens (max_prompt in all, prefix included); the completion keeps its
-    first max_length - max_prompt tokens. The completion's tokens therefore never depend on the
-    prompt, so a conditioned and an unconditioned prompt carry identical completions.
-    """
-    prefix_ids = prefix_ids or []
-    p = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-    p = prefix_ids + p[len(p) - max(0, max_prompt - len(prefix_ids)):]
-    sep = " " if prompt and completion and not completion[0].isspace() and not prompt[-1].isspace() else ""
-    c = (tokenizer(sep + completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[: max_length - max_prompt]
-    return p + c, [0] * len(p) + [1] * len(c)
-
-
-def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def sequences(tokenizer, pairs: list[tuple[str, str]], max_prompt: int, max_length: int, prefixes=None,
-              share_prompt: bool = False) -> dict:
-    """A right-padded batch of (prompt, completion) pairs.
+def sequences(seqs: list[Sequence], pad_id: int, max_prompt: int, max_length: int, share_prompt: bool = False) -> dict:
+    """A right-padded batch of sequences under the token rules (stages/tokens.py).
 
     With share_prompt, when some rows carry the same prompt tokens, the batch also holds them as
     unique prompts + one completion per row (`shared_*`, for logprobs.shared_prompt_token_logps).
     """
-    enc = [encode_completion(tokenizer, p, c, max_prompt, max_length, prefixes[i] if prefixes else None)
-           for i, (p, c) in enumerate(pairs)]
-    out = {"input_ids": pad([e[0] for e in enc], tokenizer.pad_token_id),
+    enc = [join(s, max_prompt, max_length) for s in seqs]
+    out = {"input_ids": pad([e[0] for e in enc], pad_id),
            "attention_mask": pad([[1] * len(e[0]) for e in enc], 0),
            "completion_mask": pad([e[1] for e in enc], 0)}
     if share_prompt:
-        out |= shared_prompt_batch(enc, tokenizer.pad_token_id)
+        out |= shared_prompt_batch(enc, pad_id)
     return out
 
 
 def shared_prompt_batch(enc: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """encode_completion outputs as unique prompts, the prompt of each row, and the rows'
+    """`join` outputs as unique prompts, the prompt of each row, and the rows'
     completions; {} when no prompt repeats, or a prompt or completion is empty."""
     split = [(ids[:len(ids) - sum(mask)], ids[len(ids) - sum(mask):]) for ids, mask in enc]
     if not all(p and c for p, c in split):
@@ -111,10 +89,14 @@ class Objective:
         raise NotImplementedError
 
     # -- helpers shared by objectives ----------------------------------------------------------------
-    def seqs(self, tokenizer, pairs, prefixes=None, share_prompt: bool = False):
-        """share_prompt: rows repeat prompts (DPO, KTO, RL); run each prompt once where allowed."""
+    def seqs(self, tokenizer, rows: list[dict], generations: list[str], prefixes=None, share_prompt: bool = False):
+        """The batch of each row's prompt with each of `generations` (all rows' first, then the
+        next): recorded token ids where rows have them, else their tokenised text.
+        share_prompt: rows repeat prompts (DPO, KTO, RL); run each prompt once where allowed."""
         share = share_prompt and self.cfg.share_prompt and not self.cfg.gradient_checkpointing
-        return sequences(tokenizer, pairs, self.max_prompt, self.cfg.max_length, prefixes, share)
+        seqs = [of_record(tokenizer, r, g, prefixes[i] if prefixes else ())
+                for g in generations for i, r in enumerate(rows)]
+        return sequences(seqs, tokenizer.pad_token_id, self.max_prompt, self.cfg.max_length, share)
 
     @staticmethod
     def seq_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +127,7 @@ class SFT(Objective):
     name = "sft"
 
     def collate(self, rows, tokenizer):
-        out = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows])
+        out = self.seqs(tokenizer, rows, ["generation1"])
         out["weights"] = column(rows, "generation1_weight", default=1.0)
         return out
 
@@ -167,16 +149,14 @@ class RewardBT(Objective):
     model_kind = "sequence_classifier"
     needs = ("generation1", "generation2")
 
-    @staticmethod
-    def texts(rows, col):
-        return [" ".join(filter(None, [r["prompt"], r[col]])) for r in rows]
-
     def collate(self, rows, tokenizer):
-        enc = tokenizer(self.texts(rows, "generation1") + self.texts(rows, "generation2"), truncation=True,
-                        max_length=self.cfg.max_length, padding=True, return_tensors="pt")
+        # Prompt + text as one input; a too-long one loses the prompt's start, never the text judged.
+        ids = for_classifier(tokenizer, [(r["prompt"], r[col]) for col in ("generation1", "generation2") for r in rows],
+                             self.cfg.max_length)
         # A pair's weight is the product of its two samples' weights.
         weights = column(rows, "generation1_weight", default=1.0) * column(rows, "generation2_weight", default=1.0)
-        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "weights": weights}
+        return {"input_ids": pad(ids, tokenizer.pad_token_id), "attention_mask": pad([[1] * len(x) for x in ids], 0),
+                "weights": weights}
 
     def scores(self, model, batch):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().squeeze(-1)
@@ -202,8 +182,7 @@ class DPO(Objective):
         return not self.opt.reference_free
 
     def collate(self, rows, tokenizer):
-        pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["generation2"]) for r in rows]
-        out = self.seqs(tokenizer, pairs, share_prompt=True)
+        out = self.seqs(tokenizer, rows, ["generation1", "generation2"], share_prompt=True)
         out["weights"] = column(rows, "generation1_weight", default=1.0) * column(rows, "generation2_weight", default=1.0)
         if all(r.get("reference_logp1") is not None and r.get("reference_logp2") is not None for r in rows):
             out["ref_logps"] = torch.cat([column(rows, "reference_logp1"), column(rows, "reference_logp2")])
@@ -238,8 +217,7 @@ class KTO(Objective):
     reference_columns = ("reference_logp1", "reference_kl_logp")
 
     def collate(self, rows, tokenizer):
-        pairs = [(r["prompt"], r["generation1"]) for r in rows] + [(r["prompt"], r["kl_generation"]) for r in rows]
-        out = self.seqs(tokenizer, pairs, share_prompt=True)
+        out = self.seqs(tokenizer, rows, ["generation1", "kl_generation"], share_prompt=True)
         out["weights"] = column(rows, "generation1_weight", default=1.0)
         out["desirable"] = torch.tensor([bool(r["desirable"]) for r in rows])
         if all(r.get("reference_logp1") is not None and r.get("reference_kl_logp") is not None for r in rows):
@@ -268,21 +246,17 @@ class ConditionedNLL(Objective):
     needs = ("prompt", "generation1")
     reference_columns = ("reference_token_logps1",)
 
-    def condition(self, row) -> tuple[str, list[int] | None]:
+    def prefix(self, row, tokenizer) -> tuple[int, ...]:
+        """The conditioning token ids put before the row's prompt (they count toward max_prompt_length)."""
         raise NotImplementedError
 
     def uses_reference(self):
         return self.opt.kl_coef > 0
 
     def collate(self, rows, tokenizer):
-        conditioned, prefixes = [], []
-        for r in rows:
-            prompt, prefix = self.condition(r)
-            conditioned.append((prompt, r["generation1"]))
-            prefixes.append(tokenizer.convert_tokens_to_ids([prefix]) if prefix else None)
-        out = self.seqs(tokenizer, conditioned, prefixes)
-        ref = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows])
-        out.update({f"ref_{k}": v for k, v in ref.items()})
+        out = self.seqs(tokenizer, rows, ["generation1"], [self.prefix(r, tokenizer) for r in rows])
+        # The reference sees the unconditioned prompt; the completion tokens are the same.
+        out.update({f"ref_{k}": v for k, v in self.seqs(tokenizer, rows, ["generation1"]).items()})
         out["weights"] = column(rows, "generation1_weight", default=1.0)
         if self.opt.kl == "cached" and all(r.get("reference_token_logps1") is not None for r in rows):
             width = out["completion_mask"].shape[1] - 1
@@ -312,16 +286,16 @@ class Quark(ConditionedNLL):
     name = "quark"
     needs = ("prompt", "generation1", "control")
 
-    def condition(self, row):
-        return row["prompt"], row["control"]
+    def prefix(self, row, tokenizer):
+        return (tokenizer.convert_tokens_to_ids(row["control"]),)
 
 
 class NLF(ConditionedNLL):
     name = "nlf"
     needs = ("prompt", "generation1", "feedback")
 
-    def condition(self, row):
-        return self.opt.feedback_template.format(feedback=row["feedback"], prompt=row["prompt"]), None
+    def prefix(self, row, tokenizer):
+        return tuple(text_ids(tokenizer, feedback_prefix(self.opt.feedback_template, row["feedback"])))
 
 
 class RLOO(Objective):
@@ -338,7 +312,7 @@ class RLOO(Objective):
         return self.opt.kl_coef > 0
 
     def collate(self, rows, tokenizer):
-        out = self.seqs(tokenizer, [(r["prompt"], r["generation1"]) for r in rows], share_prompt=True)
+        out = self.seqs(tokenizer, rows, ["generation1"], share_prompt=True)
         ids = {pid: i for i, pid in enumerate(dict.fromkeys(r["prompt_id"] for r in rows))}
         out["groups"] = torch.tensor([ids[r["prompt_id"]] for r in rows])
         out["rewards"] = column(rows, "generation1_reward")

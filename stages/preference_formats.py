@@ -17,9 +17,9 @@ Rules shared by all formats:
 
 - A row whose chosen or rejected answer is missing (null) or empty after stripping whitespace
   is dropped, silently. Nothing else is dropped.
-- Answers are otherwise kept verbatim (no trimming), except that hh_rlhf removes the one space
-  that follows its "Assistant:" marker. A trainer joining prompt and answer adds its own space
-  where neither side has one (stages/objectives.encode_completion).
+- Answers are kept verbatim (no trimming): prompt + answer is the data's own text, so hh_rlhf's
+  answers keep the space that follows the "Assistant:" marker. Trainers join prompt and answer
+  as given and invent no separator (stages/tokens.py).
 - User errors raise `BadInput` with one line that starts with `source` and names the column,
   the format or the row (0-based index in the table).
 
@@ -33,7 +33,8 @@ Conversational rows (ultrafeedback, conversational tldr_preference) are rendered
 - Without a tokenizer, each prompt message becomes one line "<Role>: <content>" (Role is the
   role with its first letter upper-cased: "User", "Assistant", "System"), lines are joined with
   "\\n", and "\\nAssistant:" is appended. [user "Hi", assistant "Hello!", user "Name a fruit."]
-  renders as "User: Hi\\nAssistant: Hello!\\nUser: Name a fruit.\\nAssistant:".
+  renders as "User: Hi\\nAssistant: Hello!\\nUser: Name a fruit.\\nAssistant:". The answers then
+  get a leading space where they have none, so prompt + answer reads "...Assistant: answer".
 - With `tokenizer=...`, the prompt is
   `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`.
   The tokenizer is used for conversational rows only; string formats ignore it.
@@ -77,7 +78,8 @@ def _hh_rlhf(table: pa.Table, fmt: str, source: str, tokenizer) -> list[dict]:
 
     prompt = the longest common prefix of the two transcripts, cut just after the last
     "\\n\\nAssistant:" inside it (leading "\\n\\n" kept, exactly as in the data);
-    chosen / rejected = the rest of each transcript with one leading space removed.
+    chosen / rejected = the rest of each transcript, its leading space kept (prompt + answer is
+    the transcript).
     BadInput (naming the row) when the transcripts share no prefix ending in "\\n\\nAssistant:",
     or when they diverge before the last assistant turn (an answer would still hold a
     "\\n\\nHuman:" or "\\n\\nAssistant:" turn).
@@ -95,7 +97,7 @@ def _hh_rlhf(table: pa.Table, fmt: str, source: str, tokenizer) -> list[dict]:
             raise BadInput(f"{source}: row {i}: 'chosen' and 'rejected' share no prefix ending with "
                            f"'\\n\\nAssistant:' (format '{fmt}')")
         end = cut + len(HH_MARKER)
-        answers = [chosen[end:].removeprefix(" "), rejected[end:].removeprefix(" ")]
+        answers = [chosen[end:], rejected[end:]]
         for name, text in zip(("chosen", "rejected"), answers):
             if HH_MARKER in text or HH_HUMAN in text:
                 raise BadInput(f"{source}: row {i}: 'chosen' and 'rejected' diverge before the last "
@@ -163,6 +165,8 @@ def _preference(table: pa.Table, fmt: str, source: str, tokenizer) -> list[dict]
             raise BadInput(f"{source}: row {i}: 'chosen' and 'rejected' differ before the final assistant "
                            f"message (format '{fmt}')")
         messages = c_context or _prompt_messages(prompt, i, fmt, source)
+        if tokenizer is None:  # "...\nAssistant:" + " answer": the space on the answer's side, as in hh-rlhf
+            c_answer, r_answer = (a if a[:1].isspace() else " " + a for a in (c_answer, r_answer))
         out.append({"prompt": render_prompt(messages, tokenizer, where=f"{source}: row {i}"),
                     "chosen": c_answer, "rejected": r_answer})
     return out

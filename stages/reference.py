@@ -4,7 +4,8 @@ Adds reference_logp1 / reference_logp2 / reference_kl_logp (summed over completi
 when asked, reference_token_logps1 (per token) to the pool's table. Training reads them, so
 DPO / KTO / RL never hold a second model in memory, and re-training with another beta re-uses
 them: this stage's fingerprint covers the pool and the reference model, not the objective.
-Tokenisation is the trainer's (same max_length and max_prompt_length, filled from train).
+Tokenisation is the trainer's (same max_length and max_prompt_length, filled from train), on the
+records' token ids where they carry them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from stages.config import ReferenceConfig
 from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
 from stages.objectives import batch_token_logps, sequences
 from stages.schemas import REFERENCE_COLUMNS, check_columns
+from stages.tokens import Sequence, of_record
 
 NAME = "reference"
-VERSION = "1"
+VERSION = "2"
 INPUTS = ("build_pool",)
 
 
@@ -28,20 +30,23 @@ def identity(cfg: ReferenceConfig) -> dict:
 
 
 @torch.no_grad()
-def score(model, tokenizer, pairs: list[tuple[str, str]], cfg: ReferenceConfig, per_token: bool, desc: str):
-    """Summed (and optionally per-token) completion log-probs, in the order of `pairs`. Pairs of one
-    prompt are batched together and share its forward pass (the trainer's shared prompts)."""
-    longest: dict[str, int] = {}
-    for p, c in pairs:
-        longest[p] = max(longest.get(p, 0), len(p) + len(c))
-    # longest prompt groups first (little padding), each group's pairs side by side
-    order = sorted(range(len(pairs)), key=lambda i: (-longest[pairs[i][0]], pairs[i][0], -len(pairs[i][1])))
-    sums: list[float] = [0.0] * len(pairs)
-    tokens: list[list[float] | None] = [None] * len(pairs)
+def score(model, tokenizer, seqs: list[Sequence], cfg: ReferenceConfig, per_token: bool, desc: str):
+    """Summed (and optionally per-token) completion log-probs, in the order of `seqs`. Sequences of
+    one prompt are batched together and share its forward pass (the trainer's shared prompts)."""
+    longest: dict[tuple, int] = {}
+    for s in seqs:
+        key = (s.prefix, tuple(s.prompt))
+        longest[key] = max(longest.get(key, 0), len(s.prompt) + len(s.completion))
+    # longest prompt groups first (little padding), each group's sequences side by side
+    key = lambda i: (seqs[i].prefix, tuple(seqs[i].prompt))  # noqa: E731
+    order = sorted(range(len(seqs)), key=lambda i: (-longest[key(i)], key(i), -len(seqs[i].completion)))
+    sums: list[float] = [0.0] * len(seqs)
+    tokens: list[list[float] | None] = [None] * len(seqs)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     for k in tqdm(range(0, len(order), cfg.batch_size), desc=desc, disable=None):
         idx = order[k:k + cfg.batch_size]
-        batch = sequences(tokenizer, [pairs[i] for i in idx], cfg.max_prompt_length, cfg.max_length, share_prompt=True)
+        batch = sequences([seqs[i] for i in idx], tokenizer.pad_token_id, cfg.max_prompt_length, cfg.max_length,
+                          share_prompt=True)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             logps, mask = batch_token_logps(model, batch)
         for j, i in enumerate(idx):
@@ -66,8 +71,9 @@ def run(ctx, cfg: ReferenceConfig):
                                                             ("reference_logp2", "generation2"),
                                                             ("reference_kl_logp", "kl_generation"))
               for i, r in enumerate(rows) if r.get(gen_col) is not None]
-    sums, toks = score(model, tokenizer, [(rows[i]["prompt"], rows[i][gen_col]) for _, gen_col, i in wanted], cfg,
-                       cfg.token_logps, desc="reference")
+    # The recorded token ids where the pool has them (sampled records), else the tokenised text.
+    seqs = [of_record(tokenizer, rows[i], gen_col) for _, gen_col, i in wanted]
+    sums, toks = score(model, tokenizer, seqs, cfg, cfg.token_logps, desc="reference")
     columns: dict[str, list] = {name: [None] * len(rows) for name in REFERENCE_COLUMNS.names}
     for (out_col, gen_col, i), total, per_token in zip(wanted, sums, toks):
         columns[out_col][i] = total

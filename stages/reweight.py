@@ -24,10 +24,10 @@ from stages.config import ReweightConfig, ReweightStrategy
 from stages.errors import BadInput
 from stages.logprobs import completion_token_logps
 from stages.models import load_causal_lm, resolve_model
-from stages.objectives import pad
+from stages.tokens import pad
 
 NAME = "reweight"
-VERSION = "1"
+VERSION = "2"
 INPUTS = ("annotate", "train@prev")
 
 
@@ -111,7 +111,7 @@ def strategy_weights(s: ReweightStrategy, rows: list[dict], ctx) -> list[float]:
         else:
             path = resolve_model(rows[0]["checkpoint"], "reweight.policy")
         # the same tokens, in the same (conditioned) context, that the sampling policy scored
-        return importance(rows, sequence_logps(path, [r["prompt_ids"] for r in rows],
+        return importance(rows, sequence_logps(path, [(r["conditioning_ids"] or []) + r["prompt_ids"] for r in rows],
                                                [r["completion_ids"] for r in rows]), s.clip)
     fn = load_callable(s.callable or "", "reweight.callable")
     w = fn(rows)

@@ -23,9 +23,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from stages.config import SampleConfig
 from stages.errors import BadInput
 from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
+from stages.tokens import feedback_prefix, keep_last, text_ids
 
 NAME = "sample"
-VERSION = "2"
+VERSION = "3"
 INPUTS = ("load_prompts@0", "train@prev")
 
 SCHEMA = pa.schema([
@@ -33,9 +34,11 @@ SCHEMA = pa.schema([
     ("completion", pa.string()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
     ("truncated", pa.bool_()), ("policy_logprob", pa.float64()), ("conditioning", pa.string()),
     ("checkpoint", pa.string()),
-    # The exact tokens the policy saw and drew, so later log-probs score the same sequence the
-    # recorded one did (text need not round-trip through the tokenizer).
-    ("prompt_ids", pa.list_(pa.int32())), ("completion_ids", pa.list_(pa.int32())),
+    # The exact tokens the policy saw and drew: conditioning_ids + prompt_ids, then completion_ids
+    # (EOS last where the policy stopped). Every later stage scores and trains these ids, never a
+    # re-tokenisation of the text. prompt_ids is the unconditioned prompt, as cut for the budget.
+    ("conditioning_ids", pa.list_(pa.int32())), ("prompt_ids", pa.list_(pa.int32())),
+    ("completion_ids", pa.list_(pa.int32())),
 ])
 
 
@@ -43,13 +46,13 @@ def identity(cfg: SampleConfig) -> dict:
     return {"model": model_identity(cfg.model, "sample.model")}
 
 
-def conditioned(prompt: str, cfg: SampleConfig) -> tuple[str, str | None]:
-    """The text the policy sees, and the conditioning it carries."""
+def conditioning(cfg: SampleConfig) -> tuple[str | None, str | None]:
+    """(the text put before every prompt, the conditioning recorded with the sample)."""
     if cfg.conditioning == "quark_best":
-        return cfg.control_token + prompt, cfg.control_token
+        return cfg.control_token, cfg.control_token
     if cfg.conditioning == "feedback":
-        return cfg.feedback_template.format(feedback=cfg.feedback, prompt=prompt), cfg.feedback
-    return prompt, None
+        return feedback_prefix(cfg.feedback_template, cfg.feedback), cfg.feedback
+    return None, None
 
 
 class TokenLogprobs(LogitsProcessor):
@@ -80,17 +83,24 @@ class TokenLogprobs(LogitsProcessor):
         return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros(sequences.shape[0], 0, dtype=torch.float)
 
 
-def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> list[int]:
-    """The prompt's token ids as the policy sees them: its last max_prompt_tokens tokens."""
-    return tokenizer(text, add_special_tokens=False).input_ids[-cfg.max_prompt_tokens:]
+def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> tuple[list[int], list[int]]:
+    """(conditioning ids, prompt ids): the policy sees the two concatenated. The conditioning counts
+    toward max_prompt_tokens and is kept whole; the prompt keeps its last tokens."""
+    prefix = text_ids(tokenizer, conditioning(cfg)[0])
+    if len(prefix) >= cfg.max_prompt_tokens:
+        raise BadInput(f"sample.max_prompt_tokens: {cfg.max_prompt_tokens} tokens leave no room for the prompt "
+                       f"after the {len(prefix)}-token conditioning")
+    return prefix, keep_last(text_ids(tokenizer, text), cfg.max_prompt_tokens - len(prefix))
 
 
 def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
-    """For each prompt, n dicts: text, token ids and counts, truncated, policy_logprob."""
+    """For each prompt (conditioned as cfg says), n dicts: text, token ids and counts, truncated,
+    policy_logprob."""
     tokenizer = load_tokenizer(path, padding_side="left")
     model = load_causal_lm(path).eval()
     eos = tokenizer.eos_token_id
-    encoded = [encode_prompt(tokenizer, p, cfg) for p in prompts]
+    parts = [encode_prompt(tokenizer, p, cfg) for p in prompts]
+    encoded = [prefix + prompt for prefix, prompt in parts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
     out: list[list[dict]] = [[] for _ in prompts]
@@ -118,7 +128,7 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
                 "completion": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_tokens": len(encoded[i]),
                 "completion_tokens": len(tokens), "truncated": not tokens or tokens[-1] != eos,
                 "policy_logprob": float(token_logps[j, :stop].double().sum()),
-                "prompt_ids": encoded[i], "completion_ids": tokens})
+                "conditioning_ids": parts[i][0], "prompt_ids": parts[i][1], "completion_ids": tokens})
             new_tokens += len(tokens)
         bar.update(len(rows))
         done += len(rows)  # the bar counts nothing when it is disabled (not a terminal)
@@ -142,12 +152,13 @@ def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -
     llm = vllm.LLM(model=str(path), seed=seed)
     params = vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                  seed=seed, logprobs=0)
+    parts = [encode_prompt(llm.get_tokenizer(), p, cfg) for p in prompts]  # the same token rules as hf
     out = []
-    for result in llm.generate(prompts, params):
+    for (prefix, prompt), result in zip(parts, llm.generate([{"prompt_token_ids": a + b} for a, b in parts], params)):
         # vLLM's cumulative log-prob is under the sampling distribution (after temperature / top-p).
-        out.append([{"completion": o.text, "prompt_tokens": len(result.prompt_token_ids),
+        out.append([{"completion": o.text, "prompt_tokens": len(prefix) + len(prompt),
                      "completion_tokens": len(o.token_ids), "truncated": o.finish_reason != "stop",
-                     "policy_logprob": o.cumulative_logprob, "prompt_ids": list(result.prompt_token_ids),
+                     "policy_logprob": o.cumulative_logprob, "conditioning_ids": prefix, "prompt_ids": prompt,
                      "completion_ids": list(o.token_ids)} for o in result.outputs])
     return out
 
@@ -160,13 +171,13 @@ def run(ctx, cfg: SampleConfig):
     if not prompts:
         raise BadInput(f"sample: no prompts in split '{cfg.split}'")
     path = ctx.inputs["train"].local_dir() / "model" if "train" in ctx.inputs else resolve_model(cfg.model, "sample.model")
-    texts, conds = zip(*(conditioned(r["prompt"], cfg) for r in prompts))
     ctx.log.info("sample: %d prompts x %d from %s (%s backend)", len(prompts), cfg.n, path, cfg.backend)
     backend = generate_vllm if cfg.backend == "vllm" else generate_hf
-    generated = backend(path, list(texts), cfg, ctx.seed + 1000 * ctx.round, ctx.log)
+    generated = backend(path, [r["prompt"] for r in prompts], cfg, ctx.seed + 1000 * ctx.round, ctx.log)
+    cond = conditioning(cfg)[1]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "split": r["split"], "sample_index": i,
              "conditioning": cond, "checkpoint": str(path), **g}
-            for r, cond, gens in zip(prompts, conds, generated) for i, g in enumerate(gens)]
+            for r, gens in zip(prompts, generated) for i, g in enumerate(gens)]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     truncated = sum(r["truncated"] for r in rows) / len(rows)
     mean_len = sum(r["completion_tokens"] for r in rows) / len(rows)

@@ -9,6 +9,9 @@
 - control: a Quark reward-quantile token prefixed to the prompt, else null
 - feedback: natural-language feedback the prompt is conditioned on (NLF), else null
 - kl_generation: another record's generation1, paired with this prompt (KTO's reference point)
+- prompt_ids, generation1_ids, generation2_ids, kl_generation_ids: the token ids of the prompt
+  (unconditioned) and of each generation as the policy sampled them, else null. Where a record has
+  them, every stage scores and trains these ids (stages/tokens.py); text is tokenised otherwise.
 
 The reference stage adds, keyed by the pool and the reference model:
 - reference_logp1 / reference_logp2 / reference_kl_logp: summed completion log-probs
@@ -35,6 +38,10 @@ RECORDS = pa.schema([
     ("feedback", pa.string()),
     ("kl_generation", pa.string()),
     ("split", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("generation1_ids", pa.list_(pa.int32())),
+    ("generation2_ids", pa.list_(pa.int32())),
+    ("kl_generation_ids", pa.list_(pa.int32())),
 ])
 
 REFERENCE_COLUMNS = pa.schema([
@@ -46,7 +53,8 @@ REFERENCE_COLUMNS = pa.schema([
 
 DEFAULTS = {"generation2": None, "generation1_reward": None, "generation2_reward": None,
             "generation1_weight": 1.0, "generation2_weight": 1.0, "desirable": None, "control": None,
-            "feedback": None, "kl_generation": None}
+            "feedback": None, "kl_generation": None, "prompt_ids": None, "generation1_ids": None,
+            "generation2_ids": None, "kl_generation_ids": None}
 
 
 def records_table(rows: list[dict]) -> pa.Table:

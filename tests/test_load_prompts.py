@@ -145,7 +145,7 @@ def test_hh_rlhf_file_becomes_pairs_and_pointwise_records(tmp_path):
     run_stage(cfg, "build_pool", 0, store)
     pool = table_of(store, "build_pool")
     assert len(pool) == 20
-    assert all(p["prompt"].endswith("Assistant:") and p["generation1"] == "Sure, try Casablanca." and p["generation2"] == "No."
+    assert all(p["prompt"].endswith("Assistant:") and p["generation1"] == " Sure, try Casablanca." and p["generation2"] == " No."
                for p in pool)
     cfg = validate_config({**cfg.model_dump(), "build_pool": {"kind": "pointwise"}})
     run_stage(cfg, "build_pool", 0, store)

@@ -11,6 +11,7 @@ from stages import losses as L
 from stages.config import TrainConfig
 from stages.logprobs import completion_token_logps
 from stages.objectives import make_objective, sequences
+from stages.tokens import from_text
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
@@ -210,10 +211,11 @@ def test_reference_stage_scores_a_prompts_completions_together_with_the_same_num
 
     model, tok = tiny
     pairs = [(r["prompt"], r[g]) for g in ("generation1", "generation2") for r in ROWS] + [(ROWS[0]["prompt"], "fine.")]
+    seqs = [from_text(tok, p, c) for p, c in pairs]
     cfg = ReferenceConfig(model="tiny-llama", batch_size=4, max_length=32, max_prompt_length=8, token_logps=True)
-    sums, per_token = score(model, tok, pairs, cfg, per_token=True, desc="test")
-    for (prompt, completion), total, tokens in zip(pairs, sums, per_token):
-        one = sequences(tok, [(prompt, completion)], 8, 32)
+    sums, per_token = score(model, tok, seqs, cfg, per_token=True, desc="test")
+    for seq, total, tokens in zip(seqs, sums, per_token):
+        one = sequences([seq], tok.pad_token_id, 8, 32)
         want, mask = completion_token_logps(model, one["input_ids"], one["attention_mask"], one["completion_mask"])
         assert math.isclose(total, want.sum().item(), rel_tol=1e-9)
         assert tokens == pytest.approx(want[0][mask[0].bool()].tolist(), rel=1e-6)

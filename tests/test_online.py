@@ -137,7 +137,8 @@ def test_importance_rescoring_uses_the_sampled_tokens(tmp_path):
     run_flow_locally(cfg, ArtifactStore(str(tmp_path)))
     rows = pq.read_table(tmp_path / "smoke_online_dpo/round-0/sample/data.parquet").to_pylist()
     assert all(r["conditioning"] and len(r["completion_ids"]) == r["completion_tokens"] for r in rows)
-    got = R.sequence_logps(resolve_model(cfg.sample.model), [r["prompt_ids"] for r in rows],
+    assert all(r["conditioning_ids"] for r in rows)
+    got = R.sequence_logps(resolve_model(cfg.sample.model), [r["conditioning_ids"] + r["prompt_ids"] for r in rows],
                            [r["completion_ids"] for r in rows])
     assert got == pytest.approx([r["policy_logprob"] for r in rows], abs=1e-3)
     assert R.importance(rows, got, clip=10) == pytest.approx([1.0] * len(rows), abs=1e-2)

@@ -109,11 +109,11 @@ def test_hh_rlhf(tmp_path, kind):
     table = round_trips(HH_ROWS, tmp_path, "hh")[kind]
     assert to_pairs(table, "hh_rlhf") == [
         {"prompt": HH_PROMPT,
-         "chosen": "Pinch off the top pair of leaves every week or two, just above a leaf node.",
-         "rejected": "Never, basil grows best if you leave it alone."},
+         "chosen": " Pinch off the top pair of leaves every week or two, just above a leaf node.",
+         "rejected": " Never, basil grows best if you leave it alone."},
         {"prompt": "\n\nHuman: Tell me a joke about cats.\n\nAssistant:",
-         "chosen": "Why did the cat sit on the computer? To keep an eye on the mouse.",
-         "rejected": "I don't know any jokes."},
+         "chosen": " Why did the cat sit on the computer? To keep an eye on the mouse.",
+         "rejected": " I don't know any jokes."},
     ]
 
 
@@ -122,7 +122,7 @@ def test_hh_rlhf_answers_sharing_their_first_words():
     table = pa.table({"chosen": ["\n\nHuman: Can you help?\n\nAssistant: I can, what do you need?"],
                       "rejected": ["\n\nHuman: Can you help?\n\nAssistant: I cannot."]})
     assert to_pairs(table, "hh_rlhf") == [{"prompt": "\n\nHuman: Can you help?\n\nAssistant:",
-                                           "chosen": "I can, what do you need?", "rejected": "I cannot."}]
+                                           "chosen": " I can, what do you need?", "rejected": " I cannot."}]
 
 
 def test_ultrafeedback_trl_lib(tmp_path, kind):
@@ -130,9 +130,9 @@ def test_ultrafeedback_trl_lib(tmp_path, kind):
     assert "prompt" not in table.column_names
     assert to_pairs(table, "ultrafeedback") == [
         {"prompt": "User: Name three primary colors.\nAssistant:",
-         "chosen": "Red, yellow and blue.", "rejected": "Green, purple and orange."},
+         "chosen": " Red, yellow and blue.", "rejected": " Green, purple and orange."},
         {"prompt": "User: Translate 'thank you' to French.\nAssistant:",
-         "chosen": "Merci.", "rejected": "Gracias."},
+         "chosen": " Merci.", "rejected": " Gracias."},
     ]
 
 
@@ -141,9 +141,9 @@ def test_ultrafeedback_h4_multi_turn(tmp_path, kind):
     assert to_pairs(table, "ultrafeedback") == [
         {"prompt": "System: Answer briefly.\nUser: Is 15 prime?\nAssistant: No, 15 = 3 x 5.\n"
                    "User: Is 17 prime?\nAssistant:",
-         "chosen": "Yes, 17 is prime.", "rejected": "No, 17 = 2 x 8.5."},
+         "chosen": " Yes, 17 is prime.", "rejected": " No, 17 = 2 x 8.5."},
         {"prompt": "User: What is the capital of Australia?\nAssistant:",
-         "chosen": "Canberra.", "rejected": "Sydney."},
+         "chosen": " Canberra.", "rejected": " Sydney."},
     ]
 
 
@@ -152,11 +152,11 @@ def test_ultrafeedback_explicit_prompt_layout():
     table = pa.Table.from_pylist([{"prompt": "What color is the sky?", "chosen": [msg("assistant", "Blue.")],
                                    "rejected": [msg("assistant", "Green.")]}])
     assert to_pairs(table, "ultrafeedback") == [
-        {"prompt": "User: What color is the sky?\nAssistant:", "chosen": "Blue.", "rejected": "Green."}]
+        {"prompt": "User: What color is the sky?\nAssistant:", "chosen": " Blue.", "rejected": " Green."}]
     listed = pa.Table.from_pylist([{"prompt": [msg("system", "Be terse."), msg("user", "2+2?")],
                                     "chosen": [msg("assistant", "4")], "rejected": [msg("assistant", "5")]}])
     assert to_pairs(listed, "ultrafeedback") == [
-        {"prompt": "System: Be terse.\nUser: 2+2?\nAssistant:", "chosen": "4", "rejected": "5"}]
+        {"prompt": "System: Be terse.\nUser: 2+2?\nAssistant:", "chosen": " 4", "rejected": " 5"}]
 
 
 class FakeTokenizer:
