@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -202,9 +201,9 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
     if name.startswith("ours"):
         from stages.config import ReferenceConfig, TrainConfig
         from stages.models import load_causal_lm, load_tokenizer, resolve_model
-        from stages.reference import score
+        from stages.scoring import score
         from stages.tokens import of_record
-        from stages.train import attach_reference, prepare
+        from stages.training_setup import attach_reference, prepare
         from stages.trainer import fit
 
         mode = name.split("_")[1]
@@ -219,7 +218,8 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
             rcfg = ReferenceConfig(model="smollm2", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT,
                                    batch_size=REF_BATCH)
             for col, gen in (("reference_logp1", "generation1"), ("reference_logp2", "generation2")):
-                sums, _ = score(base, tok, [of_record(tok, r, gen) for r in rows], rcfg, per_token=False, desc="ref")
+                sums, _ = score(base, [of_record(tok, r, gen) for r in rows], tok.pad_token_id, rcfg.batch_size,
+                                (rcfg.max_prompt_length, rcfg.max_length), desc="ref")
                 for r, s in zip(rows, sums):
                     r[col] = s
             out["precompute_s"] = time.perf_counter() - t1

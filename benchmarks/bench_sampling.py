@@ -38,7 +38,7 @@ def child(kind: str, batch: int, n_prompts: int, new_tokens: int) -> dict:
     if kind == "sample":
         from stages.config import SampleConfig
         from stages.models import resolve_model
-        from stages.sample import generate_hf
+        from stages.generation import generate_hf
 
         cfg = SampleConfig(n=1, batch_size=batch, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
         t0 = time.perf_counter()
@@ -47,7 +47,7 @@ def child(kind: str, batch: int, n_prompts: int, new_tokens: int) -> dict:
         tokens = sum(g[0]["completion_tokens"] for g in out)
         return {"kind": f"sample batch {batch}", "tokens_per_s": tokens / wall, "tokens": tokens, "seconds": wall}
     from stages.annotators import ANNOTATORS, vader_compound
-    from stages.config import AnnotatorStep
+    from stages.config import annotator_step
 
     ps = prompts(n_prompts)
     completions = [f"was {w} from start to finish, and I would watch it again." for w in
@@ -56,7 +56,7 @@ def child(kind: str, batch: int, n_prompts: int, new_tokens: int) -> dict:
         t0 = time.perf_counter()
         vader_compound(ps, completions)
     else:
-        step = AnnotatorStep(kind=kind, model="smollm2" if kind == "llm_judge" else None, batch_size=32)
+        step = annotator_step(kind=kind, model="smollm2" if kind == "llm_judge" else None, batch_size=32)
         annotator = ANNOTATORS[kind](step)
         if kind == "llm_judge":  # two samples per prompt: n_prompts / 2 pairs, each judged in both orders
             ps = [p for p in ps[: n_prompts // 2] for _ in (0, 1)]

@@ -30,7 +30,6 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=None, help="also write a Chrome trace here")
     a = ap.parse_args()
 
-    import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
     rows = B.load_pairs(a.pairs)
@@ -46,8 +45,9 @@ def main() -> None:
     if a.config.startswith("ours"):
         from stages.config import ReferenceConfig, TrainConfig
         from stages.models import load_causal_lm, load_tokenizer, resolve_model
-        from stages.reference import score
-        from stages.train import attach_reference, prepare
+        from stages.scoring import score
+        from stages.tokens import of_record
+        from stages.training_setup import attach_reference, prepare
         from stages.trainer import fit
 
         mode = a.config.split("_")[1]
@@ -59,7 +59,8 @@ def main() -> None:
             rcfg = ReferenceConfig(model="smollm2", max_length=B.MAX_LENGTH, max_prompt_length=B.MAX_PROMPT,
                                    batch_size=B.REF_BATCH)
             for col, gen in (("reference_logp1", "generation1"), ("reference_logp2", "generation2")):
-                sums, _ = score(base, tok, [(r["prompt"], r[gen]) for r in rows[:16]], rcfg, per_token=False, desc="ref")
+                sums, _ = score(base, [of_record(tok, r, gen) for r in rows[:16]], tok.pad_token_id, rcfg.batch_size,
+                                (rcfg.max_prompt_length, rcfg.max_length), desc="ref")
                 for r, s in zip(rows, sums):
                     r[col] = s
             for r in rows[16:]:  # only the profiled steps' pairs need real values; these are never reached

@@ -29,13 +29,9 @@ from collections import defaultdict
 import pyarrow as pa
 
 from stages.config import BuildPoolConfig
+from stages.context import StageOutput, stage
 from stages.errors import BadInput
 from stages.schemas import check_columns, records_table
-
-NAME = "build_pool"
-VERSION = "3"
-INPUTS = ("load_prompts@0", "annotate", "reweight")
-
 
 def _order(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
@@ -181,9 +177,8 @@ BUILDERS = {"sft": sft_records, "reward_pairs": reward_pairs, "pairs": preferenc
             "quark": quark, "nlf": nlf, "rl": rl}
 
 
-def run(ctx, cfg: BuildPoolConfig):
-    from stages.runner import StageOutput
-
+@stage("build_pool", version="3", inputs=("load_prompts@0", "annotate", "reweight"))
+def run(ctx, cfg: BuildPoolConfig) -> StageOutput:
     source = ctx.inputs.get("reweight") or ctx.inputs.get("annotate") or ctx.inputs["load_prompts"]
     prompts = source.table()
     check_columns(prompts, {"prompt_id": pa.string(), "prompt": pa.string(), "split": pa.string()}, "build_pool input")

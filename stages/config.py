@@ -7,23 +7,13 @@ setting silently ignored. Defaults sit here, at the top of each section, where a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
 from stages.errors import BadInput
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def conditioning_template(template: str) -> str:
-    """NLF templates put the conditioning before the prompt, so it is a prefix of the prompt's tokens."""
-    if not template.endswith("{prompt}") or template.count("{prompt}") != 1 or "{feedback}" not in template:
-        raise ValueError("must contain {feedback} and end with {prompt} (the conditioning is a prefix of the prompt)")
-    return template
+from stages.sections import Section, conditioning_template
 
 
 class LoadPromptsConfig(Section):
@@ -67,30 +57,24 @@ class SampleConfig(Section):
     _template = field_validator("feedback_template")(conditioning_template)
 
 
-class AnnotatorStep(Section):
-    # reward_model: a sequence classifier scores prompt + completion. rule: a Python callable
-    # (dotted path) f(prompts, completions) -> scores. llm_judge: a causal LM compares two samples
-    # of a prompt (both orders). llm_feedback: a causal LM writes feedback and a score.
-    # template_feedback: feedback phrases from score buckets (after a scoring step).
-    kind: Literal["reward_model", "rule", "llm_judge", "llm_feedback", "template_feedback"] = "reward_model"
-    model: str | None = None  # reward_model: the reward flow's model; llm_*: smollm2
-    callable: str = "stages.annotators.vader_compound"
-    batch_size: int = Field(32, ge=1)
-    # reward_model: tokens of prompt + completion (a longer one loses the prompt's start first);
-    # llm_judge / llm_feedback: tokens of the task prompt shown (its start is cut).
-    max_length: int = Field(128, ge=8)
-    judge_template: str = ("Which continuation of the movie review is more positive?\n"
-                           "Review start: {prompt}\nA: {a}\nB: {b}\nAnswer with A or B.")
-    feedback_template: str = ("Rate how positive this movie review continuation is, then explain briefly.\n"
-                              "Review: {prompt}{completion}\nReply as 'Score: N/10. Feedback: ...'")
-    max_feedback_tokens: int = Field(32, ge=4)
-    # template_feedback: (threshold, phrase), highest first; a score >= threshold gets the phrase.
-    buckets: list[tuple[float, str]] = Field(default_factory=lambda: [
-        (0.9, "Excellent."), (0.7, "Good."), (0.5, "Okay."), (0.3, "Poor."), (-1e9, "Terrible.")])
+def _annotator_step():
+    """One `annotate.steps[]` entry: the options of the annotator its `kind` names, from the
+    registry (stages/annotators/, one file each)."""
+    from stages.annotators import ANNOTATORS
+
+    return Annotated[Union[tuple(cls.Options for cls in ANNOTATORS.values())], Field(discriminator="kind")]
+
+
+AnnotatorStep = _annotator_step()
+
+
+def annotator_step(**options) -> BaseModel:
+    """An annotate step from its options: annotator_step(kind="rule", callable="pkg.fn")."""
+    return TypeAdapter(AnnotatorStep).validate_python({"kind": "reward_model", **options})
 
 
 class AnnotateConfig(Section):
-    steps: list[AnnotatorStep] = Field(default_factory=lambda: [AnnotatorStep()])
+    steps: list[AnnotatorStep] = Field(default_factory=lambda: [annotator_step()])
 
 
 class ReweightStrategy(Section):
@@ -129,46 +113,6 @@ class BuildPoolConfig(Section):
     heldout_max_records: int | None = Field(None, gt=0)
 
 
-class RewardOptions(Section):
-    margin: float = 0.0  # -log sigmoid(s_c - s_r - margin)
-
-
-class DPOOptions(Section):
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    beta: float = Field(0.1, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # > 0: conservative DPO (sigmoid only)
-    # Average log-probs over completion tokens instead of summing. The reference DPO code sums;
-    # TRL's and HALOs' IPO average. Off by default, on is the usual choice for IPO.
-    length_normalize: bool = False
-    reference_free: bool = False  # compare with a uniform reference (ref log-probs = 0)
-
-
-class KTOOptions(Section):
-    beta: float = Field(0.1, gt=0)
-    desirable_weight: float = Field(1.0, gt=0)  # lambda_D
-    undesirable_weight: float = Field(1.0, gt=0)  # lambda_U; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]
-
-
-class ConditionedOptions(Section):
-    kl_coef: float = Field(0.05, ge=0)
-    entropy_coef: float = Field(0.06, ge=0)
-    # exact: full-vocabulary KL from the reference model's logits (reference resident, as in the
-    # Quark and NLF papers); cached: an estimate from the reference stage's per-token log-probs of
-    # the pool's tokens (no second model; approximate, since the pool was sampled by an older policy).
-    kl: Literal["exact", "cached"] = "exact"
-    # ref_policy = KL(reference || policy), the papers' direction; policy_ref = KL(policy || reference).
-    kl_direction: Literal["ref_policy", "policy_ref"] = "ref_policy"
-
-
-class NLFOptions(ConditionedOptions):
-    feedback_template: str = "feedback: {feedback} input: {prompt}"
-    _template = field_validator("feedback_template")(conditioning_template)
-
-
-class RLOptions(Section):
-    kl_coef: float = Field(0.05, ge=0)  # reward - kl_coef * (log pi - log ref), per sequence
-
-
 class LoraOptions(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
@@ -176,8 +120,10 @@ class LoraOptions(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-class TrainConfig(Section):
-    objective: Literal["sft", "reward", "dpo", "kto", "quark", "nlf", "rl"] = "sft"
+class TrainBase(Section):
+    # The objective (stages/objectives/, one file each); its options are the section named like it
+    # (train.dpo, train.kto, ...), declared next to its code. See TrainConfig below.
+    objective: str = "sft"
     # "smollm2", "minilm", "tiny-llama", a local model folder, or a hub id (online only).
     model: str = "smollm2"
     learning_rate: float = Field(2e-5, gt=0)
@@ -209,18 +155,31 @@ class TrainConfig(Section):
     reference: Literal["auto", "cached", "resident"] = "auto"
     reference_model: str | None = None  # default: the model being trained, before training
     lora: LoraOptions | None = None
-    reward: RewardOptions = Field(default_factory=RewardOptions)
-    dpo: DPOOptions = Field(default_factory=DPOOptions)
-    kto: KTOOptions = Field(default_factory=KTOOptions)
-    quark: ConditionedOptions = Field(default_factory=ConditionedOptions)
-    nlf: NLFOptions = Field(default_factory=NLFOptions)
-    rl: RLOptions = Field(default_factory=RLOptions)
 
     @model_validator(mode="after")
     def _lengths(self):
-        if self.objective != "reward" and self.max_prompt_length >= self.max_length:  # reward scores whole texts
+        from stages.objectives import OBJECTIVES
+
+        classifier = OBJECTIVES[self.objective].model_kind == "sequence_classifier"  # scores whole texts
+        if not classifier and self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})")
         return self
+
+
+def _train_config() -> type[TrainBase]:
+    """TrainBase plus `objective` restricted to the registered objectives and one options section
+    per objective, from the registry: a new objective file is all it takes to configure it."""
+    from stages.objectives import OBJECTIVES
+
+    clash = sorted(set(OBJECTIVES) & set(TrainBase.model_fields))
+    if clash:
+        raise TypeError(f"objective name {clash[0]!r} is also a train setting")
+    options = {name: (cls.Options, Field(default_factory=cls.Options)) for name, cls in OBJECTIVES.items()}
+    return create_model("TrainConfig", __base__=TrainBase, __module__=__name__,
+                        objective=(Literal[tuple(OBJECTIVES)], "sft"), **options)
+
+
+TrainConfig = _train_config()
 
 
 class ReferenceConfig(Section):
@@ -294,7 +253,11 @@ class RunConfig(Section):
 
 def _error_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    from stages.annotators import ANNOTATORS
+
+    # a discriminated union puts the chosen tag in the path (steps.0.rule.callable): leave it out
+    loc = [p for i, p in enumerate(first["loc"]) if not (i and isinstance(first["loc"][i - 1], int) and p in ANNOTATORS)]
+    path = ".".join(str(p) for p in loc) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{path}'"

@@ -20,12 +20,8 @@ import pyarrow as pa
 
 from stages import data
 from stages.config import LoadPromptsConfig
+from stages.context import StageOutput, stage
 from stages.errors import BadInput
-
-NAME = "load_prompts"
-VERSION = "2"
-INPUTS: tuple[str, ...] = ()
-ONCE = True  # later rounds read round 0's prompts
 
 OUR_COLUMNS = ("prompt", "completion", "score", "prompt_ids", "completion_ids")
 SCHEMA = pa.schema([
@@ -146,9 +142,9 @@ def read_source(cfg: LoadPromptsConfig) -> list[dict]:
     return _from_hub(cfg)
 
 
-def run(ctx, cfg: LoadPromptsConfig):
-    from stages.runner import StageOutput
-
+# once: later rounds read round 0's prompts
+@stage("load_prompts", version="2", identity=identity, once=True)
+def run(ctx, cfg: LoadPromptsConfig) -> StageOutput:
     rows = read_source(cfg)
     n_read = len(rows)
     kept, seen = [], set()

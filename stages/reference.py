@@ -12,53 +12,21 @@ from __future__ import annotations
 
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from stages.config import ReferenceConfig
+from stages.context import StageOutput, stage
 from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
-from stages.objectives import batch_token_logps, sequences
 from stages.schemas import REFERENCE_COLUMNS, check_columns
-from stages.tokens import Sequence, of_record
-
-NAME = "reference"
-VERSION = "2"
-INPUTS = ("build_pool",)
+from stages.scoring import score
+from stages.tokens import of_record
 
 
 def identity(cfg: ReferenceConfig) -> dict:
     return {"model": model_identity(cfg.model, "reference.model")}
 
 
-@torch.no_grad()
-def score(model, tokenizer, seqs: list[Sequence], cfg: ReferenceConfig, per_token: bool, desc: str):
-    """Summed (and optionally per-token) completion log-probs, in the order of `seqs`. Sequences of
-    one prompt are batched together and share its forward pass (the trainer's shared prompts)."""
-    longest: dict[tuple, int] = {}
-    for s in seqs:
-        key = (s.prefix, tuple(s.prompt))
-        longest[key] = max(longest.get(key, 0), len(s.prompt) + len(s.completion))
-    # longest prompt groups first (little padding), each group's sequences side by side
-    key = lambda i: (seqs[i].prefix, tuple(seqs[i].prompt))  # noqa: E731
-    order = sorted(range(len(seqs)), key=lambda i: (-longest[key(i)], key(i), -len(seqs[i].completion)))
-    sums: list[float] = [0.0] * len(seqs)
-    tokens: list[list[float] | None] = [None] * len(seqs)
-    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    for k in tqdm(range(0, len(order), cfg.batch_size), desc=desc, disable=None):
-        idx = order[k:k + cfg.batch_size]
-        batch = sequences([seqs[i] for i in idx], tokenizer.pad_token_id, cfg.max_prompt_length, cfg.max_length,
-                          share_prompt=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logps, mask = batch_token_logps(model, batch)
-        for j, i in enumerate(idx):
-            sums[i] = float(logps[j].sum())
-            if per_token:
-                tokens[i] = logps[j][mask[j].bool()].tolist()
-    return sums, tokens
-
-
-def run(ctx, cfg: ReferenceConfig):
-    from stages.runner import StageOutput
-
+@stage("reference", version="2", inputs=("build_pool",), identity=identity)
+def run(ctx, cfg: ReferenceConfig) -> StageOutput:
     pool = ctx.inputs["build_pool"].table()
     check_columns(pool, {"prompt": pa.string(), "generation1": pa.string()}, "reference input (build_pool)")
     rows = pool.to_pylist()
@@ -73,7 +41,9 @@ def run(ctx, cfg: ReferenceConfig):
               for i, r in enumerate(rows) if r.get(gen_col) is not None]
     # The recorded token ids where the pool has them (sampled records), else the tokenised text.
     seqs = [of_record(tokenizer, rows[i], gen_col) for _, gen_col, i in wanted]
-    sums, toks = score(model, tokenizer, seqs, cfg, cfg.token_logps, desc="reference")
+    sums, toks = score(model, seqs, tokenizer.pad_token_id, cfg.batch_size, (cfg.max_prompt_length, cfg.max_length),
+                       per_token=cfg.token_logps, dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None,
+                       desc="reference")
     columns: dict[str, list] = {name: [None] * len(rows) for name in REFERENCE_COLUMNS.names}
     for (out_col, gen_col, i), total, per_token in zip(wanted, sums, toks):
         columns[out_col][i] = total
@@ -84,6 +54,3 @@ def run(ctx, cfg: ReferenceConfig):
         table = table.append_column(field, pa.array(columns[field.name], type=field.type))
     n = sum(v is not None for v in columns["reference_logp1"])
     return StageOutput(table, {"records": len(rows), "scored_generation1": n, "model": str(path)})
-
-
-

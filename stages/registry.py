@@ -1,23 +1,11 @@
-"""The stages by name: each is a plain function `run(ctx, cfg) -> StageOutput`, a code version that
-enters the fingerprint (bump it when a change alters what the stage writes), and its inputs."""
+"""The stages by name, in flow order. Each stage module declares its `run(ctx, cfg) -> StageOutput`
+with `@stage(...)` (stages/context.py); this is the one list a new stage is added to."""
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Callable
 
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    fn: Callable
-    version: str
-    # Upstream stages it reads when they are part of the flow: "name" (same round), "name@0"
-    # (round 0, for stages that run once) or "name@prev" (the previous round; none in round 0).
-    inputs: tuple[str, ...]
-    identity: Callable | None = None  # outside inputs that enter the fingerprint (a data file's hash)
-    once: bool = False  # runs in round 0 only (load_prompts); later rounds read that artifact
+from stages.context import StageSpec
 
 
 def parse_input(ref: str) -> tuple[str, str]:
@@ -40,11 +28,7 @@ def stage_specs() -> dict[str, StageSpec]:
     from stages import annotate, build_pool, evaluate, load_prompts, reference, reweight, sample, train
 
     mods = [load_prompts, sample, annotate, reweight, build_pool, reference, train, evaluate]
-    return {
-        m.NAME: StageSpec(m.NAME, m.run, m.VERSION, tuple(m.INPUTS), getattr(m, "identity", None),
-                          getattr(m, "ONCE", False))
-        for m in mods
-    }
+    return {m.run.spec.name: m.run.spec for m in mods}
 
 
 def downstream_of(stage: str, flow: list[str]) -> list[str]:

@@ -17,19 +17,13 @@ import math
 import statistics
 
 import pyarrow as pa
-import torch
 
 from stages.annotators import load_callable
 from stages.config import ReweightConfig, ReweightStrategy
+from stages.context import StageOutput, stage
 from stages.errors import BadInput
-from stages.logprobs import completion_token_logps
-from stages.models import load_causal_lm, resolve_model
-from stages.tokens import pad
-
-NAME = "reweight"
-VERSION = "2"
-INPUTS = ("annotate", "train@prev")
-
+from stages.models import resolve_model
+from stages.scoring import sequence_logps
 
 def normalise(w: list[float]) -> list[float]:
     mean = sum(w) / len(w)
@@ -77,25 +71,6 @@ def importance(rows: list[dict], train_logps: list[float], clip: float) -> list[
     return [min(x, clip) for x in w]
 
 
-@torch.no_grad()
-def sequence_logps(path, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 16) -> list[float]:
-    """Summed log-probs of each completion given its prompt under the model at `path`, teacher-forced
-    on the given token ids (right padding, batches of similar length)."""
-    model = load_causal_lm(path).eval()
-    out = [0.0] * len(prompt_ids)
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
-    for k in range(0, len(order), batch_size):
-        idx = [i for i in order[k:k + batch_size] if completion_ids[i]]  # an empty completion sums to 0
-        if not idx:
-            continue
-        ids = [prompt_ids[i] + completion_ids[i] for i in idx]
-        completion = [[0] * len(prompt_ids[i]) + [1] * len(completion_ids[i]) for i in idx]
-        logps, _ = completion_token_logps(model, pad(ids, 0), pad([[1] * len(x) for x in ids], 0), pad(completion, 0))
-        for i, s in zip(idx, logps.sum(-1).tolist()):
-            out[i] = s
-    return out
-
-
 def strategy_weights(s: ReweightStrategy, rows: list[dict], ctx) -> list[float]:
     if s.kind == "uniform":
         return [1.0] * len(rows)
@@ -107,7 +82,7 @@ def strategy_weights(s: ReweightStrategy, rows: list[dict], ctx) -> list[float]:
         if s.policy:
             path = resolve_model(s.policy, "reweight.policy")
         elif "train" in ctx.inputs:
-            path = ctx.inputs["train"].local_dir() / "model"
+            path = ctx.inputs["train"].model_dir()
         else:
             path = resolve_model(rows[0]["checkpoint"], "reweight.policy")
         # the same tokens, in the same (conditioned) context, that the sampling policy scored
@@ -120,9 +95,8 @@ def strategy_weights(s: ReweightStrategy, rows: list[dict], ctx) -> list[float]:
     return [float(x) for x in w]
 
 
-def run(ctx, cfg: ReweightConfig):
-    from stages.runner import StageOutput
-
+@stage("reweight", version="2", inputs=("annotate", "train@prev"))
+def run(ctx, cfg: ReweightConfig) -> StageOutput:
     table = ctx.inputs["annotate"].table()
     rows = table.to_pylist()
     scored = [r for r in rows if r["score"] is not None]

@@ -21,53 +21,16 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.config import RunConfig
+from stages.context import StageContext, StageOutput, Upstream
 from stages.errors import BadInput
 from stages.registry import downstream_of, input_round, parse_input, stage_specs
 from stages.store import DATA, ArtifactStore
 
 log = logging.getLogger("align")
-
-
-@dataclass
-class StageOutput:
-    """What a stage function returns: its table, and metrics for the manifest."""
-
-    table: pa.Table
-    metrics: dict = field(default_factory=dict)
-
-
-@dataclass
-class Upstream:
-    """A complete artifact of an earlier stage, as a stage sees its input."""
-
-    stage: str
-    path: str
-    manifest: dict
-    store: ArtifactStore
-
-    def table(self) -> pa.Table:
-        return self.store.read_table(self.path)
-
-    def local_dir(self) -> Path:
-        return self.store.local_dir(self.path)
-
-
-@dataclass
-class StageContext:
-    stage: str
-    experiment: str
-    round: int
-    seed: int
-    workdir: Path  # where the stage writes its files besides the table (a model, logs)
-    resume_dir: Path  # survives a crash or kill of this stage (same fingerprint); removed on success
-    inputs: dict[str, Upstream]
-    log: logging.Logger
 
 
 @dataclass

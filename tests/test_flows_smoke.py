@@ -13,7 +13,8 @@ from stages.store import ArtifactStore
 pytestmark = needs_prepared
 
 
-@pytest.mark.parametrize("name", ["smoke_dpo", "smoke_kto", "smoke_quark", "smoke_nlf", "smoke_rl", "smoke_reward"])
+@pytest.mark.parametrize("name", ["smoke_dpo", "smoke_kto", "smoke_quark", "smoke_nlf", "smoke_rl", "smoke_reward",
+                                  "smoke_simpo", "smoke_orpo"])
 def test_objective_trains(tmp_path, name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     results = {r.stage: r for r in run_flow_locally(cfg, ArtifactStore(str(tmp_path)))}

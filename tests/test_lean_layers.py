@@ -3,7 +3,6 @@ original modules, on a tiny Llama, and fewer saved activations."""
 
 import copy
 
-import pytest
 import torch
 
 from conftest import needs_prepared

@@ -101,6 +101,32 @@ def test_sampled_kl_is_zero_at_equality_and_positive_otherwise():
     assert math.isclose(L.sampled_kl(a, b, "policy_ref")[1].item(), ratio - 1 - math.log(ratio), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("beta, gamma", [(2.0, 1.0), (2.5, 0.0), (0.5, 3.0)])
+def test_simpo_against_hand_formula(beta, gamma):
+    from stages.objectives.simpo import simpo_loss
+
+    avg_c, avg_r = [-1.2, -0.4, -2.0], [-1.5, -0.3, -2.0]
+    losses, rc, rr = simpo_loss(t(avg_c), t(avg_r), beta, gamma)
+    for i in range(3):
+        assert math.isclose(losses[i].item(), -logsig(beta * (avg_c[i] - avg_r[i]) - gamma), rel_tol=1e-12)
+        assert math.isclose(rc[i].item(), beta * avg_c[i]) and math.isclose(rr[i].item(), beta * avg_r[i])
+
+
+@pytest.mark.parametrize("weight", [0.1, 1.0])
+def test_orpo_against_hand_formula(weight):
+    from stages.objectives.orpo import orpo_loss
+
+    mean_c, mean_r = [-0.7, -2.3, -0.05], [-1.1, -0.9, -3.0]
+    odds = lambda m: math.exp(m) / (1 - math.exp(m))  # noqa: E731  p / (1 - p), p = exp(mean log-prob)
+    losses, ratio = orpo_loss(t(mean_c), t(mean_r), weight)
+    for i in range(3):
+        log_or = math.log(odds(mean_c[i]) / odds(mean_r[i]))
+        assert math.isclose(ratio[i].item(), log_or, rel_tol=1e-10)
+        assert math.isclose(losses[i].item(), -mean_c[i] - weight * logsig(log_or), rel_tol=1e-10)
+    # a completion the model is certain of (mean log-prob 0) stays finite
+    assert torch.isfinite(orpo_loss(t([0.0]), t([-1.0]), weight)[0]).all()
+
+
 def test_rloo_leave_one_out_baseline():
     rewards = t([1.0, 0.0, 2.0, 5.0, 3.0, 7.0])
     groups = torch.tensor([0, 0, 0, 1, 1, 2])
@@ -207,13 +233,13 @@ def test_shared_prompt_batch_groups_rows_by_prompt_tokens():
 @needs_prepared
 def test_reference_stage_scores_a_prompts_completions_together_with_the_same_numbers(tiny):
     from stages.config import ReferenceConfig
-    from stages.reference import score
+    from stages.scoring import score
 
     model, tok = tiny
     pairs = [(r["prompt"], r[g]) for g in ("generation1", "generation2") for r in ROWS] + [(ROWS[0]["prompt"], "fine.")]
     seqs = [from_text(tok, p, c) for p, c in pairs]
     cfg = ReferenceConfig(model="tiny-llama", batch_size=4, max_length=32, max_prompt_length=8, token_logps=True)
-    sums, per_token = score(model, tok, seqs, cfg, per_token=True, desc="test")
+    sums, per_token = score(model, seqs, tok.pad_token_id, cfg.batch_size, (8, 32), per_token=True, desc="test")
     for seq, total, tokens in zip(seqs, sums, per_token):
         one = sequences([seq], tok.pad_token_id, 8, 32)
         want, mask = completion_token_logps(model, one["input_ids"], one["attention_mask"], one["completion_mask"])
@@ -270,9 +296,33 @@ def test_kto_with_batch_size_one(tiny):
 
 
 @needs_prepared
-def test_gradient_matches_finite_differences_on_tiny_model(tiny):
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_simpo_and_orpo_objectives_use_mean_token_logprobs(tiny, objective):
+    """Their per-example losses from each completion scored alone (no shared prompt, no batch)."""
+    from stages.objectives.orpo import orpo_loss
+    from stages.objectives.simpo import simpo_loss
+    from stages.tokens import from_text
+
     model, tok = tiny
-    obj = dpo(beta=0.5)
+    obj = make_objective(TrainConfig(objective=objective, max_length=32, max_prompt_length=8))
+    got, metrics = obj.per_example_loss(model, obj.collate(ROWS, tok))
+    assert not obj.uses_reference()
+    for i, r in enumerate(ROWS):
+        means = []
+        for g in ("generation1", "generation2"):
+            one = sequences([from_text(tok, r["prompt"], r[g])], tok.pad_token_id, 8, 32)
+            lp, mask = completion_token_logps(model, one["input_ids"], one["attention_mask"], one["completion_mask"])
+            means.append(lp.sum() / mask.sum())
+        c, rj = (m.reshape(1) for m in means)
+        want = simpo_loss(c, rj, 2.0, 1.0)[0] if objective == "simpo" else orpo_loss(c, rj, 0.1)[0]
+        torch.testing.assert_close(got[i], want[0], rtol=1e-9, atol=1e-10)
+
+
+@needs_prepared
+@pytest.mark.parametrize("objective, opts", [("dpo", {"beta": 0.5}), ("simpo", {}), ("orpo", {})])
+def test_gradient_matches_finite_differences_on_tiny_model(tiny, objective, opts):
+    model, tok = tiny
+    obj = make_objective(TrainConfig(objective=objective, max_length=32, max_prompt_length=8, **{objective: opts}))
     w = model.model.layers[1].self_attn.o_proj.weight
     loss = weighted_loss(obj, model, tok, ROWS)
     (grad,) = torch.autograd.grad(loss, w)

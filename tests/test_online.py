@@ -3,14 +3,15 @@ annotators failing cleanly."""
 
 import json
 import math
-import shutil
 
 import pytest
 
 from conftest import ROOT, needs_prepared
 from stages import reweight as R
-from stages.annotators import LLMJudge, TemplateFeedback, parse_score
-from stages.config import AnnotatorStep, load_config
+from stages.annotators.llm import combine, parse_score
+from stages.annotators.llm_judge import LLMJudge
+from stages.annotators.template_feedback import TemplateFeedback
+from stages.config import annotator_step, load_config
 from stages.errors import BadInput
 from stages.runner import run_flow_locally
 from stages.store import ArtifactStore
@@ -43,9 +44,9 @@ def test_reward_softmax_balance_and_ess():
 
 def test_judge_combines_both_orders_to_cancel_position_bias():
     # A judge that always says "A" with 0.8: shown first or second, a sample is no better than the other.
-    assert LLMJudge.combine(0.8, 0.8) == pytest.approx(0.5)
+    assert combine(0.8, 0.8) == pytest.approx(0.5)
     # A consistent judge: prefers `a` in both orders.
-    assert LLMJudge.combine(0.9, 0.2) == pytest.approx(0.85)
+    assert combine(0.9, 0.2) == pytest.approx(0.85)
 
 
 def test_score_parsing_never_guesses():
@@ -56,14 +57,14 @@ def test_score_parsing_never_guesses():
 
 
 def test_template_feedback_buckets():
-    fb = TemplateFeedback(AnnotatorStep(kind="template_feedback"))
+    fb = TemplateFeedback(annotator_step(kind="template_feedback"))
     assert [fb.feedback_for(s) for s in (0.95, 0.75, 0.5, 0.31, 0.0, None)] == \
         ["Excellent.", "Good.", "Okay.", "Poor.", "Terrible.", None]
 
 
 @needs_prepared
 def test_llm_judge_on_a_real_prompt_order_swap():
-    judge = LLMJudge(AnnotatorStep(kind="llm_judge", model="tiny-llama", batch_size=4))
+    judge = LLMJudge(annotator_step(kind="llm_judge", model="tiny-llama", batch_size=4))
     out = judge(["The film", "The film"], ["was wonderful.", "was awful."])
     a, b = out["score"]
     assert a == pytest.approx(1 - b) and 0 < a < 1
@@ -153,8 +154,8 @@ def test_recorded_policy_logprob_equals_teacher_forced_pass():
 
     from stages.logprobs import completion_token_logps
     from stages.models import load_causal_lm, load_tokenizer, resolve_model
-    from stages.objectives import pad
-    from stages.sample import TokenLogprobs
+    from stages.generation import TokenLogprobs
+    from stages.tokens import pad
 
     path = resolve_model("tiny-llama")
     tok, model = load_tokenizer(path, padding_side="left"), load_causal_lm(path).eval()

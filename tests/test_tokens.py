@@ -152,7 +152,7 @@ def test_reward_model_annotator_keeps_the_completion(tok):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text, st.integers(8, 64), st.sampled_from(["none", "feedback", "quark_best"]))
 def test_sample_prompts_keep_their_end_and_the_whole_prefix(tok, prompt, budget, conditioning):
-    from stages.sample import encode_prompt
+    from stages.generation import encode_prompt
 
     cfg = SampleConfig(max_prompt_tokens=budget, conditioning=conditioning, feedback="Good.")
     prefix, kept = encode_prompt(tok, prompt, cfg)
@@ -164,7 +164,7 @@ def test_sample_prompts_keep_their_end_and_the_whole_prefix(tok, prompt, budget,
 
 
 def test_sample_refuses_a_prefix_that_fills_the_budget(tok):
-    from stages.sample import encode_prompt
+    from stages.generation import encode_prompt
 
     cfg = SampleConfig(max_prompt_tokens=3, conditioning="feedback", feedback="a long piece of feedback")
     with pytest.raises(BadInput, match="sample.max_prompt_tokens"):
@@ -194,19 +194,19 @@ def test_nlf_and_quark_batches_carry_the_same_completion_as_the_reference(tok, p
 
 @needs_prepared
 def test_online_round_trains_the_sampled_token_ids(tmp_path, monkeypatch):
-    from stages import objectives
+    from stages.objectives.dpo import DPO
     from stages.runner import run_flow_locally
     from stages.store import ArtifactStore
 
     seen: list[tuple[list[dict], dict]] = []
-    original = objectives.DPO.collate
+    original = DPO.collate
 
     def recording(self, rows, tokenizer):
         batch = original(self, rows, tokenizer)
         seen.append((rows, batch))
         return batch
 
-    monkeypatch.setattr(objectives.DPO, "collate", recording)
+    monkeypatch.setattr(DPO, "collate", recording)
     # a prompt budget smaller than some prompts, so cutting is exercised too
     cfg = load_config(ROOT / "configs/smoke_online_dpo.yaml",
                       ["rounds=1", "stages=[load_prompts, sample, annotate, reweight, build_pool, reference, train]",

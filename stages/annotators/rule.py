@@ -1,0 +1,43 @@
+"""A Python callable f(prompts, completions) -> scores, named by its dotted path."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Literal
+
+from stages.annotators.base import Annotator
+from stages.errors import BadInput
+from stages.sections import Section
+
+
+def vader_compound(prompts: list[str], completions: list[str]) -> list[float]:
+    """The rule-based sentiment reward: vaderSentiment's compound score of the continuation, in [-1, 1]."""
+    from stages.data import vader_sentiment
+
+    return vader_sentiment(list(completions))
+
+
+def load_callable(dotted: str, field: str):
+    module, _, name = dotted.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise BadInput(f"{field}: cannot import '{dotted}' ({type(e).__name__})") from None
+    if not callable(fn):
+        raise BadInput(f"{field}: '{dotted}' is not callable")
+    return fn
+
+
+class Rule(Annotator):
+    kind = "rule"
+
+    class Options(Section):
+        kind: Literal["rule"] = "rule"
+        callable: str = "stages.annotators.vader_compound"
+
+    def __init__(self, step):
+        super().__init__(step)
+        self.fn = load_callable(step.callable, "annotate.callable")
+
+    def __call__(self, prompts, completions, scores=None):
+        return {"score": self.fn(list(prompts), list(completions))}

@@ -1,0 +1,18 @@
+"""The base of every config section, shared by stages/config.py and the extensions that declare
+their own options next to their code (objectives, annotators)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Section(BaseModel):
+    # Unknown keys are errors that name their path, not settings silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def conditioning_template(template: str) -> str:
+    """NLF templates put the conditioning before the prompt, so it is a prefix of the prompt's tokens."""
+    if not template.endswith("{prompt}") or template.count("{prompt}") != 1 or "{feedback}" not in template:
+        raise ValueError("must contain {feedback} and end with {prompt} (the conditioning is a prefix of the prompt)")
+    return template
