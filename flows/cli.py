@@ -71,9 +71,9 @@ def run(
     from stages.runner import forced_stages, preflight
 
     cfg = load_config(config, set_, experiment)
-    preflight(cfg)
-    forced_stages(cfg, force)
     root = artifacts or default_artifact_root()
+    preflight(cfg, root)
+    forced_stages(cfg, force)
     if no_prefect:
         from stages.runner import run_flow_locally
         from stages.store import ArtifactStore
@@ -120,9 +120,10 @@ def stage(
     cfg = load_config(config, set_, experiment)
     if name not in cfg.stages:
         raise BadInput(f"stage '{name}' is not part of {config} (stages: {', '.join(cfg.stages)})")
-    preflight(cfg)
+    root = artifacts or default_artifact_root()
+    preflight(cfg, root)
     _setup_logging()
-    r = run_stage(cfg, name, round_, ArtifactStore(artifacts or default_artifact_root()), force=force)
+    r = run_stage(cfg, name, round_, ArtifactStore(root), force=force)
     console.print(f"{r.stage} (round {r.round}): {r.status}, {r.rows} rows, fingerprint {r.fingerprint} -> {r.path}")
 
 

@@ -123,7 +123,7 @@ def plan_run(config_path: str, overrides: list[str] | None = None, artifacts: st
     if rounds is not None:
         overrides.append(f"rounds={rounds}")
     config = load_config(resolve_config_path(config_path), overrides, experiment or None)
-    preflight(config)
+    preflight(config, artifacts or default_artifact_root())
     forced = forced_stages(config, [s for s in (force or []) if s])
     fail_once = fail_once or None
     if fail_once and fail_once not in config.stages:

@@ -6,7 +6,7 @@ timeline per key with a version per run and round:
     <exp>-<stage>     one row for that stage: round, ran or skipped, rows, fingerprint, wall time
     <exp>-stages      every stage of the run
     <exp>-metrics     the round's metrics (every stage's scalar metrics, train and evaluate first)
-    <exp>-rewards     the round's reward histogram (an inline PNG drawn here, no plotting library)
+    <exp>-rewards     the round's reward histogram (an inline PNG, drawn with matplotlib)
     <exp>-samples     sample generations (or held-out records, for flows that generate nothing)
 
 Building an artifact never fails a run: a problem is logged and the run goes on.
@@ -18,8 +18,6 @@ import base64
 import logging
 import math
 import re
-import struct
-import zlib
 
 from stages.store import ArtifactStore
 
@@ -163,66 +161,16 @@ def sample_rows(store: ArtifactStore, paths: dict[str, str], manifests: dict[str
     return "", []
 
 
-# -- the histogram, drawn as a PNG without a plotting library --------------------------------------
-
-_GLYPHS = {  # 3x5 pixel glyphs, one row per string, '#' = ink
-    "0": ("###", "#.#", "#.#", "#.#", "###"), "1": (".#.", "##.", ".#.", ".#.", "###"),
-    "2": ("###", "..#", "###", "#..", "###"), "3": ("###", "..#", "###", "..#", "###"),
-    "4": ("#.#", "#.#", "###", "..#", "..#"), "5": ("###", "#..", "###", "..#", "###"),
-    "6": ("###", "#..", "###", "#.#", "###"), "7": ("###", "..#", "..#", "..#", "..#"),
-    "8": ("###", "#.#", "###", "#.#", "###"), "9": ("###", "#.#", "###", "..#", "###"),
-    ".": ("...", "...", "...", "...", ".#."), "-": ("...", "...", "###", "...", "..."),
-    "e": ("...", "###", "#.#", "##.", ".##"), "+": ("...", ".#.", "###", ".#.", "..."),
-    "n": ("...", "##.", "#.#", "#.#", "#.#"), "=": ("...", "###", "...", "###", "..."),
-}
-
-
-class _Canvas:
-    def __init__(self, width: int, height: int, background=(255, 255, 255)):
-        self.w, self.h = width, height
-        self.px = bytearray(bytes(background) * (width * height))
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color) -> None:
-        x0, x1 = max(0, min(x0, x1)), min(self.w, max(x0, x1))
-        y0, y1 = max(0, min(y0, y1)), min(self.h, max(y0, y1))
-        line = bytes(color) * (x1 - x0)
-        for y in range(y0, y1):
-            start = (y * self.w + x0) * 3
-            self.px[start:start + len(line)] = line
-
-    def text(self, x: int, y: int, s: str, color=(60, 60, 60), scale: int = 2) -> None:
-        for ch in s:
-            for r, row in enumerate(_GLYPHS.get(ch, ("...",) * 5)):
-                for c, on in enumerate(row):
-                    if on == "#":
-                        self.rect(x + c * scale, y + r * scale, x + (c + 1) * scale, y + (r + 1) * scale, color)
-            x += 4 * scale
-
-    @staticmethod
-    def text_width(s: str, scale: int = 2) -> int:
-        return len(s) * 4 * scale - scale
-
-    def png(self) -> bytes:
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        stride = self.w * 3
-        raw = b"".join(b"\x00" + bytes(self.px[y * stride:(y + 1) * stride]) for y in range(self.h))
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
+# -- the histogram ---------------------------------------------------------------------------------
 
 def histogram(values: list[float], bins: int | None = None) -> tuple[list[float], list[int]]:
-    """Equal-width bins over [min, max]: (edges, counts)."""
-    lo, hi = min(values), max(values)
+    """Equal-width bins over [min, max] (one unit wide around a single value): (edges, counts)."""
+    import numpy as np
+
     bins = bins or max(5, min(20, int(math.sqrt(len(values))) + 1))
-    if hi == lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    width = (hi - lo) / bins
-    counts = [0] * bins
-    for v in values:
-        counts[min(bins - 1, int((v - lo) / width))] += 1
-    return [lo + i * width for i in range(bins + 1)], counts
+    lo, hi = min(values), max(values)
+    counts, edges = np.histogram(values, bins=bins, range=(lo - 0.5, hi + 0.5) if hi == lo else (lo, hi))
+    return edges.tolist(), counts.tolist()
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -237,24 +185,22 @@ def _edge_digits(edges: list[float]) -> int:
 
 
 def histogram_png(values: list[float], width: int = 480, height: int = 200) -> bytes:
+    """The histogram as a PNG of width x height pixels (matplotlib, no display needed)."""
+    import io
+
+    from matplotlib.figure import Figure
+
     edges, counts = histogram(values)
-    canvas = _Canvas(width, height)
-    left, right, top, bottom = 12, width - 12, 24, height - 26
-    canvas.rect(left, bottom, right, bottom + 1, (90, 90, 90))  # x axis
-    peak = max(counts) or 1
-    slot = (right - left) / len(counts)
-    for i, count in enumerate(counts):
-        x0, x1 = int(left + i * slot) + 1, int(left + (i + 1) * slot) - 1
-        bar = round((bottom - top) * count / peak)
-        canvas.rect(x0, bottom - bar, x1, bottom, (46, 110, 214))
-    d = min(5, _edge_digits(edges))
-    lo, hi = _num(edges[0], d), _num(edges[-1], d)
-    canvas.text(left, bottom + 8, lo)
-    canvas.text(right - canvas.text_width(hi), bottom + 8, hi)
-    label = f"n={len(values)}"
-    canvas.text(right - canvas.text_width(label), 6, label)
-    canvas.text(left, 6, str(peak))
-    return canvas.png()
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100)
+    ax = fig.subplots()
+    ax.stairs(counts, edges, fill=True, color="#2e6ed6")
+    ax.set_title(f"n={len(values)}", fontsize=8, loc="right")
+    ax.tick_params(labelsize=7)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout(pad=0.4)
+    out = io.BytesIO()
+    fig.savefig(out, format="png")  # no bbox_inches="tight": the size stays width x height
+    return out.getvalue()
 
 
 def histogram_markdown(label: str, values: list[float], round_: int) -> str:
@@ -265,7 +211,7 @@ def histogram_markdown(label: str, values: list[float], round_: int) -> str:
     lines = [f"### Round {round_}: {label}", "",
              f"![histogram of {label}](data:image/png;base64,{data})", "",
              f"{len(values)} values: min {_num(min(values), d)}, mean {_num(mean, d)}, max {_num(max(values), d)} "
-             f"(the tallest bar, top left, holds {max(counts)}).", "",
+             f"(the tallest bar holds {max(counts)}).", "",
              "| bin | count |", "|---|---|"]
     lines += [f"| {_num(a, d)} to {_num(b, d)} | {c} |" for a, b, c in zip(edges, edges[1:], counts)]
     return "\n".join(lines)

@@ -13,13 +13,14 @@ import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
 from stages.errors import BadInput
+from stages.refs import ArtifactRef
 from stages.sections import Section, conditioning_template
 
 
 class LoadPromptsConfig(Section):
     # A built-in corpus ("movie_snippets", "tweets", "product_snippets", "editorial_snippets"),
     # a local/fsspec Parquet, JSONL or CSV file, or a hub dataset name (only where the hub is reachable).
-    source: str = "movie_snippets"
+    source: str | ArtifactRef = "movie_snippets"
     hub_split: str = "train"
     # our column -> the source's column; `prompt` is required, `completion` and `score` optional;
     # `prompt_ids` and `completion_ids` (token ids, as sample records them) are read when present.
@@ -293,13 +294,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, experiment: str | None = None) -> RunConfig:
-    """Read, override and validate a YAML run configuration; every error is one BadInput line."""
-    path = Path(path)
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping; every problem is one BadInput line naming the file."""
     if not path.is_file():
         raise BadInput(f"config file does not exist: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BadInput(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -309,6 +311,39 @@ def load_config(path: str | Path, overrides: list[str] | None = None, experiment
         data = {}
     if not isinstance(data, dict):
         raise BadInput(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`: mappings merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def compose(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config with its `extends:` chain resolved: `extends: bases/tiny_llama.yaml` (a path relative
+    to the file, or a list of them, applied in order) is the base this file's keys go on top of."""
+    if path.resolve() in seen:
+        raise BadInput(f"{path}: extends itself (through {' -> '.join(p.name for p in seen)})")
+    data = read_yaml(path)  # errors name the path as given
+    bases = data.pop("extends", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise BadInput(f"{path}: 'extends' must be a config path or a list of them")
+    merged: dict = {}
+    for base in bases:
+        merged = deep_merge(merged, compose(path.parent / base, seen + (path.resolve(),)))
+    merged.pop("experiment", None)  # an experiment's name is its own, never a base's
+    return deep_merge(merged, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, experiment: str | None = None) -> RunConfig:
+    """Read, compose (`extends:`), override and validate a YAML run configuration; every error is one
+    BadInput line."""
+    path = Path(path)
+    data = compose(path)
     data = apply_overrides(data, overrides or [])
     if experiment:
         data["experiment"] = experiment

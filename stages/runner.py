@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from stages.config import RunConfig
 from stages.context import StageContext, StageOutput, Upstream
 from stages.errors import BadInput
+from stages.refs import resolve_refs
 from stages.registry import downstream_of, input_round, parse_input, stage_specs
 from stages.store import DATA, ArtifactStore
 
@@ -133,6 +134,7 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
     if stage not in specs:
         raise BadInput(f"unknown stage '{stage}' (known: {', '.join(specs)})")
     spec = specs[stage]
+    config = with_refs_resolved(config, [stage], store)  # other experiments' artifacts, under this run's root
     section = config.section(stage)
     inputs = resolve_inputs(config, stage, round_, store)
     fp, payload = stage_fingerprint(config, stage, inputs)
@@ -184,8 +186,17 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
     return StageResult(stage, round_, "ran", fp, out.table.num_rows, dest, round(wall, 3), reason, out.metrics)
 
 
-def preflight(config: RunConfig) -> None:
-    """Check every stage's outside inputs (data files, model paths) before anything runs or is written."""
+def with_refs_resolved(config: RunConfig, stages: list[str], store: ArtifactStore) -> RunConfig:
+    """The config with the references in these stages' sections located under the store's root."""
+    return config.model_copy(update={s: resolve_refs(config.section(s), store, s) for s in stages})
+
+
+def preflight(config: RunConfig, root: str | None = None) -> None:
+    """Check every stage's outside inputs (data files, model paths, other experiments' artifacts
+    under `root`, default the artifact root) before anything runs or is written."""
+    from stages.paths import default_artifact_root
+
+    config = with_refs_resolved(config, config.stages, ArtifactStore(root or default_artifact_root()))
     specs = stage_specs()
     for stage in config.stages:
         if specs[stage].identity:

@@ -61,3 +61,36 @@ def test_stage_listed_twice():
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.stages and cfg.experiment
+
+
+def test_extends_merges_sections_key_by_key(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases/a.yaml").write_text("experiment: never_inherited\nseed: 3\n"
+                                           "train: {model: tiny-llama, learning_rate: 0.5, max_length: 48}\n"
+                                           "stages: [load_prompts, build_pool, train]\n")
+    (tmp_path / "bases/b.yaml").write_text("extends: a.yaml\ntrain: {learning_rate: 0.25}\n")
+    (tmp_path / "run.yaml").write_text("extends: [bases/b.yaml]\ntrain: {batch_size: 2}\nstages: [load_prompts, build_pool]\n")
+    cfg = load_config(tmp_path / "run.yaml", ["train.max_length=80"])
+    assert (cfg.experiment, cfg.seed) == ("run", 3)
+    assert (cfg.train.model, cfg.train.learning_rate, cfg.train.batch_size, cfg.train.max_length) == \
+        ("tiny-llama", 0.25, 2, 80)
+    assert cfg.stages == ["load_prompts", "build_pool"]  # lists are replaced, not merged
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "loop.yaml").write_text("extends: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(BadInput, match=r"loop\.yaml: extends itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "gone.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(BadInput, match=r"config file does not exist: .*nowhere\.yaml"):
+        load_config(tmp_path / "gone.yaml")
+    (tmp_path / "bad.yaml").write_text("extends: {a: 1}\n")
+    with pytest.raises(BadInput, match="'extends' must be a config path"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "latin.yaml").write_bytes("experiment: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(BadInput, match=r"latin\.yaml: not UTF-8 text"):
+        load_config(tmp_path / "latin.yaml")

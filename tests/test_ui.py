@@ -241,9 +241,11 @@ def test_artifact_keys_are_what_prefect_accepts():
 
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)  # one filter byte + RGB per row
+    width, height, depth, color = struct.unpack(">IIBB", data[16:26])
+    channels = {2: 3, 6: 4}[color]  # RGB or RGBA, 8 bits each
+    idat = b"".join(data[i + 4:i + 4 + struct.unpack(">I", data[i - 4:i])[0]]
+                    for i in range(len(data)) if data[i:i + 4] == b"IDAT")
+    assert depth == 8 and len(zlib.decompress(idat)) == height * (1 + channels * width)  # a filter byte per row
     return width, height
 
 
@@ -336,7 +338,7 @@ class FakeStages:
 def fake_stages(tmp_path, monkeypatch):
     fake = FakeStages(tmp_path)
     monkeypatch.setattr(pl, "stage_task", fake)
-    monkeypatch.setattr(pl, "preflight", lambda cfg: None)  # no models needed
+    monkeypatch.setattr(pl, "preflight", lambda cfg, root=None: None)  # no models needed
     monkeypatch.setattr(ui, "round_artifacts", lambda *a: None)
     monkeypatch.setattr(ui, "run_artifact", lambda *a: None)
     return fake

@@ -8,22 +8,22 @@ import torch
 from pydantic import Field
 
 from stages.annotators.base import Annotator
-from stages.errors import BadInput
 from stages.models import load_sequence_classifier, load_tokenizer, model_identity, resolve_model
-from stages.paths import PROJECT_ROOT
+from stages.paths import default_artifact_root
+from stages.refs import ArtifactRef, locate
 from stages.sections import Section
+from stages.store import ArtifactStore
 from stages.tokens import for_classifier, pad
 
-DEFAULT_REWARD_MODEL = "artifacts/reward_movies/round-0/train/model"
+# The model the reward_movies flow trains, under the run's artifact root (stages/refs.py).
+DEFAULT_REWARD_MODEL = ArtifactRef(experiment="reward_movies", stage="train", file="model")
 
 
-def reward_model_path(ref: str | None) -> str:
-    if ref is None:
-        path = PROJECT_ROOT / DEFAULT_REWARD_MODEL
-        if not (path / "config.json").exists():
-            raise BadInput(f"annotate: no reward model at {path}: run `align run configs/reward_movies.yaml` first, "
-                           "or set annotate.steps[].model")
-        return str(path)
+def reward_model_path(ref: str | ArtifactRef) -> str:
+    """A model path; a reference the runner has not resolved (a caller outside a run) is looked up
+    under the default artifact root."""
+    if isinstance(ref, ArtifactRef):
+        return locate(ref, ArtifactStore(default_artifact_root()), "annotate.steps[].model")
     return resolve_model(ref, "annotate.model")
 
 
@@ -35,7 +35,7 @@ class RewardModel(Annotator):
 
     class Options(Section):
         kind: Literal["reward_model"] = "reward_model"
-        model: str | None = None  # default: the reward_movies flow's model
+        model: str | ArtifactRef = DEFAULT_REWARD_MODEL  # default: the reward_movies flow's model
         batch_size: int = Field(32, ge=1)
         # tokens of prompt + completion; a longer one loses the prompt's start first, never the completion
         max_length: int = Field(128, ge=8)
