@@ -8,6 +8,8 @@ from typing import Callable
 
 from pydantic import Field
 
+from stages.annotators.base import Annotator
+from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
 from stages.sections import Section
 from stages.tokens import keep_last, text_ids
 
@@ -21,6 +23,22 @@ class LLMOptions(Section):
     model: str | None = None  # default smollm2
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(128, ge=8)  # tokens of the task prompt shown (its start is cut)
+
+
+class LocalLLM(Annotator):
+    """An annotator that runs a local causal LM (left-padded batches; default SmolLM2)."""
+
+    may_miss = True  # an answer may hold no readable score, a prompt no second sample
+
+    @classmethod
+    def identity(cls, step):
+        return model_identity(step.model or "smollm2", "annotate.model")
+
+    def __init__(self, step):
+        super().__init__(step)
+        path = resolve_model(step.model or "smollm2", "annotate.model")
+        self.tokenizer = load_tokenizer(path, padding_side="left")
+        self.model = load_causal_lm(path).eval()
 
 
 SCORE_PATTERN = re.compile(r"score\s*[:=]?\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.IGNORECASE)

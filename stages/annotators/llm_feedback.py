@@ -7,31 +7,18 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from stages.annotators.base import Annotator
-from stages.annotators.llm import FEEDBACK_TEMPLATE, LLMOptions, parse_score, shown_prompt
-from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
+from stages.annotators.llm import FEEDBACK_TEMPLATE, LLMOptions, LocalLLM, parse_score, shown_prompt
 
 
-class LLMFeedback(Annotator):
+class LLMFeedback(LocalLLM):
     """An answer without a readable score is kept with score None, never guessed."""
 
     kind = "llm_feedback"
-    may_miss = True
 
     class Options(LLMOptions):
         kind: Literal["llm_feedback"] = "llm_feedback"
         feedback_template: str = FEEDBACK_TEMPLATE
         max_feedback_tokens: int = Field(32, ge=4)
-
-    @classmethod
-    def identity(cls, step):
-        return model_identity(step.model or "smollm2", "annotate.model")
-
-    def __init__(self, step):
-        super().__init__(step)
-        path = resolve_model(step.model or "smollm2", "annotate.model")
-        self.tokenizer = load_tokenizer(path, padding_side="left")
-        self.model = load_causal_lm(path).eval()
 
     @torch.no_grad()
     def __call__(self, prompts, completions, scores=None):

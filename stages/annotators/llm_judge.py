@@ -6,32 +6,22 @@ from typing import Literal
 
 import torch
 
-from stages.annotators.base import Annotator
-from stages.annotators.llm import JUDGE_TEMPLATE, LLMOptions, pairwise_scores, shown_prompt
-from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
+from stages.annotators.llm import JUDGE_TEMPLATE, LLMOptions, LocalLLM, pairwise_scores, shown_prompt
 
 
-class LLMJudge(Annotator):
+class LLMJudge(LocalLLM):
     """The preference comes from the answer tokens' log-probs, not from free text:
     P(i beats j) = mean(P("A" | i first), P("B" | i second)), each normalised over {A, B}.
     With n samples per prompt a sample's score is its mean win probability against the others."""
 
     kind = "llm_judge"
-    may_miss = True  # a prompt with a single sample has nothing to be compared with
 
     class Options(LLMOptions):
         kind: Literal["llm_judge"] = "llm_judge"
         judge_template: str = JUDGE_TEMPLATE
 
-    @classmethod
-    def identity(cls, step):
-        return model_identity(step.model or "smollm2", "annotate.model")
-
     def __init__(self, step):
         super().__init__(step)
-        path = resolve_model(step.model or "smollm2", "annotate.model")
-        self.tokenizer = load_tokenizer(path, padding_side="left")
-        self.model = load_causal_lm(path).eval()
         self.answer_ids = [self.tokenizer.convert_tokens_to_ids(a) for a in ("A", "B")]
 
     def render(self, prompt, a, b) -> str:

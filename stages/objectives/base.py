@@ -148,6 +148,13 @@ class Objective:
                 for g in generations for i, r in enumerate(rows)]
         return sequences(seqs, tokenizer.pad_token_id, self.max_prompt, self.cfg.max_length, share)
 
+    def pair_batch(self, rows, tokenizer) -> dict:
+        """Pairwise records: every chosen (generation1) then every rejected (generation2) sequence,
+        prompts shared, with the pairs' weights."""
+        out = self.seqs(tokenizer, rows, ["generation1", "generation2"], share_prompt=True)
+        out["weights"] = pair_weights(rows)
+        return out
+
     @staticmethod
     def seq_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed completion log-probs and completion token counts per sequence."""

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from stages import losses as L
-from stages.objectives.base import Objective, column, pair_weights
+from stages.objectives.base import Objective, column
 from stages.sections import Section
 
 
@@ -34,8 +34,7 @@ class DPO(Objective):
         return not self.opt.reference_free
 
     def collate(self, rows, tokenizer):
-        out = self.seqs(tokenizer, rows, ["generation1", "generation2"], share_prompt=True)
-        out["weights"] = pair_weights(rows)
+        out = self.pair_batch(rows, tokenizer)
         if all(r.get("reference_logp1") is not None and r.get("reference_logp2") is not None for r in rows):
             out["ref_logps"] = torch.cat([column(rows, "reference_logp1"), column(rows, "reference_logp2")])
         return out

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from stages.objectives.base import Objective, pair_weights
+from stages.objectives.base import Objective
 from stages.sections import Section
 
 
@@ -36,9 +36,7 @@ class ORPO(Objective):
         beta: float = Field(0.1, gt=0)  # lambda in the paper (TRL's name and default)
 
     def collate(self, rows, tokenizer):
-        out = self.seqs(tokenizer, rows, ["generation1", "generation2"], share_prompt=True)
-        out["weights"] = pair_weights(rows)
-        return out
+        return self.pair_batch(rows, tokenizer)
 
     def per_example_loss(self, model, batch):
         logp, n = self.seq_logps(model, batch)
