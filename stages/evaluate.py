@@ -72,7 +72,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
         for r, b in zip(scored, before):
             r.update({f"base_{k}": v for k, v in b.items() if k != "prompt_id"})
         metrics |= {f"base_{k}": v for k, v in base_metrics.items()}
-    ctx.log.info("evaluate: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    ctx.log.info("evaluate: %s", objective.summary(metrics))
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -73,3 +74,13 @@ def test_offline_evaluate_also_samples_and_scores_when_asked(tmp_path):
     metrics = results["evaluate"].metrics
     assert {"heldout_loss", "heldout_reward_accuracy", "mean_reward", "base_mean_reward", "kl_to_reference"} <= set(metrics)
     assert metrics["prompts"] == 6 and metrics["records"] > 0
+
+
+def test_evaluate_says_its_result_in_words(tmp_path, caplog):
+    """The line users (and the UI's run log) read: the objective's own summary."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="align")
+    run_flow_locally(load_config(ROOT / "configs" / "smoke.yaml"), ArtifactStore(str(tmp_path)))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate: held-out"))
+    assert re.fullmatch(r"evaluate: held-out NLL per token \d+\.\d{4} \(base model \d+\.\d{4}\)", line)

@@ -132,6 +132,10 @@ class Objective:
 
     compare_base_heldout: ClassVar[bool] = False  # evaluate also reports `heldout` of the base model
 
+    def summary(self, metrics: dict) -> str:
+        """The held-out metrics as evaluate's log line says them."""
+        return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
     def collate(self, rows: list[dict], tokenizer) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -49,3 +49,6 @@ class RewardBT(Objective):
                 out.extend({"prompt_id": r["prompt_id"], "score_chosen": a, "score_rejected": b, "correct": a > b}
                            for r, a, b in zip(chunk, s_c.tolist(), s_r.tolist()))
         return out, {"pairwise_accuracy": sum(r["correct"] for r in out) / len(out), "pairs": len(out)}
+
+    def summary(self, metrics):
+        return f"held-out pairwise accuracy {metrics['pairwise_accuracy']:.3f}"

@@ -40,3 +40,7 @@ class SFT(Objective):
                            for r, lp, m in zip(chunk, logps.sum(-1).tolist(), mask.sum(-1).tolist()))
         nll = -sum(r["logprob"] for r in out) / max(1, sum(r["tokens"] for r in out))
         return out, {"heldout_nll": nll, "heldout_perplexity": math.exp(nll)}
+
+    def summary(self, metrics):
+        base = metrics.get("base_heldout_nll")
+        return f"held-out NLL per token {metrics['heldout_nll']:.4f}" + (f" (base model {base:.4f})" if base else "")
