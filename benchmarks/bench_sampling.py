@@ -56,7 +56,10 @@ def child(kind: str, batch: int, n_prompts: int, new_tokens: int) -> dict:
         t0 = time.perf_counter()
         vader_compound(ps, completions)
     else:
-        step = annotator_step(kind=kind, model="smollm2" if kind == "llm_judge" else None, batch_size=32)
+        # The reward model's speed is its architecture's: MiniLM with a fresh one-output head
+        # stands in for the trained one, so the benchmark needs no reward_movies run first.
+        model = {"llm_judge": "smollm2", "reward_model": "minilm"}.get(kind)
+        step = annotator_step(kind=kind, **({"model": model, "batch_size": 32} if model else {}))
         annotator = ANNOTATORS[kind](step)
         if kind == "llm_judge":  # two samples per prompt: n_prompts / 2 pairs, each judged in both orders
             ps = [p for p in ps[: n_prompts // 2] for _ in (0, 1)]
