@@ -23,11 +23,11 @@ def score(model, seqs: list[Sequence], pad_id: int, batch_size: int, limits: tup
     if limits is None:
         longest_prompt = max((len(s.prefix) + len(s.prompt) for s in seqs), default=0)
         limits = (max(1, longest_prompt), max(1, longest_prompt) + max((len(s.completion) for s in seqs), default=0))
-    key = lambda i: (seqs[i].prefix, tuple(seqs[i].prompt))  # noqa: E731
+    keys = [(s.prefix, tuple(s.prompt)) for s in seqs]  # a sequence's prompt group, built once
     longest: dict[tuple, int] = {}
-    for i, s in enumerate(seqs):
-        longest[key(i)] = max(longest.get(key(i), 0), len(s.prompt) + len(s.completion))
-    order = sorted(range(len(seqs)), key=lambda i: (-longest[key(i)], key(i), -len(seqs[i].completion)))
+    for k, s in zip(keys, seqs):
+        longest[k] = max(longest.get(k, 0), len(s.prompt) + len(s.completion))
+    order = sorted(range(len(seqs)), key=lambda i: (-longest[keys[i]], keys[i], -len(seqs[i].completion)))
     sums: list[float] = [0.0] * len(seqs)
     tokens: list[list[float] | None] = [None] * len(seqs)
     for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=None):

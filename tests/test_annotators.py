@@ -3,6 +3,7 @@
 `transformers serve` of the local SmolLM2 folder."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -43,8 +44,8 @@ class Scripted(BaseHTTPRequestHandler):
             p_a = 0.9 if happy(a) else 0.2
             answer = "A" if p_a > 0.5 else "B"
             logprobs = {"content": [{"token": answer, "logprob": -0.1, "bytes": None, "top_logprobs": [
-                {"token": "A", "logprob": __import__("math").log(p_a), "bytes": None},
-                {"token": " B", "logprob": __import__("math").log(1 - p_a), "bytes": None}]}]}
+                {"token": "A", "logprob": math.log(p_a), "bytes": None},
+                {"token": " B", "logprob": math.log(1 - p_a), "bytes": None}]}]}
         else:
             answer, logprobs = ("Score: 8/10. Feedback: upbeat." if happy(text) else "It is fine."), None
         if Scripted.mode == "text":
