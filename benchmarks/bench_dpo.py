@@ -14,7 +14,7 @@ configurations alternating within every repeat (the starting one rotates from re
                       separately; it runs inside the trainer's constructor)
 
 Both sides train on exactly the same token ids, in the same batches, in the same order:
-- the pairs are tokenised once, here, by our own token rules (stages/tokens.py: the prompt keeps
+- the pairs are tokenised once, here, by our own token rules (stages/data/tokens.py: the prompt keeps
   its last max_prompt_length tokens, the completion its first max_length - max_prompt_length
   tokens, EOS included); our trainer reads those ids from the records, and TRL is handed them (a DPOTrainer subclass skips its own tokenisation; its
   collator's keep_start truncation at max_length=128 is then a no-op);
@@ -83,10 +83,10 @@ def build_pairs(path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from stages.data import read_corpus
-    from stages.models import load_tokenizer, resolve_model
-    from stages.tokens import from_text, join
-    from stages.trainer import epoch_batches
+    from stages.data.sources import read_corpus
+    from stages.services.models import load_tokenizer, resolve_model
+    from stages.data.tokens import from_text, join
+    from stages.training.trainer import epoch_batches
 
     tok = load_tokenizer(resolve_model("smollm2"))
     corpus = read_corpus("movie_snippets").to_pylist()
@@ -200,11 +200,11 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
     t_setup = time.perf_counter()
     if name.startswith("ours"):
         from stages.config import ReferenceConfig, TrainConfig
-        from stages.models import load_causal_lm, load_tokenizer, resolve_model
-        from stages.scoring import score
-        from stages.tokens import of_record
-        from stages.training_setup import attach_reference, prepare
-        from stages.trainer import fit
+        from stages.services.models import load_causal_lm, load_tokenizer, resolve_model
+        from stages.services.scoring import score
+        from stages.data.tokens import of_record
+        from stages.services.training_setup import attach_reference, prepare
+        from stages.training.trainer import fit
 
         mode = name.split("_")[1]
         for r in rows:
@@ -262,7 +262,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
         from transformers import TrainerCallback
         from trl import DPOConfig, DPOTrainer
 
-        from stages.models import load_causal_lm, load_tokenizer, resolve_model
+        from stages.services.models import load_causal_lm, load_tokenizer, resolve_model
 
         datasets.disable_progress_bars()
         precompute = name == "trl_precompute"
@@ -339,7 +339,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
     after = rss_peak_kb()
     out["peak_rss_gb"] = gb(max(before, after))  # the whole child, loading and precompute included
     out["train_peak_rss_gb"] = gb(status_kb("VmHWM")) if reset else None  # high-water mark since the reset
-    from stages.allocator import current
+    from stages.training.allocator import current
 
     out["allocator"] = current()  # as loaded in this child, not as asked
     # The batches really collated during training must be the expected ones, step by step. (A
@@ -494,7 +494,7 @@ def main() -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hfds-")}
     if a.allocator == "jemalloc":
-        from stages.allocator import jemalloc_library, preload_env
+        from stages.training.allocator import jemalloc_library, preload_env
 
         library = jemalloc_library()
         if library is None:
@@ -502,7 +502,7 @@ def main() -> None:
                      "or use --allocator system")
         env = preload_env(env, library)
     from stages.config import apply_overrides
-    from stages.errors import BadInput
+    from stages.pipeline.errors import BadInput
 
     try:
         ours_set = apply_overrides({}, a.ours_set)  # the CLI's --set parsing: dotted keys, YAML values

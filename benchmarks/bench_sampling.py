@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def prompts(n: int) -> list[str]:
-    from stages.data import read_corpus
+    from stages.data.sources import read_corpus
 
     texts = read_corpus("movie_snippets").column("text").to_pylist()
     return [" ".join(t.split()[:6]) for t in texts[:n]]
@@ -37,8 +37,8 @@ def child(kind: str, batch: int, n_prompts: int, new_tokens: int) -> dict:
     torch.manual_seed(0)
     if kind == "sample":
         from stages.config import SampleConfig
-        from stages.models import resolve_model
-        from stages.generation import generate_hf
+        from stages.services.models import resolve_model
+        from stages.services.generation import generate_hf
 
         cfg = SampleConfig(n=1, batch_size=batch, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
         t0 = time.perf_counter()

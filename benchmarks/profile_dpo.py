@@ -44,11 +44,11 @@ def main() -> None:
 
     if a.config.startswith("ours"):
         from stages.config import ReferenceConfig, TrainConfig
-        from stages.models import load_causal_lm, load_tokenizer, resolve_model
-        from stages.scoring import score
-        from stages.tokens import of_record
-        from stages.training_setup import attach_reference, prepare
-        from stages.trainer import fit
+        from stages.services.models import load_causal_lm, load_tokenizer, resolve_model
+        from stages.services.scoring import score
+        from stages.data.tokens import of_record
+        from stages.services.training_setup import attach_reference, prepare
+        from stages.training.trainer import fit
 
         mode = a.config.split("_")[1]
         for r in rows:
@@ -86,7 +86,7 @@ def main() -> None:
         from transformers import TrainerCallback
         from trl import DPOConfig, DPOTrainer
 
-        from stages.models import load_causal_lm, load_tokenizer, resolve_model
+        from stages.services.models import load_causal_lm, load_tokenizer, resolve_model
 
         class PreTokenized(DPOTrainer):
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

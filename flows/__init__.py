@@ -6,7 +6,7 @@ imported (importing prefect creates PREFECT_HOME and reads these settings once).
 
 import os
 
-from stages.paths import PROJECT_ROOT
+from stages.pipeline.paths import PROJECT_ROOT
 
 
 def configure_environment() -> None:

@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stages.errors import BadInput
-from stages.paths import default_artifact_root
+from stages.pipeline.errors import BadInput
+from stages.pipeline.paths import default_artifact_root
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Alignment workbench: restartable Prefect stages with Parquet artifacts.")
@@ -68,15 +68,15 @@ def run(
 ):
     """Run CONFIG's flow through Prefect; complete stages are skipped."""
     from stages.config import load_config
-    from stages.runner import forced_stages, preflight
+    from stages.pipeline.runner import forced_stages, preflight
 
     cfg = load_config(config, set_, experiment)
     root = artifacts or default_artifact_root()
     preflight(cfg, root)
     forced_stages(cfg, force)
     if no_prefect:
-        from stages.runner import run_flow_locally
-        from stages.store import ArtifactStore
+        from stages.pipeline.runner import run_flow_locally
+        from stages.pipeline.store import ArtifactStore
 
         _setup_logging()
         results = [r.to_dict() for r in run_flow_locally(cfg, ArtifactStore(root), force)]
@@ -114,8 +114,8 @@ def stage(
 ):
     """Run one stage alone (its inputs must exist), without Prefect."""
     from stages.config import load_config
-    from stages.runner import preflight, run_stage
-    from stages.store import ArtifactStore
+    from stages.pipeline.runner import preflight, run_stage
+    from stages.pipeline.store import ArtifactStore
 
     cfg = load_config(config, set_, experiment)
     if name not in cfg.stages:
@@ -130,7 +130,7 @@ def stage(
 @app.command()
 def inspect(directory: str = typer.Argument(..., help="An experiment folder, or an artifact root.")):
     """A table of an experiment's rounds and stages: status, rows, fingerprint, wall time."""
-    from stages.store import ArtifactStore
+    from stages.pipeline.store import ArtifactStore
 
     parent, _, name = directory.rstrip("/").rpartition("/")
     store = ArtifactStore(parent or ".")
@@ -164,7 +164,7 @@ def inspect(directory: str = typer.Argument(..., help="An experiment folder, or 
 @models_app.command("prepare")
 def models_prepare():
     """Convert SmolLM2-135M-Instruct from its GGUF file, build the tiny test model, locate MiniLM."""
-    from stages.models import prepare_models
+    from stages.services.models import prepare_models
 
     for name, path in prepare_models().items():
         console.print(f"{name}: {path}")
@@ -173,11 +173,11 @@ def models_prepare():
 @data_app.command("prepare")
 def data_prepare():
     """Fetch the vaderSentiment source archive's labelled snippets into the cache (once)."""
-    from stages import data
+    from stages.data import sources
 
-    folder = data.prepare_data()
+    folder = sources.prepare_data()
     for name in data.CORPORA:
-        console.print(f"{name}: {data.corpus_path(name)}")
+        console.print(f"{name}: {sources.corpus_path(name)}")
     console.print(f"cache: {folder}")
 
 
@@ -215,7 +215,7 @@ def serve(
 
 
 def main() -> None:
-    from stages.allocator import reexec_under_jemalloc
+    from stages.training.allocator import reexec_under_jemalloc
 
     reexec_under_jemalloc("flows.cli")  # returns when jemalloc is absent, off, or already loaded
     debug = "--debug" in sys.argv or os.environ.get("ALIGN_DEBUG") == "1"

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from stages.errors import BadInput
-from stages.store import ArtifactStore
+from stages.pipeline.errors import BadInput
+from stages.pipeline.store import ArtifactStore
 
 log = logging.getLogger("align")
 

@@ -35,10 +35,10 @@ from prefect.states import Completed, Failed, State
 from flows import ui_artifacts
 from flows.lock import experiment_lock
 from stages.config import RunConfig, load_config, validate_config
-from stages.errors import BadInput
-from stages.paths import PROJECT_ROOT, default_artifact_root
-from stages.runner import forced_stages, preflight, run_stage, stages_of_round
-from stages.store import ArtifactStore
+from stages.pipeline.errors import BadInput
+from stages.pipeline.paths import PROJECT_ROOT, default_artifact_root
+from stages.pipeline.runner import forced_stages, preflight, run_stage, stages_of_round
+from stages.pipeline.store import ArtifactStore
 
 logging.getLogger("align").setLevel(logging.INFO)  # Prefect attaches its handlers (PREFECT_LOGGING_EXTRA_LOGGERS)
 

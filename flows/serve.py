@@ -22,9 +22,9 @@ from pathlib import Path
 
 import flows  # noqa: F401  (configures Prefect's environment first)
 from stages.config import RunConfig, load_config
-from stages.errors import BadInput
-from stages.paths import PROJECT_ROOT
-from stages.runner import preflight
+from stages.pipeline.errors import BadInput
+from stages.pipeline.paths import PROJECT_ROOT
+from stages.pipeline.runner import preflight
 
 GENERIC = ("pipeline", "rounds")
 

@@ -19,7 +19,7 @@ import logging
 import math
 import re
 
-from stages.store import ArtifactStore
+from stages.pipeline.store import ArtifactStore
 
 log = logging.getLogger("align")
 

@@ -1,4 +1,4 @@
-"""annotate: feedback on each sample from one or more annotator steps (stages/annotation.py).
+"""annotate: feedback on each sample from one or more annotator steps (stages/services/annotation.py).
 
 Adds `score` (float, null where an LLM's answer held no readable score) and `feedback` (text, or
 null). A step that raises, returns the wrong number of values, or returns NaN / non-numbers fails
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from stages.annotation import mean_known, run_steps
+from stages.services.annotation import mean_known, run_steps
 from stages.annotators import ANNOTATORS
 from stages.config import AnnotateConfig
-from stages.context import StageOutput, stage
+from stages.pipeline.context import StageOutput, stage
 
 
 def identity(cfg: AnnotateConfig) -> dict:

@@ -1,4 +1,4 @@
-"""build_pool: turn prompts (or annotated samples) into training records (stages/schemas.py).
+"""build_pool: turn prompts (or annotated samples) into training records (stages/data/schemas.py).
 
 Kinds (config `build_pool.kind`):
 - sft: prompt -> completion.
@@ -29,9 +29,9 @@ from collections import defaultdict
 import pyarrow as pa
 
 from stages.config import BuildPoolConfig
-from stages.context import StageOutput, stage
-from stages.errors import BadInput
-from stages.schemas import check_columns, records_table
+from stages.pipeline.context import StageOutput, stage
+from stages.pipeline.errors import BadInput
+from stages.data.schemas import check_columns, records_table
 
 def _order(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()

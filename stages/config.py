@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
-from stages.errors import BadInput
-from stages.refs import ArtifactRef
-from stages.sections import Section, conditioning_template
+from stages.pipeline.errors import BadInput
+from stages.pipeline.refs import ArtifactRef
+from stages.pipeline.sections import Section, conditioning_template
 
 
 class LoadPromptsConfig(Section):
@@ -122,7 +122,7 @@ class LoraOptions(Section):
 
 
 class TrainBase(Section):
-    # The objective (stages/objectives/, one file each); its options are the section named like it
+    # The objective (stages/training/objectives/, one file each); its options are the section named like it
     # (train.dpo, train.kto, ...), declared next to its code. See TrainConfig below.
     objective: str = "sft"
     # "smollm2", "minilm", "tiny-llama", a local model folder, or a hub id (online only).
@@ -144,7 +144,7 @@ class TrainBase(Section):
     gradient_checkpointing: bool = False
     # Llama-style SwiGLU MLPs and RMSNorms that recompute cheap elementwise intermediates in the
     # backward pass instead of saving them, and (on CPU) sdpa's own GQA instead of expanded KV
-    # copies: about 40% less activation memory, same numbers (stages/lean_layers.py).
+    # copies: about 40% less activation memory, same numbers (stages/training/lean_layers.py).
     lean_layers: bool = True
     # DPO, KTO, RL: run each prompt of a batch once and all its completions on its KV cache
     # (gradients flow through the cache), instead of the prompt once per completion. Same numbers;
@@ -159,7 +159,7 @@ class TrainBase(Section):
 
     @model_validator(mode="after")
     def _lengths(self):
-        from stages.objectives import OBJECTIVES
+        from stages.training.objectives import OBJECTIVES
 
         classifier = OBJECTIVES[self.objective].model_kind == "sequence_classifier"  # scores whole texts
         if not classifier and self.max_prompt_length >= self.max_length:
@@ -170,7 +170,7 @@ class TrainBase(Section):
 def _train_config() -> type[TrainBase]:
     """TrainBase plus `objective` restricted to the registered objectives and one options section
     per objective, from the registry: a new objective file is all it takes to configure it."""
-    from stages.objectives import OBJECTIVES
+    from stages.training.objectives import OBJECTIVES
 
     clash = sorted(set(OBJECTIVES) & set(TrainBase.model_fields))
     if clash:

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from stages.annotation import mean_known, run_steps
+from stages.services.annotation import mean_known, run_steps
 from stages.config import EvaluateConfig, TrainConfig
-from stages.context import StageOutput, stage
-from stages.errors import BadInput
-from stages.generation import generate_hf
-from stages.models import load_model_for, load_tokenizer, resolve_model
-from stages.scoring import sequence_logps
-from stages.training_setup import attach_reference, pool_rows, prepare
+from stages.pipeline.context import StageOutput, stage
+from stages.pipeline.errors import BadInput
+from stages.services.generation import generate_hf
+from stages.services.models import load_model_for, load_tokenizer, resolve_model
+from stages.services.scoring import sequence_logps
+from stages.services.training_setup import attach_reference, pool_rows, prepare
 
 
 def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainConfig) -> tuple[list[dict], dict]:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from stages import data
+from stages.data import sources, tables
 from stages.config import LoadPromptsConfig
-from stages.context import StageOutput, stage
-from stages.errors import BadInput
+from stages.pipeline.context import StageOutput, stage
+from stages.pipeline.errors import BadInput
 
 OUR_COLUMNS = ("prompt", "completion", "score", "prompt_ids", "completion_ids")
 SCHEMA = pa.schema([
@@ -45,10 +45,10 @@ def _is_local_file(source: str) -> bool:
 def identity(cfg: LoadPromptsConfig) -> dict:
     """The data itself enters the fingerprint: an edited source file re-runs the stage."""
     if cfg.source in data.CORPORA:
-        path = data.corpus_path(cfg.source)
+        path = sources.corpus_path(cfg.source)
         return {"corpus": cfg.source, "bytes": path.stat().st_size if path.exists() else None}
     if _is_local_file(cfg.source):
-        digest = data.file_sha256(cfg.source)
+        digest = tables.file_sha256(cfg.source)
         if digest is None:
             raise BadInput(f"load_prompts.source: file not found: {cfg.source}")
         return {"file_sha256": digest}
@@ -62,7 +62,7 @@ def _hash01(seed: int, text: str) -> float:
 
 def _from_corpus(cfg: LoadPromptsConfig) -> list[dict]:
     rows = []
-    for r in data.read_corpus(cfg.source).to_pylist():
+    for r in sources.read_corpus(cfg.source).to_pylist():
         words = r["text"].split()
         if cfg.prompt_words:
             # the space between the two stays on the completion's side: " rest of the review"
@@ -76,7 +76,7 @@ def _from_corpus(cfg: LoadPromptsConfig) -> list[dict]:
 
 def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
     if cfg.format != "plain":
-        from stages.preference_formats import to_pairs
+        from stages.data.preference_formats import to_pairs
 
         return [{"prompt": r["prompt"], "completion": r["chosen"], "rejected": r["rejected"], "score": None,
                  "prompt_ids": None, "completion_ids": None} for r in to_pairs(table, cfg.format, cfg.source)]
@@ -138,7 +138,7 @@ def read_source(cfg: LoadPromptsConfig) -> list[dict]:
     if cfg.source in data.CORPORA:
         return _from_corpus(cfg)
     if _is_local_file(cfg.source):
-        return _from_table(data.read_table_file(cfg.source, field="load_prompts.source"), cfg)
+        return _from_table(tables.read_table_file(cfg.source, field="load_prompts.source"), cfg)
     return _from_hub(cfg)
 
 

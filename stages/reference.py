@@ -14,11 +14,11 @@ import pyarrow as pa
 import torch
 
 from stages.config import ReferenceConfig
-from stages.context import StageOutput, stage
-from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
-from stages.schemas import REFERENCE_COLUMNS, check_columns
-from stages.scoring import score
-from stages.tokens import of_record
+from stages.pipeline.context import StageOutput, stage
+from stages.services.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
+from stages.data.schemas import REFERENCE_COLUMNS, check_columns
+from stages.services.scoring import score
+from stages.data.tokens import of_record
 
 
 def identity(cfg: ReferenceConfig) -> dict:

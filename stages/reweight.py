@@ -20,10 +20,10 @@ import pyarrow as pa
 
 from stages.annotators import load_callable
 from stages.config import ReweightConfig, ReweightStrategy
-from stages.context import StageOutput, stage
-from stages.errors import BadInput
-from stages.models import resolve_model
-from stages.scoring import sequence_logps
+from stages.pipeline.context import StageOutput, stage
+from stages.pipeline.errors import BadInput
+from stages.services.models import resolve_model
+from stages.services.scoring import sequence_logps
 
 def normalise(w: list[float]) -> list[float]:
     mean = sum(w) / len(w)

@@ -1,4 +1,4 @@
-"""sample: n generations per prompt from the current policy (stages/generation.py).
+"""sample: n generations per prompt from the current policy (stages/services/generation.py).
 
 Round 0 samples from `sample.model` (the base policy); round k from round k-1's trained model.
 Each row records the prompt and completion token ids, the policy's own summed log-prob of its
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 from stages.config import SampleConfig
-from stages.context import StageOutput, stage
-from stages.errors import BadInput
-from stages.generation import conditioning, generate
-from stages.models import model_identity, resolve_model
+from stages.pipeline.context import StageOutput, stage
+from stages.pipeline.errors import BadInput
+from stages.services.generation import conditioning, generate
+from stages.services.models import model_identity, resolve_model
 
 SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("prompt", pa.string()), ("split", pa.string()), ("sample_index", pa.int32()),

@@ -13,11 +13,11 @@ import json
 import pyarrow as pa
 
 from stages.config import TrainConfig
-from stages.context import StageOutput, stage
-from stages.errors import BadInput
-from stages.models import model_identity
-from stages.trainer import fit
-from stages.training_setup import attach_reference, pool_rows, prepare
+from stages.pipeline.context import StageOutput, stage
+from stages.pipeline.errors import BadInput
+from stages.services.models import model_identity
+from stages.training.trainer import fit
+from stages.services.training_setup import attach_reference, pool_rows, prepare
 
 
 def identity(cfg: TrainConfig) -> dict:

@@ -36,13 +36,13 @@ def artifacts(tmp_path) -> Path:
 
 
 def tiny_ready() -> bool:
-    from stages.models import smollm2_dir
+    from stages.services.models import smollm2_dir
 
     return (smollm2_dir() / "config.json").exists()
 
 
 def snippets_ready() -> bool:
-    from stages.data import corpus_path
+    from stages.data.sources import corpus_path
 
     try:
         return corpus_path("movie_snippets").exists()

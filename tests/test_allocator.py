@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from conftest import ROOT
-from stages.allocator import jemalloc_library, preload_env
+from stages.training.allocator import jemalloc_library, preload_env
 
 
 def allocator_of(**env) -> str:
     merged = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
-    out = subprocess.run([sys.executable, "-m", "stages.allocator"], cwd=ROOT, env=merged,
+    out = subprocess.run([sys.executable, "-m", "stages.training.allocator"], cwd=ROOT, env=merged,
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.annotation import run_steps
+from stages.services.annotation import run_steps
 from stages.annotators.llm import parse_choice
 from stages.config import annotator_step
-from stages.errors import BadInput
+from stages.pipeline.errors import BadInput
 
 PROMPTS = ["The film", "The film", "A quiet", "A quiet"]
 COMPLETIONS = [" was wonderful.", " was awful.", " and dull story.", " and lovely story."]
@@ -123,7 +123,7 @@ def test_parse_choice():
 @pytest.mark.slow
 def test_against_transformers_serve_of_the_local_smollm2(tmp_path):
     from conftest import tiny_ready
-    from stages.models import smollm2_dir
+    from stages.services.models import smollm2_dir
 
     if not tiny_ready():
         pytest.skip("run `make setup` first")

@@ -61,15 +61,30 @@ def test_no_stage_imports_another_stage_or_the_pipeline():
     g = graph()
     stages = {f"stages.{s}" for s in STAGES}
     for s in sorted(stages):
-        bad = g[s] & (stages | {"stages.registry", "stages.runner"})
+        bad = g[s] & (stages | {"stages.pipeline.registry", "stages.pipeline.runner"})
         assert not bad, f"{s} imports {sorted(bad)}: stages share services, never each other"
 
 
+def test_layers_point_one_way():
+    """Libraries (services, training, data, annotators) never import a stage or the runner; the
+    context module, which every layer may use, imports nothing of ours."""
+    g = graph()
+    top = {f"stages.{s}" for s in STAGES} | {"stages.pipeline.registry", "stages.pipeline.runner"}
+    for mod in sorted(g):
+        if mod.split(".")[1:2] and mod.split(".")[1] in ("services", "training", "data", "annotators"):
+            bad = g[mod] & top
+            assert not bad, f"{mod} imports {sorted(bad)}: a library layer must not depend on the stages"
+    # (its one import, the store, is for type hints only: under TYPE_CHECKING)
+    assert g["stages.pipeline.context"] <= {"stages.pipeline.store"}, "stages.pipeline.context imports too much"
+    loose = {p.stem for p in (ROOT / "stages").glob("*.py")} - {"__init__", "config", *STAGES}
+    assert not loose, f"stages/ holds the eight stages and config.py; move {sorted(loose)} into a layer"
+
+
 def test_the_registry_finds_every_stage_and_objective():
-    from stages.objectives import OBJECTIVES
-    from stages.registry import stage_specs
+    from stages.training.objectives import OBJECTIVES
+    from stages.pipeline.registry import stage_specs
 
     assert tuple(stage_specs()) == STAGES
-    files = {p.stem for p in (ROOT / "stages/objectives").glob("*.py")} - {"__init__", "base", "conditioned"}
+    files = {p.stem for p in (ROOT / "stages/training/objectives").glob("*.py")} - {"__init__", "base", "conditioned"}
     modules_of = {cls.__module__.rsplit(".", 1)[1] for cls in OBJECTIVES.values()}
     assert modules_of == files, "each objective file registers exactly its objective"

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, SMOKE, align, needs_prepared
 from stages.config import load_config
-from stages.runner import run_flow_locally
-from stages.store import ArtifactStore
+from stages.pipeline.runner import run_flow_locally
+from stages.pipeline.store import ArtifactStore
 
 
 def assert_one_line_error(proc, expected):

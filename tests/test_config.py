@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from stages.config import apply_overrides, load_config, validate_config
-from stages.errors import BadInput
+from stages.pipeline.errors import BadInput
 
 
 def write(tmp_path, text, name="c.yaml"):

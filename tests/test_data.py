@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages import data
-from stages.errors import BadInput
-from stages.paths import cache_dir
+from stages.data import sources as data
+from stages.data import tables
+from stages.pipeline.errors import BadInput
+from stages.pipeline.paths import cache_dir
 
 # --------------------------------------------------------------------------- read_table_file
 
@@ -25,20 +26,20 @@ def table():
 def test_reads_parquet(tmp_path, table):
     path = tmp_path / "t.parquet"
     pq.write_table(table, path)
-    assert data.read_table_file(str(path)).equals(table)
+    assert tables.read_table_file(str(path)).equals(table)
 
 
 def test_reads_jsonl_and_json_lines(tmp_path, table):
     body = '{"prompt": "a", "score": 1.5}\n{"prompt": "b", "score": -2.0}\n'
     for name in ("t.jsonl", "t.json"):
         (tmp_path / name).write_text(body)
-        assert data.read_table_file(str(tmp_path / name)).equals(table)
+        assert tables.read_table_file(str(tmp_path / name)).equals(table)
 
 
 def test_reads_csv_with_newline_in_quoted_value(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text('prompt,score\n"line one\nline two",1.5\nb,-2\n')
-    got = data.read_table_file(str(path))
+    got = tables.read_table_file(str(path))
     assert got.column("prompt").to_pylist() == ["line one\nline two", "b"]
     assert got.column("score").to_pylist() == [1.5, -2.0]
 
@@ -49,16 +50,16 @@ def test_reads_fsspec_url(table):
     with fs.open("/align-test/t.parquet", "wb") as fh:
         pq.write_table(table, fh)
     try:
-        assert data.read_table_file("memory://align-test/t.parquet").equals(table)
+        assert tables.read_table_file("memory://align-test/t.parquet").equals(table)
         with pytest.raises(BadInput, match="memory://align-test/nope.csv"):
-            data.read_table_file("memory://align-test/nope.csv")
+            tables.read_table_file("memory://align-test/nope.csv")
     finally:
         fs.rm("/align-test", recursive=True)
 
 
 def _bad(path, field="train.source") -> str:
     with pytest.raises(BadInput) as err:
-        data.read_table_file(str(path), field=field)
+        tables.read_table_file(str(path), field=field)
     msg = str(err.value)
     assert str(path) in msg and field in msg and "\n" not in msg
     return msg

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import ROOT, needs_prepared
 from stages.config import load_config
-from stages.runner import run_flow_locally
-from stages.store import ArtifactStore
+from stages.pipeline.runner import run_flow_locally
+from stages.pipeline.store import ArtifactStore
 
 pytestmark = [pytest.mark.slow, needs_prepared]
 

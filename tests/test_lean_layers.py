@@ -6,7 +6,7 @@ import copy
 import torch
 
 from conftest import needs_prepared
-from stages.lean_layers import RMSNormLean, SwiGLUDown, make_lean
+from stages.training.lean_layers import RMSNormLean, SwiGLUDown, make_lean
 
 
 def test_swiglu_down_gradcheck():
@@ -37,7 +37,7 @@ def test_rmsnorm_lean_matches_an_independent_float64_formula():
 
 @needs_prepared
 def test_lean_model_matches_original_and_saves_less():
-    from stages.models import build_tiny_llama, load_causal_lm
+    from stages.services.models import build_tiny_llama, load_causal_lm
 
     model = load_causal_lm(build_tiny_llama())
     lean = copy.deepcopy(model)
@@ -74,7 +74,7 @@ def test_lean_model_matches_original_and_saves_less():
 def test_lean_layers_leave_lora_projections_and_autocast_alone():
     from peft import LoraConfig, get_peft_model
 
-    from stages.models import build_tiny_llama, load_causal_lm
+    from stages.services.models import build_tiny_llama, load_causal_lm
 
     model = get_peft_model(load_causal_lm(build_tiny_llama()), LoraConfig(r=2, target_modules=["down_proj"]))
     counts = make_lean(model)
@@ -89,8 +89,8 @@ def test_lean_layers_leave_lora_projections_and_autocast_alone():
 def test_native_gqa_gives_the_same_numbers_and_restores_the_switch(monkeypatch):
     import os
 
-    from stages.lean_layers import native_gqa
-    from stages.models import build_tiny_llama, load_causal_lm
+    from stages.training.lean_layers import native_gqa
+    from stages.services.models import build_tiny_llama, load_causal_lm
 
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
     model = load_causal_lm(build_tiny_llama())

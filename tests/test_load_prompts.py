@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages.config import validate_config
-from stages.errors import BadInput
-from stages.runner import run_stage
-from stages.store import ArtifactStore
+from stages.pipeline.errors import BadInput
+from stages.pipeline.runner import run_stage
+from stages.pipeline.store import ArtifactStore
 
 QUESTIONS = [f"question number {i} about movies" for i in range(40)]
 
@@ -65,7 +65,7 @@ def test_filters_and_caps(files, tmp_path):
 
 
 def test_builtin_movie_snippets_pairs(tmp_path):
-    pytest.importorskip("stages.data").corpus_path("movie_snippets").exists() or pytest.skip("data not prepared")
+    pytest.importorskip("stages.data.sources").corpus_path("movie_snippets").exists() or pytest.skip("data not prepared")
     store = ArtifactStore(str(tmp_path))
     cfg = validate_config({"experiment": "lp", "stages": ["load_prompts", "build_pool"],
                            "load_prompts": {"prompt_words": None, "min_abs_score": 0.5, "max_rows": 200},
@@ -86,7 +86,7 @@ def test_builtin_movie_snippets_pairs(tmp_path):
     ("text_score", "column 'answer' must be numeric"),
 ])
 def test_bad_data_is_one_line_and_writes_nothing(files, tmp_path, case, expected):
-    from stages.runner import preflight
+    from stages.pipeline.runner import preflight
 
     source, columns, extra = files["parquet"], {"prompt": "question"}, {}
     if case == "missing_file":
@@ -118,7 +118,7 @@ def test_hub_source_is_refused_offline(tmp_path, monkeypatch):
 def test_tldr_config_loader_on_a_local_file_of_its_schema(tmp_path):
     """nlf_tldr.yaml reads trl-lib/tldr from the hub; the same mapping works on a local file."""
     from stages.config import load_config
-    from stages.paths import PROJECT_ROOT
+    from stages.pipeline.paths import PROJECT_ROOT
 
     posts = [{"prompt": f"SUBREDDIT: r/movies\n\nTITLE: Post {i}\n\nPOST: I watched film {i} last night and "
                         f"could not stop thinking about it.\n\nTL;DR:", "completion": f" film {i} stuck with me"}

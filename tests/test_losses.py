@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from stages.losses import bradley_terry, sft_nll, token_logprobs, weighted_mean
+from stages.training.losses import bradley_terry, sft_nll, token_logprobs, weighted_mean
 
 
 def test_bradley_terry_matches_hand_values():

@@ -1,4 +1,4 @@
-"""stages/models.py: model references, the tiny Llama build, atomic cache folders.
+"""stages/services/models.py: model references, the tiny Llama build, atomic cache folders.
 
 Fast (seconds): nothing here converts the GGUF file. Tests that need SmolLM2's tokenizer reuse
 the folder `align models prepare` wrote into the real cache, and skip if it is not there.
@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import models
-from stages.errors import BadInput
-from stages.paths import cache_dir
+from stages.services import models
+from stages.pipeline.errors import BadInput
+from stages.pipeline.paths import cache_dir
 
 # Read before any test points ALIGN_CACHE elsewhere.
 REAL_SMOLLM2 = cache_dir() / "models" / models.SMOLLM2_DIR

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import needs_prepared
-from stages import losses as L
+from stages.training import losses as L
 from stages.config import TrainConfig
-from stages.logprobs import completion_token_logps
-from stages.objectives import make_objective, sequences
-from stages.tokens import from_text
+from stages.training.logprobs import completion_token_logps
+from stages.training.objectives import make_objective, sequences
+from stages.data.tokens import from_text
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
@@ -103,7 +103,7 @@ def test_sampled_kl_is_zero_at_equality_and_positive_otherwise():
 
 @pytest.mark.parametrize("beta, gamma", [(2.0, 1.0), (2.5, 0.0), (0.5, 3.0)])
 def test_simpo_against_hand_formula(beta, gamma):
-    from stages.objectives.simpo import simpo_loss
+    from stages.training.objectives.simpo import simpo_loss
 
     avg_c, avg_r = [-1.2, -0.4, -2.0], [-1.5, -0.3, -2.0]
     losses, rc, rr = simpo_loss(t(avg_c), t(avg_r), beta, gamma)
@@ -114,7 +114,7 @@ def test_simpo_against_hand_formula(beta, gamma):
 
 @pytest.mark.parametrize("weight", [0.1, 1.0])
 def test_orpo_against_hand_formula(weight):
-    from stages.objectives.orpo import orpo_loss
+    from stages.training.objectives.orpo import orpo_loss
 
     mean_c, mean_r = [-0.7, -2.3, -0.05], [-1.1, -0.9, -3.0]
     odds = lambda m: math.exp(m) / (1 - math.exp(m))  # noqa: E731  p / (1 - p), p = exp(mean log-prob)
@@ -143,7 +143,7 @@ def test_rloo_leave_one_out_baseline():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from stages.models import build_tiny_llama, load_causal_lm, load_tokenizer
+    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
 
     path = build_tiny_llama()
     model = load_causal_lm(path).double()
@@ -172,7 +172,7 @@ def weighted_loss(obj, model, tok, rows):
 
 @needs_prepared
 def test_chunked_logprobs_match_full_logits(tiny, monkeypatch):
-    import stages.logprobs as lp
+    import stages.training.logprobs as lp
 
     model, tok = tiny
     batch = dpo().collate(ROWS, tok)
@@ -218,7 +218,7 @@ def test_shared_prompt_gives_the_joint_numbers_and_gradients(tiny, objective):
 
 
 def test_shared_prompt_batch_groups_rows_by_prompt_tokens():
-    from stages.objectives import shared_prompt_batch
+    from stages.training.objectives import shared_prompt_batch
 
     enc = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 1], [0, 1]), ([5, 6, 3], [0, 0, 1]), ([9, 4, 4], [0, 1, 1])]
     out = shared_prompt_batch(enc, pad_id=0)
@@ -233,7 +233,7 @@ def test_shared_prompt_batch_groups_rows_by_prompt_tokens():
 @needs_prepared
 def test_reference_stage_scores_a_prompts_completions_together_with_the_same_numbers(tiny):
     from stages.config import ReferenceConfig
-    from stages.scoring import score
+    from stages.services.scoring import score
 
     model, tok = tiny
     pairs = [(r["prompt"], r[g]) for g in ("generation1", "generation2") for r in ROWS] + [(ROWS[0]["prompt"], "fine.")]
@@ -299,9 +299,9 @@ def test_kto_with_batch_size_one(tiny):
 @pytest.mark.parametrize("objective", ["simpo", "orpo"])
 def test_simpo_and_orpo_objectives_use_mean_token_logprobs(tiny, objective):
     """Their per-example losses from each completion scored alone (no shared prompt, no batch)."""
-    from stages.objectives.orpo import orpo_loss
-    from stages.objectives.simpo import simpo_loss
-    from stages.tokens import from_text
+    from stages.training.objectives.orpo import orpo_loss
+    from stages.training.objectives.simpo import simpo_loss
+    from stages.data.tokens import from_text
 
     model, tok = tiny
     obj = make_objective(TrainConfig(objective=objective, max_length=32, max_prompt_length=8))

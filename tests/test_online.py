@@ -12,9 +12,9 @@ from stages.annotators.llm import combine, parse_score
 from stages.annotators.llm_judge import LLMJudge
 from stages.annotators.template_feedback import TemplateFeedback
 from stages.config import annotator_step, load_config
-from stages.errors import BadInput
-from stages.runner import run_flow_locally
-from stages.store import ArtifactStore
+from stages.pipeline.errors import BadInput
+from stages.pipeline.runner import run_flow_locally
+from stages.pipeline.store import ArtifactStore
 
 
 # -- reweighters ---------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_importance_rescoring_uses_the_sampled_tokens(tmp_path):
     prefix), the recorded token ids give back the recorded log-probs: importance weights of 1."""
     import pyarrow.parquet as pq
 
-    from stages.models import resolve_model
+    from stages.services.models import resolve_model
 
     cfg = load_config(ROOT / "configs/smoke_online_dpo.yaml",
                       ["rounds=1", "stages=[load_prompts, sample]", "sample.conditioning=feedback"])
@@ -152,10 +152,10 @@ def test_recorded_policy_logprob_equals_teacher_forced_pass():
     import torch
     from transformers import LogitsProcessorList
 
-    from stages.logprobs import completion_token_logps
-    from stages.models import load_causal_lm, load_tokenizer, resolve_model
-    from stages.generation import TokenLogprobs
-    from stages.tokens import pad
+    from stages.training.logprobs import completion_token_logps
+    from stages.services.models import load_causal_lm, load_tokenizer, resolve_model
+    from stages.services.generation import TokenLogprobs
+    from stages.data.tokens import pad
 
     path = resolve_model("tiny-llama")
     tok, model = load_tokenizer(path, padding_side="left"), load_causal_lm(path).eval()

@@ -7,8 +7,8 @@ import pyarrow.json as pj
 import pyarrow.parquet as pq
 import pytest
 
-from stages.errors import BadInput
-from stages.preference_formats import FORMATS, render_prompt, to_pairs
+from stages.pipeline.errors import BadInput
+from stages.data.preference_formats import FORMATS, render_prompt, to_pairs
 
 # --- hand-made rows in each hub schema -------------------------------------------------------------
 

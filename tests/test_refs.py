@@ -6,9 +6,9 @@ import pytest
 
 from conftest import ROOT, needs_prepared
 from stages.config import load_config
-from stages.errors import BadInput
-from stages.runner import preflight, run_flow_locally
-from stages.store import ArtifactStore
+from stages.pipeline.errors import BadInput
+from stages.pipeline.runner import preflight, run_flow_locally
+from stages.pipeline.store import ArtifactStore
 
 
 @needs_prepared

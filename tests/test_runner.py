@@ -7,9 +7,9 @@ import pytest
 
 from conftest import SMOKE, needs_prepared
 from stages.config import load_config
-from stages.errors import BadInput
-from stages.runner import run_flow_locally, run_stage
-from stages.store import ArtifactStore
+from stages.pipeline.errors import BadInput
+from stages.pipeline.runner import run_flow_locally, run_stage
+from stages.pipeline.store import ArtifactStore
 
 pytestmark = needs_prepared
 

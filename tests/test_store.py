@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.store import ArtifactStore
+from stages.pipeline.store import ArtifactStore
 
 
 def make_artifact(store: ArtifactStore, dest: str, value: int = 1) -> dict:

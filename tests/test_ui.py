@@ -18,9 +18,9 @@ from flows import ui_artifacts as ui
 from flows.lock import ExperimentBusy, experiment_lock, lock_path
 from flows.serve import Schedule, build_deployments, is_iterative
 from stages.config import load_config
-from stages.errors import BadInput
-from stages.runner import StageResult, stages_of_round
-from stages.store import ArtifactStore
+from stages.pipeline.errors import BadInput
+from stages.pipeline.runner import StageResult, stages_of_round
+from stages.pipeline.store import ArtifactStore
 
 ONLINE = ROOT / "configs" / "smoke_online_dpo.yaml"
 

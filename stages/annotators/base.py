@@ -3,7 +3,7 @@
 An annotator is one small interface: `annotator(prompts, completions, scores=None) -> columns`, a
 dict of equal-length lists: "score" (a float, or None when it could not be read, never guessed)
 and/or "feedback" (text). `scores` holds the scores of the steps before it (template_feedback
-words them). stages/annotation.py runs the steps and checks what comes back.
+words them). stages/services/annotation.py runs the steps and checks what comes back.
 
 A subclass that sets `kind` registers itself; its `Options` (with `kind: Literal["<kind>"]`) is
 the schema of an `annotate.steps[]` entry of that kind.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stages.sections import Section
+from stages.pipeline.sections import Section
 
 ANNOTATORS: dict[str, type["Annotator"]] = {}
 

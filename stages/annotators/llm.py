@@ -9,9 +9,9 @@ from typing import Callable
 from pydantic import Field
 
 from stages.annotators.base import Annotator
-from stages.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
-from stages.sections import Section
-from stages.tokens import keep_last, text_ids
+from stages.services.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
+from stages.pipeline.sections import Section
+from stages.data.tokens import keep_last, text_ids
 
 JUDGE_TEMPLATE = ("Which continuation of the movie review is more positive?\n"
                   "Review start: {prompt}\nA: {a}\nB: {b}\nAnswer with A or B.")

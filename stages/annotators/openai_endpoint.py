@@ -19,7 +19,7 @@ from pydantic import Field
 
 from stages.annotators.base import Annotator
 from stages.annotators.llm import FEEDBACK_TEMPLATE, JUDGE_TEMPLATE, pairwise_scores, parse_choice, parse_score
-from stages.sections import Section
+from stages.pipeline.sections import Section
 
 
 class OpenAIEndpoint(Annotator):

@@ -8,14 +8,14 @@ import torch
 from pydantic import Field
 
 from stages.annotators.base import Annotator
-from stages.models import load_sequence_classifier, load_tokenizer, model_identity, resolve_model
-from stages.paths import default_artifact_root
-from stages.refs import ArtifactRef, locate
-from stages.sections import Section
-from stages.store import ArtifactStore
-from stages.tokens import for_classifier, pad
+from stages.services.models import load_sequence_classifier, load_tokenizer, model_identity, resolve_model
+from stages.pipeline.paths import default_artifact_root
+from stages.pipeline.refs import ArtifactRef, locate
+from stages.pipeline.sections import Section
+from stages.pipeline.store import ArtifactStore
+from stages.data.tokens import for_classifier, pad
 
-# The model the reward_movies flow trains, under the run's artifact root (stages/refs.py).
+# The model the reward_movies flow trains, under the run's artifact root (stages/pipeline/refs.py).
 DEFAULT_REWARD_MODEL = ArtifactRef(experiment="reward_movies", stage="train", file="model")
 
 

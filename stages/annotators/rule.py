@@ -6,13 +6,13 @@ import importlib
 from typing import Literal
 
 from stages.annotators.base import Annotator
-from stages.errors import BadInput
-from stages.sections import Section
+from stages.pipeline.errors import BadInput
+from stages.pipeline.sections import Section
 
 
 def vader_compound(prompts: list[str], completions: list[str]) -> list[float]:
     """The rule-based sentiment reward: vaderSentiment's compound score of the continuation, in [-1, 1]."""
-    from stages.data import vader_sentiment
+    from stages.data.sources import vader_sentiment
 
     return vader_sentiment(list(completions))
 

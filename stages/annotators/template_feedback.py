@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import Field
 
 from stages.annotators.base import Annotator
-from stages.errors import BadInput
-from stages.sections import Section
+from stages.pipeline.errors import BadInput
+from stages.pipeline.sections import Section
 
 
 class TemplateFeedback(Annotator):

@@ -1,0 +1,146 @@
+"""Generation from a causal LM: batched `generate` with a KV cache and left padding, prompts sorted
+by length so batches waste little padding, temperature / top-p / max_new_tokens, stop on EOS, an
+optional conditioning prefix (Quark's best reward token, or NLF feedback). Seeded: the same config
+and checkpoint give the same samples. Each sample carries its token ids and the policy's own summed
+log-prob of its generation (temperature 1, no top-p: the distribution importance weights need),
+read from the raw logits while generating, so no second forward pass is needed.
+
+Used by the sample stage (the round's samples) and by evaluate (held-out samples of the trained
+policy). Backends: "hf" (transformers generate, default) and "vllm" (GPU machines; imported only
+when chosen).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from stages.config import SampleConfig
+from stages.pipeline.errors import BadInput
+from stages.services.models import load_causal_lm, load_tokenizer
+from stages.data.tokens import feedback_prefix, keep_last, text_ids
+
+
+def conditioning(cfg: SampleConfig) -> tuple[str | None, str | None]:
+    """(the text put before every prompt, the conditioning recorded with the sample)."""
+    if cfg.conditioning == "quark_best":
+        return cfg.control_token, cfg.control_token
+    if cfg.conditioning == "feedback":
+        return feedback_prefix(cfg.feedback_template, cfg.feedback), cfg.feedback
+    return None, None
+
+
+class TokenLogprobs(LogitsProcessor):
+    """Records log p(sampled token) under the raw policy as `generate` goes.
+
+    Custom processors run before generate's temperature and top-p warpers, so the scores seen here
+    are the model's own logits. Step t's log-softmax is kept until step t+1's call reveals the token
+    sampled from it; `finish` reads the last one.
+    """
+
+    def __init__(self):
+        self.pending: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, tokens[:, None]).squeeze(1))
+            self.pending = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[batch, new tokens] log-probs of the generated tokens (pad positions included)."""
+        self._take(sequences[:, -1])
+        return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros(sequences.shape[0], 0, dtype=torch.float)
+
+
+def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> tuple[list[int], list[int]]:
+    """(conditioning ids, prompt ids): the policy sees the two concatenated. The conditioning counts
+    toward max_prompt_tokens and is kept whole; the prompt keeps its last tokens."""
+    prefix = text_ids(tokenizer, conditioning(cfg)[0])
+    if len(prefix) >= cfg.max_prompt_tokens:
+        raise BadInput(f"sample.max_prompt_tokens: {cfg.max_prompt_tokens} tokens leave no room for the prompt "
+                       f"after the {len(prefix)}-token conditioning")
+    return prefix, keep_last(text_ids(tokenizer, text), cfg.max_prompt_tokens - len(prefix))
+
+
+def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
+    """For each prompt (conditioned as cfg says), n dicts: text, token ids and counts, truncated,
+    policy_logprob."""
+    tokenizer = load_tokenizer(path, padding_side="left")
+    model = load_causal_lm(path).eval()
+    eos = tokenizer.eos_token_id
+    parts = [encode_prompt(tokenizer, p, cfg) for p in prompts]
+    encoded = [prefix + prompt for prefix, prompt in parts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
+    out: list[list[dict]] = [[] for _ in prompts]
+    torch.manual_seed(seed)
+    t0, new_tokens, done = time.perf_counter(), 0, 0
+    bar = tqdm(total=len(prompts) * cfg.n, desc="sample", unit="seq", disable=None)
+    for k in range(0, len(order), per_call):
+        idx = order[k:k + per_call]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+        recorder = TokenLogprobs()
+        with torch.no_grad():
+            gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True,
+                                 temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                 num_return_sequences=cfg.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                 logits_processor=LogitsProcessorList([recorder]))
+        token_logps = recorder.finish(gen)
+        rows = gen[:, width:].tolist()
+        for j, generated in enumerate(rows):
+            stop = generated.index(eos) + 1 if eos in generated else len(generated)
+            tokens = generated[:stop]
+            i = idx[j // cfg.n]
+            out[i].append({
+                "completion": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_tokens": len(encoded[i]),
+                "completion_tokens": len(tokens), "truncated": not tokens or tokens[-1] != eos,
+                "policy_logprob": float(token_logps[j, :stop].double().sum()),
+                "conditioning_ids": parts[i][0], "prompt_ids": parts[i][1], "completion_ids": tokens})
+            new_tokens += len(tokens)
+        bar.update(len(rows))
+        done += len(rows)  # the bar counts nothing when it is disabled (not a terminal)
+        rate = new_tokens / (time.perf_counter() - t0)
+        bar.set_postfix(tok_s=f"{rate:.0f}")
+        calls = -(-len(order) // per_call)
+        if (k // per_call + 1) % max(1, calls // 5) == 0:  # the bar is hidden when not on a terminal
+            log.info("sample: %d/%d sequences, %.0f tokens/s", done, len(prompts) * cfg.n, rate)
+    bar.close()
+    log.info("sample: %d sequences, %d new tokens, %.0f tokens/s", len(prompts) * cfg.n, new_tokens,
+             new_tokens / max(1e-9, time.perf_counter() - t0))
+    return out
+
+
+def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
+    try:
+        import vllm
+    except ImportError:
+        raise BadInput("sample.backend: 'vllm' is not installed here (pip install vllm on a machine with a GPU), "
+                       "or use backend: hf") from None
+    llm = vllm.LLM(model=str(path), seed=seed)
+    params = vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                 seed=seed, logprobs=0)
+    parts = [encode_prompt(llm.get_tokenizer(), p, cfg) for p in prompts]  # the same token rules as hf
+    out = []
+    for (prefix, prompt), result in zip(parts, llm.generate([{"prompt_token_ids": a + b} for a, b in parts], params)):
+        # vLLM's cumulative log-prob is under the sampling distribution (after temperature / top-p).
+        out.append([{"completion": o.text, "prompt_tokens": len(prefix) + len(prompt),
+                     "completion_tokens": len(o.token_ids), "truncated": o.finish_reason != "stop",
+                     "policy_logprob": o.cumulative_logprob, "conditioning_ids": prefix, "prompt_ids": prompt,
+                     "completion_ids": list(o.token_ids)} for o in result.outputs])
+    return out
+
+
+def generate(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
+    """n samples per prompt with the configured backend."""
+    return (generate_vllm if cfg.backend == "vllm" else generate_hf)(path, prompts, cfg, seed, log)

@@ -1,0 +1,50 @@
+"""Teacher-forced scoring: the one implementation of "log-probs of these completions under this
+model", used by the reference stage (cached reference columns), reweight (importance weights) and
+evaluate (KL to the reference)."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from stages.services.models import load_causal_lm
+from stages.training.objectives import batch_token_logps, sequences
+from stages.data.tokens import Sequence
+
+
+@torch.no_grad()
+def score(model, seqs: list[Sequence], pad_id: int, batch_size: int, limits: tuple[int, int] | None = None,
+          per_token: bool = False, dtype: torch.dtype | None = None, desc: str = "score"):
+    """Summed (and optionally per-token) completion log-probs, in the order of `seqs`.
+
+    limits = (max_prompt, max_length) applies the trainer's length rules; None scores the
+    sequences whole (sampled ones, exactly as drawn). Sequences of one prompt are batched together
+    and share its forward pass (the trainer's shared prompts); longest groups first."""
+    if limits is None:
+        longest_prompt = max((len(s.prefix) + len(s.prompt) for s in seqs), default=0)
+        limits = (max(1, longest_prompt), max(1, longest_prompt) + max((len(s.completion) for s in seqs), default=0))
+    keys = [(s.prefix, tuple(s.prompt)) for s in seqs]  # a sequence's prompt group, built once
+    longest: dict[tuple, int] = {}
+    for k, s in zip(keys, seqs):
+        longest[k] = max(longest.get(k, 0), len(s.prompt) + len(s.completion))
+    order = sorted(range(len(seqs)), key=lambda i: (-longest[keys[i]], keys[i], -len(seqs[i].completion)))
+    sums: list[float] = [0.0] * len(seqs)
+    tokens: list[list[float] | None] = [None] * len(seqs)
+    for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=None):
+        idx = order[k:k + batch_size]
+        batch = sequences([seqs[i] for i in idx], pad_id, *limits, share_prompt=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logps, mask = batch_token_logps(model, batch)
+        for j, i in enumerate(idx):
+            sums[i] = float(logps[j].sum())
+            if per_token:
+                tokens[i] = logps[j][mask[j].bool()].tolist()
+    return sums, tokens
+
+
+def sequence_logps(path, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 16) -> list[float]:
+    """Summed log-probs of each completion given its prompt under the model at `path`, on exactly
+    these token ids (an empty completion sums to 0)."""
+    model = load_causal_lm(path).eval()
+    seqs = [Sequence(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids)]
+    return score(model, seqs, 0, batch_size, desc="score")[0]

@@ -1,0 +1,123 @@
+"""Completion log-probs without a [batch, time, vocab] float32 tensor.
+
+The transformer body runs once; the LM head then runs only at completion positions, a chunk of
+positions at a time, each chunk upcast to float32 and recomputed in the backward pass (activation
+checkpointing), so peak memory holds one [chunk, vocab] block instead of the whole sequence's
+logits, their float32 copy and their log-softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from stages.training.losses import entropy as entropy_of
+from stages.training.losses import token_kl, upcast
+
+CHUNK = 512  # completion positions per LM-head block (512 x 49,152 x 4 B = 100 MB in float32)
+
+
+def completion_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """Final hidden states at the positions that predict completion tokens: ([N, H], labels [N], mask [B, T-1])."""
+    body = model.get_decoder()
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = completion_mask[:, 1:].bool()
+    return hidden[:, :-1][mask], input_ids[:, 1:][mask], mask
+
+
+def _label_logps(head, h, y):
+    logits = upcast(head(h))
+    return logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def _label_logps_kl_entropy(head, ref_head, h, y, ref_h, direction):
+    logits = upcast(head(h))
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    kl = token_kl(logits, ref_head(ref_h), direction) if ref_h is not None else torch.zeros_like(logp)
+    return logp, kl, entropy_of(logits)
+
+
+def _chunked(fn, *tensors, grad: bool):
+    """Apply fn to CHUNK-row blocks of the tensors (None passes through); concatenate the outputs."""
+    n = tensors[1].shape[0]
+    outs = []
+    for k in range(0, n, CHUNK):
+        args = [t[k:k + CHUNK] if isinstance(t, torch.Tensor) else t for t in tensors]
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    if not outs:
+        return None
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def scatter(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Put per-position values back into a [B, T-1] grid, zeros off the completion."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(mask, values)
+
+
+def shared_prompt_hidden(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask):
+    """Like completion_hidden, with each prompt run once for all the completions that continue it.
+
+    prompt_ids [P, Tp] right-padded, every prompt at least one token; completion_ids [N, Tc]
+    right-padded, row n continuing prompt prompt_index[n]. The prompts' KV cache is gathered per
+    row and the completions attend to it (gradients flow back through it); a completion's first
+    token is predicted from its prompt's last hidden state. Returns ([M, H], labels [M], mask [N, Tc]).
+    """
+    body = model.get_decoder()
+    lengths = prompt_mask.sum(-1)
+    out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    last = out.last_hidden_state[torch.arange(len(prompt_ids), device=prompt_ids.device), lengths - 1][prompt_index]
+    cache = out.past_key_values
+    cache.reorder_cache(prompt_index)  # index_select: differentiable, so every completion's gradient reaches its prompt
+    positions = lengths[prompt_index, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
+    attention = torch.cat([prompt_mask[prompt_index], completion_mask], 1)  # pads in the middle are masked out
+    hidden = body(input_ids=completion_ids, attention_mask=attention, position_ids=positions,
+                  past_key_values=cache).last_hidden_state
+    hidden = torch.cat([last[:, None], hidden[:, :-1]], 1)
+    mask = completion_mask.bool()
+    return hidden[mask], completion_ids[mask], mask
+
+
+def completion_token_logps(model, input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token | prefix) at completion positions, [B, T-1] (0 elsewhere), and the float mask."""
+    return token_logps(model, *completion_hidden(model, input_ids, attention_mask, completion_mask))
+
+
+def shared_prompt_token_logps(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask):
+    """log p(token | prefix) of each completion token, [N, Tc], and the float mask (shared_prompt_hidden)."""
+    return token_logps(model, *shared_prompt_hidden(model, prompt_ids, prompt_mask, prompt_index, completion_ids,
+                                                    completion_mask))
+
+
+def token_logps(model, h, y, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head's log-probs of labels y at hidden states h, a chunk at a time, scattered into mask's grid."""
+    head = model.get_output_embeddings()
+    grad = torch.is_grad_enabled() and h.requires_grad
+    logp = _chunked(lambda hh, yy: _label_logps(head, hh, yy), h, y, grad=grad)
+    if logp is None:
+        logp = h.new_zeros(0, dtype=torch.float32)
+    return scatter(logp, mask), mask.float()
+
+
+def completion_token_stats(model, batch: dict, ref_model=None, ref_batch: dict | None = None, direction: str = "ref_policy"):
+    """Per-token log-probs, exact KL to the reference (when ref_model is given) and entropy, each [B, T-1].
+
+    The reference sees `ref_batch` (the unconditioned prompt); both batches must hold the same
+    completion tokens in the same order, which the collate functions guarantee.
+    """
+    h, y, mask = completion_hidden(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ref_h, ref_head = None, None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_h, ref_y, _ = completion_hidden(ref_model, ref_batch["input_ids"], ref_batch["attention_mask"],
+                                                ref_batch["completion_mask"])
+        if not torch.equal(ref_y, y):
+            raise RuntimeError("policy and reference batches hold different completion tokens")
+        ref_head = ref_model.get_output_embeddings()
+    head = model.get_output_embeddings()
+    grad = torch.is_grad_enabled() and h.requires_grad
+    logp, kl, ent = _chunked(lambda hh, yy, rh: _label_logps_kl_entropy(head, ref_head, hh, yy, rh, direction),
+                             h, y, ref_h, grad=grad)
+    return scatter(logp, mask), scatter(kl, mask), scatter(ent, mask), mask.float()

@@ -1,0 +1,74 @@
+"""The conditioned-NLL family (Quark, NLF): training on samples whose prompt carries a description
+of their quality. Not an objective itself; quark.py and nlf.py say what the condition is."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from stages.training import losses as L
+from stages.training.logprobs import completion_token_stats
+from stages.training.objectives.base import Objective, column
+from stages.pipeline.sections import Section
+
+
+class ConditionedOptions(Section):
+    kl_coef: float = Field(0.05, ge=0)
+    entropy_coef: float = Field(0.06, ge=0)
+    # exact: full-vocabulary KL from the reference model's logits (reference resident, as in the
+    # Quark and NLF papers); cached: an estimate from the reference stage's per-token log-probs of
+    # the pool's tokens (no second model; approximate, since the pool was sampled by an older policy).
+    kl: Literal["exact", "cached"] = "exact"
+    # ref_policy = KL(reference || policy), the papers' direction; policy_ref = KL(policy || reference).
+    kl_direction: Literal["ref_policy", "policy_ref"] = "ref_policy"
+
+
+class ConditionedNLL(Objective):
+    """NLL of the generation given a conditioned prompt, plus kl_coef * per-token KL to the
+    reference (which sees the unconditioned prompt), minus entropy_coef * entropy. Conditioning on
+    a reward token or on feedback teaches the model what each level of quality looks like; at
+    sampling time one conditions on the best."""
+
+    needs = ("prompt", "generation1")
+    reference_columns = ("reference_token_logps1",)
+    Options = ConditionedOptions
+
+    def prefix(self, row, tokenizer) -> tuple[int, ...]:
+        """The conditioning token ids put before the row's prompt (they count toward max_prompt_length)."""
+        raise NotImplementedError
+
+    def uses_reference(self):
+        return self.opt.kl_coef > 0
+
+    def needs_reference_logits(self):
+        return self.opt.kl == "exact"
+
+    def collate(self, rows, tokenizer):
+        out = self.seqs(tokenizer, rows, ["generation1"], [self.prefix(r, tokenizer) for r in rows])
+        # The reference sees the unconditioned prompt; the completion tokens are the same.
+        out.update({f"ref_{k}": v for k, v in self.seqs(tokenizer, rows, ["generation1"]).items()})
+        out["weights"] = column(rows, "generation1_weight", default=1.0)
+        if self.opt.kl == "cached" and all(r.get("reference_token_logps1") is not None for r in rows):
+            width = out["completion_mask"].shape[1] - 1
+            grid = torch.zeros(len(rows), width)
+            cm = out["completion_mask"][:, 1:].bool()
+            for i, r in enumerate(rows):
+                vals = torch.tensor(r["reference_token_logps1"], dtype=torch.float32)
+                grid[i][cm[i]] = vals[: int(cm[i].sum())]
+            out["ref_token_logps"] = grid
+        return out
+
+    def per_example_loss(self, model, batch):
+        ref_batch = {k[4:]: v for k, v in batch.items() if k.startswith("ref_") and k != "ref_token_logps"}
+        exact = self.opt.kl == "exact" and self.opt.kl_coef > 0
+        logp, kl, ent, mask = completion_token_stats(model, batch, self.ref_model if exact else None, ref_batch,
+                                                     self.opt.kl_direction)
+        if self.opt.kl == "cached" and self.opt.kl_coef > 0:
+            if "ref_token_logps" not in batch:
+                raise RuntimeError(f"{self.name}: kl 'cached' needs the reference stage's per-token log-probs")
+            kl = L.sampled_kl(logp, batch["ref_token_logps"], self.opt.kl_direction) * mask
+        loss = L.conditioned_nll(logp, kl, ent, mask, self.opt.kl_coef, self.opt.entropy_coef)
+        n = mask.sum(-1).clamp(min=1)
+        return loss, {"kl": (kl * mask).sum(-1) / n, "entropy": (ent * mask).sum(-1) / n, "tokens": mask.sum(-1)}

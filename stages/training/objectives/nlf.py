@@ -1,0 +1,25 @@
+"""NLF: training conditioned on natural-language feedback ("feedback: ... input: prompt")."""
+
+from __future__ import annotations
+
+from pydantic import field_validator
+
+from stages.training.objectives.conditioned import ConditionedNLL, ConditionedOptions
+from stages.pipeline.sections import conditioning_template
+from stages.data.tokens import feedback_prefix, text_ids
+
+
+class NLF(ConditionedNLL):
+    """Like Quark with words instead of tokens: the feedback a sample got (from an LLM or a
+    template) becomes the condition, so the policy learns to produce what good feedback
+    describes."""
+
+    name = "nlf"
+    needs = ("prompt", "generation1", "feedback")
+
+    class Options(ConditionedOptions):
+        feedback_template: str = "feedback: {feedback} input: {prompt}"
+        _template = field_validator("feedback_template")(conditioning_template)
+
+    def prefix(self, row, tokenizer):
+        return tuple(text_ids(tokenizer, feedback_prefix(self.opt.feedback_template, row["feedback"])))

@@ -1,0 +1,41 @@
+"""Quark (Lu et al., 2022): a control token per reward quantile, prefixed to the prompt."""
+
+from __future__ import annotations
+
+import torch
+
+from stages.training.objectives.conditioned import ConditionedNLL
+
+
+class Quark(ConditionedNLL):
+    """The policy learns what a sample of each reward quantile looks like; sampling with the best
+    quantile's token then steers it towards high reward, while the KL term keeps it near the
+    reference."""
+
+    name = "quark"
+    needs = ("prompt", "generation1", "control")
+    lora_modules_to_save = ["embed_tokens"]  # the new tokens' embeddings are trained under LoRA too
+
+    def prefix(self, row, tokenizer):
+        return (tokenizer.convert_tokens_to_ids(row["control"]),)
+
+    def prepare_model(self, model, tokenizer, rows, seed):
+        add_control_tokens(model, tokenizer, rows, seed)
+
+
+def add_control_tokens(model, tokenizer, rows: list[dict], seed: int) -> list[str]:
+    """Quark's reward tokens: new vocabulary entries whose embeddings are drawn from the mean and
+    std of the existing ones (per dimension), so they start as typical, not arbitrary, tokens."""
+    controls = sorted({r["control"] for r in rows if r.get("control")})
+    new = [t for t in controls if t not in tokenizer.get_vocab()]
+    if not new:
+        return []
+    tokenizer.add_tokens(new, special_tokens=True)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        mean, std = weight[:old].mean(0), weight[:old].std(0)
+        g = torch.Generator().manual_seed(seed)
+        weight[old:] = mean + std * torch.randn(weight.shape[0] - old, weight.shape[1], generator=g)
+    return new
