@@ -20,7 +20,6 @@ from rich.console import Console
 from rich.table import Table
 
 from stages.pipeline.errors import BadInput
-from stages.pipeline.paths import default_artifact_root
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Alignment workbench: restartable Prefect stages with Parquet artifacts.")
@@ -67,19 +66,19 @@ def run(
     debug: bool = DebugOpt,
 ):
     """Run CONFIG's flow through Prefect; complete stages are skipped."""
-    from stages.config import load_config
-    from stages.pipeline.runner import forced_stages, preflight
+    from stages.pipeline.plan import plan_run
 
-    cfg = load_config(config, set_, experiment)
-    root = artifacts or default_artifact_root()
-    preflight(cfg, root)
-    forced_stages(cfg, force)
+    # Checked here too, before Prefect starts: a bad config costs no server start-up.
+    plan = plan_run(str(config), list(set_), artifacts, experiment, list(force))
+    cfg, root = plan.config, plan.root
     if no_prefect:
+        from stages.pipeline.lock import experiment_lock
         from stages.pipeline.runner import run_flow_locally
         from stages.pipeline.store import ArtifactStore
 
         _setup_logging()
-        results = [r.to_dict() for r in run_flow_locally(cfg, ArtifactStore(root), force)]
+        with experiment_lock(root, cfg.experiment):
+            results = [r.to_dict() for r in run_flow_locally(cfg, ArtifactStore(root), force)]
     else:
         from flows.pipeline import pipeline
 
@@ -113,17 +112,18 @@ def stage(
     debug: bool = DebugOpt,
 ):
     """Run one stage alone (its inputs must exist), without Prefect."""
-    from stages.config import load_config
-    from stages.pipeline.runner import preflight, run_stage
+    from stages.pipeline.lock import experiment_lock
+    from stages.pipeline.plan import plan_run
+    from stages.pipeline.runner import run_stage
     from stages.pipeline.store import ArtifactStore
 
-    cfg = load_config(config, set_, experiment)
+    plan = plan_run(str(config), list(set_), artifacts, experiment)
+    cfg, root = plan.config, plan.root
     if name not in cfg.stages:
         raise BadInput(f"stage '{name}' is not part of {config} (stages: {', '.join(cfg.stages)})")
-    root = artifacts or default_artifact_root()
-    preflight(cfg, root)
     _setup_logging()
-    r = run_stage(cfg, name, round_, ArtifactStore(root), force=force)
+    with experiment_lock(root, cfg.experiment):
+        r = run_stage(cfg, name, round_, ArtifactStore(root), force=force)
     console.print(f"{r.stage} (round {r.round}): {r.status}, {r.rows} rows, fingerprint {r.fingerprint} -> {r.path}")
 
 
@@ -176,7 +176,7 @@ def data_prepare():
     from stages.data import sources
 
     folder = sources.prepare_data()
-    for name in data.CORPORA:
+    for name in sources.CORPORA:
         console.print(f"{name}: {sources.corpus_path(name)}")
     console.print(f"cache: {folder}")
 

@@ -10,7 +10,7 @@ Two flows share one body:
 - `align-rounds` (`iterate`) adds `add_rounds` rounds after the experiment's last complete round:
   what a schedule runs, so each scheduled run trains one more round of an online flow.
 
-Both hold the experiment's lock (flows/lock.py) while they run, and both show tables, the
+Both hold the experiment's lock (stages/pipeline/lock.py) while they run, and both show tables, the
 round's metrics, a reward histogram and sample generations as artifacts (flows/ui_artifacts.py).
 """
 
@@ -21,7 +21,6 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Iterator, Literal, Optional
 
 import flows  # noqa: F401  (configures Prefect's environment before it is imported)
@@ -33,11 +32,11 @@ from prefect.logging import get_run_logger
 from prefect.states import Completed, Failed, State
 
 from flows import ui_artifacts
-from flows.lock import experiment_lock
-from stages.config import RunConfig, load_config, validate_config
+from stages.config import RunConfig
 from stages.pipeline.errors import BadInput
-from stages.pipeline.paths import PROJECT_ROOT, default_artifact_root
-from stages.pipeline.runner import forced_stages, preflight, run_stage, stages_of_round
+from stages.pipeline.lock import experiment_lock
+from stages.pipeline.plan import Plan, plan_run
+from stages.pipeline.runner import run_stage, stages_of_round
 from stages.pipeline.store import ArtifactStore
 
 logging.getLogger("align").setLevel(logging.INFO)  # Prefect attaches its handlers (PREFECT_LOGGING_EXTRA_LOGGERS)
@@ -79,56 +78,13 @@ def skipped_state(result: dict) -> Completed:
 # No Prefect cache: the runner's manifests are the skip check (Prefect's input cache would miss an
 # edited or deleted artifact). Results are still persisted, as JSON, which is what Retry needs.
 @task(persist_result=True, result_serializer="json", log_prints=True, cache_policy=NO_CACHE)
-def stage_task(config: dict, stage: str, round_: int, artifacts: str, force: bool = False, fail: bool = False):
-    """One stage through the runner; `fail` injects a fault (the `fail_once` test hook)."""
-    cfg = validate_config(config)
+def stage_task(cfg: RunConfig, stage: str, round_: int, artifacts: str, force: bool = False, fail: bool = False):
+    """One stage through the runner; `fail` injects a fault (the `fail_once` test hook). The config
+    comes validated by `plan_run`, once for the whole flow run."""
     with injected_fault(stage if fail else None):
         result = run_stage(cfg, stage, round_, ArtifactStore(artifacts), force=force).to_dict()
     ui_artifacts.stage_artifact(cfg.experiment, result)
     return skipped_state(result) if result["status"] == "skipped" else result
-
-
-# -- parameters, checked like the CLI checks them ---------------------------------------------------
-
-@dataclass
-class Plan:
-    config: RunConfig
-    root: str
-    forced: set[str]
-    fail_once: str | None
-
-
-def resolve_config_path(config_path: str) -> Path:
-    """As given; a relative path that is not there is also looked up in the project (configs/...)."""
-    path = Path(config_path).expanduser()
-    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        return PROJECT_ROOT / path
-    return path
-
-
-def plan_run(config_path: str, overrides: list[str] | None = None, artifacts: str | None = None,
-             experiment: str | None = None, force: list[str] | None = None, rounds: int | None = None,
-             add_rounds: int = 0, fail_once: str | None = None) -> Plan:
-    """Validate every parameter before anything runs or is written; each error is one BadInput line."""
-    if not config_path or not str(config_path).strip():
-        raise BadInput("config_path: give a YAML run configuration, e.g. configs/smoke.yaml")
-    if rounds is not None and rounds < 0:
-        raise BadInput(f"rounds: must be at least 1 (got {rounds}; 0 means the config's)")
-    rounds = rounds or None
-    if add_rounds < 0:
-        raise BadInput(f"add_rounds: must be 0 or more (got {add_rounds})")
-    if rounds is not None and add_rounds:
-        raise BadInput("give rounds or add_rounds, not both")
-    overrides = [o for o in (overrides or []) if o.strip()]
-    if rounds is not None:
-        overrides.append(f"rounds={rounds}")
-    config = load_config(resolve_config_path(config_path), overrides, experiment or None)
-    preflight(config, artifacts or default_artifact_root())
-    forced = forced_stages(config, [s for s in (force or []) if s])
-    fail_once = fail_once or None
-    if fail_once and fail_once not in config.stages:
-        raise BadInput(f"fail_once {fail_once}: not a stage of this flow (stages: {', '.join(config.stages)})")
-    return Plan(config, artifacts or default_artifact_root(), forced, fail_once)
 
 
 def complete_rounds(config: RunConfig, store: ArtifactStore) -> int:
@@ -211,7 +167,6 @@ def execute(config_path: str, overrides: list[str] | None, artifacts: str | None
 
 def run_rounds(plan: Plan, store: ArtifactStore, total: int, attempt: Attempt) -> list[dict]:
     cfg = plan.config
-    config_json = cfg.model_dump(mode="json")
     results, failed = [], None
     try:
         for k in range(total):
@@ -222,10 +177,10 @@ def run_rounds(plan: Plan, store: ArtifactStore, total: int, attempt: Attempt) -
                 force = stage in plan.forced and not redone
                 fail = stage == plan.fail_once and not attempt.retry
                 run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {k})")
-                result = run(config_json, stage, k, plan.root, force, fail)
+                result = run(cfg, stage, k, plan.root, force, fail)
                 results.append(result.result() if isinstance(result, State) else result)  # Skipped: a State
                 failed = None
-            ui_artifacts.round_artifacts(store, cfg.experiment, k, stages_of_round(cfg, k))
+            ui_artifacts.round_artifacts(store, cfg.experiment, k, stages_of_round(cfg, k), cfg.evaluate.samples_to_show)
     finally:
         ui_artifacts.run_artifact(cfg.experiment, results, failed)
     return results

@@ -23,7 +23,6 @@ from stages.pipeline.store import ArtifactStore
 
 log = logging.getLogger("align")
 
-SAMPLES_SHOWN = 8
 TEXT_CHARS = 160
 
 
@@ -78,8 +77,9 @@ def run_artifact(experiment: str, results: list[dict], failed: tuple[str, int] |
 
 # -- per round ---------------------------------------------------------------------------------------
 
-def round_artifacts(store: ArtifactStore, experiment: str, round_: int, stages: list[str]) -> None:
-    """The round's metrics table, reward histogram and samples, from what is on disk."""
+def round_artifacts(store: ArtifactStore, experiment: str, round_: int, stages: list[str], shown: int = 5) -> None:
+    """The round's metrics table, reward histogram and `shown` samples (the config's
+    evaluate.samples_to_show, like evaluate's own metrics), from what is on disk."""
     try:
         present = {s: store.stage_dir(experiment, round_, s) for s in stages}
         manifests = {s: m for s, p in present.items() if (m := store.read_manifest(p)) is not None}
@@ -89,7 +89,7 @@ def round_artifacts(store: ArtifactStore, experiment: str, round_: int, stages: 
         if values:
             _create("markdown", artifact_key(experiment, "rewards"), histogram_markdown(label, values, round_),
                     f"round {round_}: {label}")
-        title, rows = sample_rows(store, present, manifests)
+        title, rows = sample_rows(store, present, manifests, shown)
         if rows:
             _create("table", artifact_key(experiment, "samples"), rows, f"round {round_}: {title}")
     except Exception as e:
@@ -141,7 +141,8 @@ def _clip(text) -> str:
     return text if len(text) <= TEXT_CHARS else text[: TEXT_CHARS - 1] + "…"
 
 
-def sample_rows(store: ArtifactStore, paths: dict[str, str], manifests: dict[str, dict]) -> tuple[str, list[dict]]:
+def sample_rows(store: ArtifactStore, paths: dict[str, str], manifests: dict[str, dict],
+                shown: int) -> tuple[str, list[dict]]:
     for stage, title in (("evaluate", "held-out generations of the trained policy (evaluate)"),
                          ("annotate", "the round's scored samples (annotate)"),
                          ("sample", "the round's samples (sample)")):
@@ -149,7 +150,7 @@ def sample_rows(store: ArtifactStore, paths: dict[str, str], manifests: dict[str
             table = store.read_table(paths[stage])
             scores = table.column("score").to_pylist() if "score" in table.column_names else [None] * table.num_rows
             return title, [{"prompt": _clip(p), "completion": _clip(g), "score": _fmt(s)}
-                           for p, g, s in list(zip(c["prompt"], c["completion"], scores))[:SAMPLES_SHOWN]]
+                           for p, g, s in list(zip(c["prompt"], c["completion"], scores))[:shown]]
     pool_columns = ["prompt_id", "prompt", "generation1", "split"]
     if "build_pool" in manifests and (c := _column(store, paths["build_pool"], pool_columns)):
         nll = {}
@@ -157,7 +158,7 @@ def sample_rows(store: ArtifactStore, paths: dict[str, str], manifests: dict[str
             nll = {i: -lp / t for i, lp, t in zip(e["prompt_id"], e["logprob"], e["tokens"]) if t}
         rows = [{"prompt": _clip(p), "completion": _clip(g), "nll_per_token": _fmt(nll.get(i))}
                 for i, p, g, s in zip(c["prompt_id"], c["prompt"], c["generation1"], c["split"]) if s == "heldout"]
-        return "held-out records (this flow generates nothing) with the trained model's NLL", rows[:SAMPLES_SHOWN]
+        return "held-out records (this flow generates nothing) with the trained model's NLL", rows[:shown]
     return "", []
 
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-from collections import defaultdict
 
 import pyarrow as pa
 
 from stages.config import BuildPoolConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
-from stages.data.schemas import check_columns, records_table
+from stages.data.schemas import by_prompt, check_columns, records_table
 
 def _order(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
@@ -86,13 +85,6 @@ def reward_pairs(rows, cfg, seed):
     return pairs
 
 
-def _by_prompt(rows):
-    groups = defaultdict(list)
-    for r in rows:
-        groups[r["prompt_id"]].append(r)
-    return groups
-
-
 def preference_pairs(rows, cfg, seed):
     given = [r for r in rows if r.get("rejected") is not None and r.get("completion") is not None]
     if given:
@@ -100,7 +92,8 @@ def preference_pairs(rows, cfg, seed):
                  "generation2": r["rejected"], "split": r["split"]} for r in given]
     scored = _need(rows, "score", "pairs", "give a dataset with chosen/rejected, or completions with scores")
     out = []
-    for pid, group in _by_prompt(scored).items():
+    for pid, idx in by_prompt(scored).items():
+        group = [scored[i] for i in idx]
         ranked = sorted(group, key=lambda r: (-r["score"], _order(seed, r["completion"] or "")))
         if cfg.pairing == "best_worst":
             candidates = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
@@ -143,7 +136,7 @@ def _quantile_bins(rows, cfg, seed) -> list[tuple[dict, int]]:
     """(row, bin) with equal-size bins by score, best bin 0; ties broken by a seeded hash."""
     scored = [r for r in _need(rows, "score", cfg.kind, "completions need scores (annotate, or a 'score' column)")
               if r.get("completion")]
-    scopes = _by_prompt(scored).values() if cfg.quantile_scope == "per_prompt" else [scored]
+    scopes = [[scored[i] for i in idx] for idx in by_prompt(scored).values()] if cfg.quantile_scope == "per_prompt" else [scored]
     out = []
     for group in scopes:
         ranked = sorted(group, key=lambda r: (-r["score"], _order(seed, _text(r))))

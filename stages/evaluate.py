@@ -33,7 +33,7 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     gen_cfg = cfg.generation.model_copy(update={"n": 1})
     texts = [r["prompt"] for r in prompts]
     steps = cfg.annotate.steps if cfg.annotate else []
-    samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.seed + 7, ctx.log)]
+    samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], **g} for r, g in zip(prompts, samples)]
     scores, _ = run_steps(steps, texts, [r["completion"] for r in rows], "evaluate.annotate", feedback=False)
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
@@ -44,7 +44,7 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     metrics = {}
     if cfg.compare_base and ctx.round == 0 and steps:
         base_path = resolve_model(train_cfg.model, "train.model")
-        base = [g[0] for g in generate_hf(base_path, texts, gen_cfg, ctx.seed + 7, ctx.log)]
+        base = [g[0] for g in generate_hf(base_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
         base_scores, _ = run_steps(steps, texts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
         metrics["base_mean_reward"] = mean_known(base_scores)
     metrics |= {"mean_reward": mean_known(scores),

@@ -44,7 +44,7 @@ def _is_local_file(source: str) -> bool:
 
 def identity(cfg: LoadPromptsConfig) -> dict:
     """The data itself enters the fingerprint: an edited source file re-runs the stage."""
-    if cfg.source in data.CORPORA:
+    if cfg.source in sources.CORPORA:
         path = sources.corpus_path(cfg.source)
         return {"corpus": cfg.source, "bytes": path.stat().st_size if path.exists() else None}
     if _is_local_file(cfg.source):
@@ -135,7 +135,7 @@ def _from_hub(cfg: LoadPromptsConfig) -> list[dict]:
 
 
 def read_source(cfg: LoadPromptsConfig) -> list[dict]:
-    if cfg.source in data.CORPORA:
+    if cfg.source in sources.CORPORA:
         return _from_corpus(cfg)
     if _is_local_file(cfg.source):
         return _from_table(tables.read_table_file(cfg.source, field="load_prompts.source"), cfg)

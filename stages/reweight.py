@@ -21,6 +21,7 @@ import pyarrow as pa
 from stages.annotators import load_callable
 from stages.config import ReweightConfig, ReweightStrategy
 from stages.pipeline.context import StageOutput, stage
+from stages.data.schemas import by_prompt
 from stages.pipeline.errors import BadInput
 from stages.services.models import resolve_model
 from stages.services.scoring import sequence_logps
@@ -37,11 +38,8 @@ def effective_sample_size(w: list[float]) -> float:
 
 
 def reward_softmax(rows: list[dict], temperature: float) -> list[float]:
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault(r["prompt_id"], []).append(i)
     w = [0.0] * len(rows)
-    for idx in groups.values():
+    for idx in by_prompt(rows).values():
         top = max(rows[i]["score"] for i in idx)
         exps = [math.exp((rows[i]["score"] - top) / temperature) for i in idx]
         z = sum(exps)

@@ -40,7 +40,7 @@ def run(ctx, cfg: SampleConfig) -> StageOutput:
         raise BadInput(f"sample: no prompts in split '{cfg.split}'")
     path = ctx.inputs["train"].model_dir() if "train" in ctx.inputs else resolve_model(cfg.model, "sample.model")
     ctx.log.info("sample: %d prompts x %d from %s (%s backend)", len(prompts), cfg.n, path, cfg.backend)
-    generated = generate(path, [r["prompt"] for r in prompts], cfg, ctx.seed + 1000 * ctx.round, ctx.log)
+    generated = generate(path, [r["prompt"] for r in prompts], cfg, ctx.round_seed, ctx.log)
     cond = conditioning(cfg)[1]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "split": r["split"], "sample_index": i,
              "conditioning": cond, "checkpoint": str(path), **g}

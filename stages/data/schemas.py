@@ -76,3 +76,11 @@ def check_non_null(rows: list[dict], columns: list[str], where: str) -> None:
         for c in columns:
             if r.get(c) is None:
                 raise BadInput(f"{where}: record {i} ({r.get('prompt_id')}) has no '{c}'")
+
+
+def by_prompt(rows: list[dict]) -> dict[str, list[int]]:
+    """Row indices grouped by prompt_id, in order of first appearance (and within a group, of rows)."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["prompt_id"], []).append(i)
+    return groups

@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.pipeline.atomic import build_lock, recover, swap_in
 from stages.pipeline.errors import BadInput
 from stages.pipeline.paths import cache_dir
 
@@ -73,10 +74,16 @@ def prepare_data(force: bool = False) -> Path:
     folder that looks complete.
     """
     dest = _vader_dir()
-    if not force and _is_complete(dest):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(dest):  # a second process waits, then finds the corpora prepared
+        recover(dest)
+        if not force and _is_complete(dest):
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _prepare_into(dest)
+    return dest
 
+
+def _prepare_into(dest: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="vader-sdist-") as download_dir:
         sdist_env = os.environ.get("ALIGN_VADER_SDIST")
         if sdist_env:
@@ -97,10 +104,9 @@ def prepare_data(force: bool = False) -> Path:
         (tmp / _MARKER).write_text(
             json.dumps({"source": f"{VADER_REQUIREMENT} sdist: {INNER_ARCHIVE}", "rows": rows}, indent=2)
         )
-        _swap_into_place(tmp, dest)
+        swap_in(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op once the rename has happened
-    return dest
 
 
 def _download_sdist(into: Path) -> Path:
@@ -176,22 +182,6 @@ def _parse_ground_truth(data: bytes, source: str) -> pa.Table:
         valences.append(valence)
         texts.append(parts[2].strip())
     return pa.table([ids, valences, texts], schema=_SCHEMA)
-
-
-def _swap_into_place(tmp: Path, dest: Path) -> None:
-    """Rename tmp to dest; an old (incomplete or forced-over) dest is moved aside first."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".vader.old-{os.getpid()}")
-        os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        # Another process put a folder there between our two renames: keep theirs if complete.
-        if not _is_complete(dest):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading corpora

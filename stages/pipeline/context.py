@@ -80,3 +80,16 @@ class StageContext:
     resume_dir: Path  # survives a crash or kill of this stage (same fingerprint); removed on success
     inputs: dict[str, Upstream]
     log: logging.Logger
+
+    # The seeds a stage derives from the config's, in one place.
+    @property
+    def round_seed(self) -> int:
+        """Fresh each round (else every round would draw the same samples), the same on a re-run;
+        the runner seeds torch, NumPy and `random` with it before the stage starts."""
+        return self.seed + 1000 * self.round
+
+    @property
+    def heldout_seed(self) -> int:
+        """The same in every round, so held-out generations of successive rounds' policies differ
+        by the policy, not by the random draw (common random numbers)."""
+        return self.seed + 7

@@ -152,7 +152,7 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
         resume_dir = store.resume_dir(config.experiment, round_, stage, fp)
         ctx = StageContext(stage, config.experiment, round_, config.seed, workdir, resume_dir, inputs, log)
         inject_fault(stage)
-        seed_everything(config.seed + 1000 * round_)
+        seed_everything(ctx.round_seed)
         out = spec.fn(ctx, section)
         if not isinstance(out, StageOutput):
             raise TypeError(f"stage {stage} returned {type(out).__name__}, expected StageOutput")

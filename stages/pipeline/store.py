@@ -22,6 +22,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.pipeline.atomic import swap_in
+
 MANIFEST = "manifest.json"
 DATA = "data.parquet"
 TMP = ".tmp"  # scratch folder under the root (same file system, so renames are atomic)
@@ -98,7 +100,8 @@ class ArtifactStore:
         base = f"{self.experiment_dir(experiment)}/round-{round_}"
         if not self.fs.isdir(base):
             return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=False) if self.fs.isdir(e))
+        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in self.fs.ls(base, detail=False) if self.fs.isdir(e))
+        return sorted(n for n in names if not n.startswith("."))  # .<stage>.old: a swap in progress
 
     # -- writing ----------------------------------------------------------------------------------
     def new_workdir(self) -> Path:
@@ -153,15 +156,7 @@ class ArtifactStore:
         manifest = {**manifest, "files": files}
         (workdir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str))
         if self.local:
-            dest_path = Path(dest)
-            dest_path.parent.mkdir(parents=True, exist_ok=True)
-            old = None
-            if dest_path.exists():
-                old = Path(self.root) / TMP / f"old-{uuid.uuid4().hex}"
-                dest_path.rename(old)
-            workdir.rename(dest_path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            swap_in(workdir, Path(dest))
             self._tidy_scratch()
             return
         # Remote: upload beside the destination, manifest last, then swap names.

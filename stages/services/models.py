@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from stages.pipeline.atomic import build_lock, recover, swap_in
 from stages.pipeline.errors import BadInput
 from stages.pipeline.paths import cache_dir
 
@@ -69,30 +70,21 @@ def _build_atomically(final: Path, force: bool, build: Callable[[Path], None]) -
     a hidden `.tmp-<pid>` folder (removed here on exceptions, ignored otherwise), never a half
     folder under the real name.
     """
-    if final.is_dir() and not force:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                f.chmod(0o644)  # safetensors writes 0600; the cache is shared with the team
-        if final.exists() or final.is_symlink():
-            # force=True (or another process finished first): move the old one aside, then swap.
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            if old.is_symlink():
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
+    with build_lock(final):  # a second process waits, then finds the folder built
+        recover(final)
+        if final.is_dir() and not force:
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            for f in tmp.iterdir():
+                if f.is_file():
+                    f.chmod(0o644)  # safetensors writes 0600; the cache is shared with the team
+            swap_in(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -4,6 +4,10 @@
     <dir>/optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
     <dir>/rng.safetensors        torch RNG state(s)
     <dir>/state.json             step, position in the data, scheduler, param groups, Python/NumPy RNG
+
+Single-process: the state is one process's (its RNG, its whole optimizer state). Under
+torch.distributed with more than one process `save_checkpoint` refuses rather than let every rank
+write the same folder; sharded checkpoints come with multi-process training.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from stages.pipeline.atomic import recover, swap_in
 
 
 def _jsonable(x):
@@ -30,8 +36,22 @@ def _jsonable(x):
     return x
 
 
+def _check_single_process() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(f"training checkpoints are single-process, but this run has "
+                           f"{dist.get_world_size()} processes; run the train stage in one process")
+
+
+def has_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a complete checkpoint (finishing a swap a kill interrupted first)."""
+    recover(path)
+    return (path / "state.json").exists()
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict) -> None:
     """Write a complete checkpoint next to `path`, then swap it in (a kill never leaves half of one)."""
+    _check_single_process()
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -61,11 +81,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict) -> 
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
     (tmp / "state.json").write_text(json.dumps(state))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, path)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from stages.training import allocator
-from stages.training.checkpoint import load_checkpoint, save_checkpoint
+from stages.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from stages.training.lean_layers import make_lean, native_gqa
 from stages.training.losses import weighted_mean
 from stages.training.objectives import Objective
@@ -86,7 +86,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     ckpt = resume_dir / "checkpoint"
     history: list[dict] = []
     step = 0
-    if (ckpt / "state.json").exists():
+    if has_checkpoint(ckpt):
         progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         step, history = progress["step"], progress["history"]
         log.info("train: resumed from checkpoint at step %d/%d", step, total)

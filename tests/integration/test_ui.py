@@ -14,8 +14,9 @@ import pytest
 
 from conftest import ROOT, SMOKE, align, needs_prepared
 from flows import pipeline as pl
+from stages.pipeline.plan import plan_run
 from flows import ui_artifacts as ui
-from flows.lock import ExperimentBusy, experiment_lock, lock_path
+from stages.pipeline.lock import ExperimentBusy, experiment_lock, lock_path
 from flows.serve import Schedule, build_deployments, is_iterative
 from stages.config import load_config
 from stages.pipeline.errors import BadInput
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Logger 'align' attempted to send
 
 def test_lock_refuses_a_second_run_with_one_line(tmp_path):
     with experiment_lock(str(tmp_path), "exp") as path:
-        assert path == tmp_path / "exp" / ".lock" and path.read_text().strip() == str(os.getpid())
+        assert path == tmp_path / "exp" / ".lock"
+        assert (tmp_path / "exp" / ".lock.pid").read_text().strip() == str(os.getpid())
         with pytest.raises(ExperimentBusy) as err:
             with experiment_lock(str(tmp_path), "exp"):
                 pass
@@ -115,14 +117,14 @@ def test_a_skipped_stage_ends_in_a_completed_state_named_skipped(tmp_path, monke
     result = StageResult("train", 0, "skipped", "abc123", 12, str(tmp_path / "x"), 0.0, "up to date", {"loss": 1.5})
     monkeypatch.setattr(pl, "run_stage", lambda *a, **k: result)
     monkeypatch.setattr(ui, "stage_artifact", lambda *a: None)
-    state = pl.stage_task.fn(load_config(SMOKE).model_dump(mode="json"), "train", 0, str(tmp_path))
+    state = pl.stage_task.fn(load_config(SMOKE), "train", 0, str(tmp_path))
     assert state.is_completed() and state.name == "Skipped" and state.type.value == "COMPLETED"
     assert state.data == result.to_dict() and "train (round 0): complete artifact abc123 reused" == state.message
     assert json.loads(JSONSerializer().dumps(state.data)) == result.to_dict()  # persisted as JSON
 
     ran = StageResult("train", 0, "ran", "abc123", 12, str(tmp_path / "x"), 3.0, "forced")
     monkeypatch.setattr(pl, "run_stage", lambda *a, **k: ran)
-    assert pl.stage_task.fn(load_config(SMOKE).model_dump(mode="json"), "train", 0, str(tmp_path)) == ran.to_dict()
+    assert pl.stage_task.fn(load_config(SMOKE), "train", 0, str(tmp_path)) == ran.to_dict()
 
 
 def test_fail_once_sets_the_runner_hook_only_inside_the_block(monkeypatch):
@@ -154,17 +156,17 @@ def test_fail_once_sets_the_runner_hook_only_inside_the_block(monkeypatch):
 def test_bad_parameters_are_one_line(kwargs, expected):
     args = {"config_path": str(SMOKE), **kwargs}
     with pytest.raises(BadInput) as err:
-        pl.plan_run(**args)
+        plan_run(**args)
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
 @needs_prepared
 def test_parameters_from_the_form(tmp_path):
     """Empty form fields mean "not given"; rounds override the config's; relative paths find the project's configs."""
-    plan = pl.plan_run("configs/smoke_online_dpo.yaml", ["train.epochs=1", ""], "", "", [], 0, 0, "")
+    plan = plan_run("configs/smoke_online_dpo.yaml", ["train.epochs=1", ""], "", "", [], 0, 0, "")
     assert plan.config.experiment == "smoke_online_dpo" and plan.config.train.epochs == 1
     assert plan.config.rounds == 2 and plan.forced == set() and plan.fail_once is None
-    plan = pl.plan_run(str(ONLINE), None, str(tmp_path), "mine", ["train"], 3, 0, "train")
+    plan = plan_run(str(ONLINE), None, str(tmp_path), "mine", ["train"], 3, 0, "train")
     assert plan.config.rounds == 3 and plan.config.experiment == "mine" and plan.root == str(tmp_path)
     assert plan.forced == {"train", "evaluate"} and plan.fail_once == "train"
 
@@ -273,7 +275,7 @@ def test_round_artifacts_from_disk(tmp_path, monkeypatch):
     rows = [{"prompt_id": i, "prompt": f"p{i}", "completion": f"c{i}", "score": i / 10} for i in range(12)]
     _write(tmp_path, "exp", 1, "annotate", rows, {"mean_score": 0.55})
     _write(tmp_path, "exp", 1, "evaluate", rows[:4], {"mean_reward": 0.2, "examples": [{"prompt": "x"}]})
-    ui.round_artifacts(ArtifactStore(str(tmp_path)), "exp", 1, ["sample", "annotate", "train", "evaluate"])
+    ui.round_artifacts(ArtifactStore(str(tmp_path)), "exp", 1, ["sample", "annotate", "train", "evaluate"], shown=3)
     kinds = {key: (kind, payload) for kind, key, payload in made}
     assert set(kinds) == {"exp-metrics", "exp-rewards", "exp-samples"}
     metrics = kinds["exp-metrics"][1]
@@ -283,6 +285,7 @@ def test_round_artifacts_from_disk(tmp_path, monkeypatch):
     rewards = kinds["exp-rewards"][1]
     assert "reward of the round's samples (annotate)" in rewards and "12 values" in rewards
     assert kinds["exp-samples"][1][0] == {"prompt": "p0", "completion": "c0", "score": 0.0}
+    assert len(kinds["exp-samples"][1]) == 3  # evaluate.samples_to_show
 
 
 def test_offline_flows_show_nll_and_held_out_records(tmp_path, monkeypatch):
@@ -323,7 +326,7 @@ class FakeStages:
 
     def __call__(self, config, stage, round_, artifacts, force=False, fail=False):
         self.calls.append((stage, round_, force, fail))
-        path = ROOT / self.store.stage_dir(config["experiment"], round_, stage)
+        path = ROOT / self.store.stage_dir(config.experiment, round_, stage)
         if fail:
             raise RuntimeError(f"injected fault in stage {stage}")
         status = "skipped" if (path / "manifest.json").exists() and not force else "ran"
@@ -338,7 +341,7 @@ class FakeStages:
 def fake_stages(tmp_path, monkeypatch):
     fake = FakeStages(tmp_path)
     monkeypatch.setattr(pl, "stage_task", fake)
-    monkeypatch.setattr(pl, "preflight", lambda cfg, root=None: None)  # no models needed
+    monkeypatch.setattr("stages.pipeline.plan.preflight", lambda cfg, root=None: None)  # no models needed
     monkeypatch.setattr(ui, "round_artifacts", lambda *a: None)
     monkeypatch.setattr(ui, "run_artifact", lambda *a: None)
     return fake

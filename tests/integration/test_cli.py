@@ -18,6 +18,17 @@ from stages.pipeline.runner import run_flow_locally
 from stages.pipeline.store import ArtifactStore
 
 
+@needs_prepared
+@pytest.mark.parametrize("command", [["run", SMOKE, "--no-prefect"], ["stage", "load_prompts", "--config", SMOKE]])
+def test_runs_without_prefect_take_the_experiment_lock_too(tmp_path, command):
+    from stages.pipeline.lock import experiment_lock
+
+    with experiment_lock(str(tmp_path), "smoke"):
+        proc = align(*command, "--artifacts", tmp_path)
+    assert_one_line_error(proc, "experiment smoke is already running")
+    assert not (tmp_path / "smoke" / "round-0").exists()
+
+
 def assert_one_line_error(proc, expected):
     assert proc.returncode == 2, proc.stderr
     # Prefect's own run log may surround it (and says "Stopping temporary server" at exit).

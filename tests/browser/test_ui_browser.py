@@ -326,7 +326,7 @@ def test_a_bad_parameter_is_a_failed_run_with_the_cli_one_line_error(stack, page
 def test_scheduled_rounds_wait_for_the_running_one_and_each_adds_a_round(stack):
     """Two runs of the scheduled deployment while another process holds the experiment: both wait,
     then each adds one round (a two-stage flow keeps it quick)."""
-    from flows.lock import experiment_lock
+    from stages.pipeline.lock import experiment_lock
 
     deployment_id = stack.deployments()["align-rounds/smoke"]
     schedule = stack.get(f"/deployments/{deployment_id}")["schedules"][0]["schedule"]

@@ -1,7 +1,7 @@
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from stages.config import apply_overrides, load_config, validate_config
 from stages.pipeline.errors import BadInput
 
@@ -56,7 +56,7 @@ def test_stage_listed_twice():
         validate_config({"experiment": "e", "stages": ["train", "train"]})
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")),
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
