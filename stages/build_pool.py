@@ -133,9 +133,12 @@ def pointwise(rows, cfg, seed):
 
 
 def _quantile_bins(rows, cfg, seed) -> list[tuple[dict, int]]:
-    """(row, bin) with equal-size bins by score, best bin 0; ties broken by a seeded hash."""
+    """(row, bin) with equal-size bins by score, best bin 0; ties broken by a seeded hash. Rows of
+    the data pool come with their bin (recomputed over the whole pool)."""
     scored = [r for r in _need(rows, "score", cfg.kind, "completions need scores (annotate, or a 'score' column)")
               if r.get("completion")]
+    if scored and all(r.get("quantile") is not None for r in scored):
+        return [(r, r["quantile"]) for r in scored]
     scopes = [[scored[i] for i in idx] for idx in by_prompt(scored).values()] if cfg.quantile_scope == "per_prompt" else [scored]
     out = []
     for group in scopes:
@@ -170,10 +173,19 @@ BUILDERS = {"sft": sft_records, "reward_pairs": reward_pairs, "pairs": preferenc
             "quark": quark, "nlf": nlf, "rl": rl}
 
 
-@stage("build_pool", version="3", inputs=("load_prompts@0", "annotate", "reweight"))
+def _drawn_from_pool(table: pa.Table) -> pa.Table:
+    """The data pool's training draw, as sample rows (its reward is their score, its quantile their bin)."""
+    drawn = table.filter(pa.compute.field("drawn"))
+    return drawn.rename_columns(["score" if c == "reward" else c for c in drawn.column_names])
+
+
+@stage("build_pool", version="3", inputs=("load_prompts@0", "annotate", "reweight", "data_pool"))
 def run(ctx, cfg: BuildPoolConfig) -> StageOutput:
-    source = ctx.inputs.get("reweight") or ctx.inputs.get("annotate") or ctx.inputs["load_prompts"]
-    prompts = source.table()
+    if "data_pool" in ctx.inputs:
+        prompts = _drawn_from_pool(ctx.inputs["data_pool"].table())
+    else:
+        source = ctx.inputs.get("reweight") or ctx.inputs.get("annotate") or ctx.inputs["load_prompts"]
+        prompts = source.table()
     check_columns(prompts, {"prompt_id": pa.string(), "prompt": pa.string(), "split": pa.string()}, "build_pool input")
     all_rows = prompts.to_pylist()
     records = []

@@ -52,6 +52,10 @@ class SampleConfig(Section):
     max_prompts: int | None = Field(None, gt=0)
     # none; quark_best: prefix the best reward token; feedback: condition on `feedback` (NLF).
     conditioning: Literal["none", "quark_best", "feedback"] = "none"
+    # Rounds before this one sample without conditioning: round 0's policy is the base model, which
+    # has never seen a reward token or feedback (Quark's and NLF's initial pool). Evaluate always
+    # conditions (it samples the trained policy).
+    conditioning_from_round: int = Field(1, ge=0)
     control_token: str = "<|quark_0|>"
     feedback: str = "Excellent."
     feedback_template: str = "feedback: {feedback} input: {prompt}"
@@ -112,6 +116,17 @@ class BuildPoolConfig(Section):
     feedback_phrases: list[str] = Field(default_factory=lambda: ["Excellent.", "Good.", "Okay.", "Poor.", "Terrible."])
     max_records: int | None = Field(None, gt=0)  # per split
     heldout_max_records: int | None = Field(None, gt=0)
+
+
+class DataPoolConfig(Section):
+    """The persistent pool of Quark / NLF rounds (stages/data/pool.py says what each option does)."""
+    drop: float = Field(0.0, ge=0, le=1)  # fraction of the previous pool dropped per prompt, oldest first
+    max_age: int | None = Field(None, ge=1)  # in rounds: 1 keeps this round's samples only
+    max_per_prompt: int | None = Field(None, ge=1)  # the newest kept
+    draw_per_quantile: int | None = Field(None, ge=1)  # per prompt and quantile; None: train on all
+    # Filled from build_pool (the quantiles it turns into tokens or feedback phrases).
+    quantiles: int | None = Field(None, ge=2)
+    quantile_scope: Literal["global", "per_prompt"] | None = None
 
 
 class LoraOptions(Section):
@@ -205,7 +220,8 @@ class EvaluateConfig(Section):
     compare_base: bool = False  # round 0 also samples and scores the base model, for a baseline
 
 
-StageName = Literal["load_prompts", "sample", "annotate", "reweight", "build_pool", "reference", "train", "evaluate"]
+StageName = Literal["load_prompts", "sample", "annotate", "reweight", "data_pool", "build_pool", "reference", "train",
+                    "evaluate"]
 
 
 class RunConfig(Section):
@@ -219,6 +235,7 @@ class RunConfig(Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     reweight: ReweightConfig = Field(default_factory=ReweightConfig)
+    data_pool: DataPoolConfig = Field(default_factory=DataPoolConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -241,6 +258,13 @@ class RunConfig(Section):
             ref.max_prompt_length = self.train.max_prompt_length
         if self.sample.model is None:
             self.sample.model = self.train.model
+        quark = getattr(self.train, "quark", None)
+        if self.build_pool.kind == "quark" and quark is not None and not quark.control_tokens:
+            quark.control_tokens = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
+        if self.data_pool.quantiles is None:
+            self.data_pool.quantiles = self.build_pool.quantiles
+        if self.data_pool.quantile_scope is None:
+            self.data_pool.quantile_scope = self.build_pool.quantile_scope
         if "sample" in self.stages:  # evaluate generates and scores like the round did
             if self.evaluate.generation is None:
                 self.evaluate.generation = self.sample.model_copy(update={"n": 1, "split": "heldout"})

@@ -32,7 +32,7 @@ def identity(cfg: SampleConfig) -> dict:
     return {"model": model_identity(cfg.model, "sample.model")}
 
 
-@stage("sample", version="3", inputs=("load_prompts@0", "train@prev"), identity=identity)
+@stage("sample", version="4", inputs=("load_prompts@0", "train@prev"), identity=identity)
 def run(ctx, cfg: SampleConfig) -> StageOutput:
     prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if cfg.split in ("all", r["split"])]
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
@@ -40,6 +40,8 @@ def run(ctx, cfg: SampleConfig) -> StageOutput:
         raise BadInput(f"sample: no prompts in split '{cfg.split}'")
     path = ctx.inputs["train"].model_dir() if "train" in ctx.inputs else resolve_model(cfg.model, "sample.model")
     ctx.log.info("sample: %d prompts x %d from %s (%s backend)", len(prompts), cfg.n, path, cfg.backend)
+    if ctx.round < cfg.conditioning_from_round:
+        cfg = cfg.model_copy(update={"conditioning": "none"})
     generated = generate(path, [r["prompt"] for r in prompts], cfg, ctx.round_seed, ctx.log)
     cond = conditioning(cfg)[1]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "split": r["split"], "sample_index": i,

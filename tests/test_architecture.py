@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-STAGES = ("load_prompts", "sample", "annotate", "reweight", "build_pool", "reference", "train", "evaluate")
+STAGES = ("load_prompts", "sample", "annotate", "reweight", "data_pool", "build_pool", "reference", "train", "evaluate")
 PACKAGES = ("stages", "flows")
 
 

@@ -25,9 +25,9 @@ def input_round(when: str, round_: int) -> int | None:
 @functools.cache
 def stage_specs() -> dict[str, StageSpec]:
     # Imported here: stage modules pull in torch and transformers, which `import stages` should not.
-    from stages import annotate, build_pool, evaluate, load_prompts, reference, reweight, sample, train
+    from stages import annotate, build_pool, data_pool, evaluate, load_prompts, reference, reweight, sample, train
 
-    mods = [load_prompts, sample, annotate, reweight, build_pool, reference, train, evaluate]
+    mods = [load_prompts, sample, annotate, reweight, data_pool, build_pool, reference, train, evaluate]
     return {m.run.spec.name: m.run.spec for m in mods}
 
 

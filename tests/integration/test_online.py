@@ -134,7 +134,8 @@ def test_importance_rescoring_uses_the_sampled_tokens(tmp_path):
     from stages.services.models import resolve_model
 
     cfg = load_config(ROOT / "configs/smoke_online_dpo.yaml",
-                      ["rounds=1", "stages=[load_prompts, sample]", "sample.conditioning=feedback"])
+                      ["rounds=1", "stages=[load_prompts, sample]", "sample.conditioning=feedback",
+                       "sample.conditioning_from_round=0"])
     run_flow_locally(cfg, ArtifactStore(str(tmp_path)))
     rows = pq.read_table(tmp_path / "smoke_online_dpo/round-0/sample/data.parquet").to_pylist()
     assert all(r["conditioning"] and len(r["completion_ids"]) == r["completion_tokens"] for r in rows)

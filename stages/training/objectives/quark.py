@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from stages.training.objectives.conditioned import ConditionedNLL
+from stages.training.objectives.conditioned import ConditionedNLL, ConditionedOptions
+
+
+class QuarkOptions(ConditionedOptions):
+    # Every quantile's token, added before the first training whether or not the draw holds each
+    # (a later round's pool may); filled from build_pool (control_token, quantiles).
+    control_tokens: list[str] = []
 
 
 class Quark(ConditionedNLL):
@@ -15,18 +21,19 @@ class Quark(ConditionedNLL):
     name = "quark"
     needs = ("prompt", "generation1", "control")
     lora_modules_to_save = ["embed_tokens"]  # the new tokens' embeddings are trained under LoRA too
+    Options = QuarkOptions
 
     def prefix(self, row, tokenizer):
         return (tokenizer.convert_tokens_to_ids(row["control"]),)
 
     def prepare_model(self, model, tokenizer, rows, seed):
-        add_control_tokens(model, tokenizer, rows, seed)
+        add_control_tokens(model, tokenizer, rows, seed, self.opt.control_tokens)
 
 
-def add_control_tokens(model, tokenizer, rows: list[dict], seed: int) -> list[str]:
+def add_control_tokens(model, tokenizer, rows: list[dict], seed: int, tokens: list[str] = ()) -> list[str]:
     """Quark's reward tokens: new vocabulary entries whose embeddings are drawn from the mean and
     std of the existing ones (per dimension), so they start as typical, not arbitrary, tokens."""
-    controls = sorted({r["control"] for r in rows if r.get("control")})
+    controls = sorted(set(tokens) | {r["control"] for r in rows if r.get("control")})
     new = [t for t in controls if t not in tokenizer.get_vocab()]
     if not new:
         return []
