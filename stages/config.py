@@ -218,6 +218,11 @@ class EvaluateConfig(Section):
     annotate: AnnotateConfig | None = None
     max_prompts: int | None = Field(50, gt=0)
     compare_base: bool = False  # round 0 also samples and scores the base model, for a baseline
+    # Sample `controllability_prompts` held-out prompts with each conditioning in `controls` (best
+    # first; filled from build_pool's quantile tokens or feedback phrases) and report the reward of each.
+    controllability: bool = False
+    controllability_prompts: int = Field(40, ge=2)
+    controls: list[str] | None = None
 
 
 StageName = Literal["load_prompts", "sample", "annotate", "reweight", "data_pool", "build_pool", "reference", "train",
@@ -270,6 +275,15 @@ class RunConfig(Section):
                 self.evaluate.generation = self.sample.model_copy(update={"n": 1, "split": "heldout"})
             if self.evaluate.annotate is None and "annotate" in self.stages:
                 self.evaluate.annotate = self.annotate.model_copy()
+        ev = self.evaluate
+        if ev.controllability and ev.controls is None:
+            if self.build_pool.kind == "quark":
+                ev.controls = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
+            elif self.build_pool.kind == "nlf":
+                ev.controls = list(self.build_pool.feedback_phrases)
+        if ev.controllability and (ev.generation is None or ev.generation.conditioning == "none" or not ev.controls):
+            raise ValueError("evaluate.controllability needs conditioned sampling (sample.conditioning) and "
+                             "controls (a quark or nlf build_pool, or evaluate.controls)")
         return self
 
     def section(self, stage: str) -> Section:

@@ -17,6 +17,7 @@ from stages.services.annotation import mean_known, run_steps
 from stages.config import EvaluateConfig, TrainConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
+from stages.services import sample_metrics as M
 from stages.services.generation import generate_hf
 from stages.services.models import load_model_for, load_tokenizer, resolve_model
 from stages.services.scoring import sequence_logps
@@ -43,17 +44,56 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     metrics = {}
     if cfg.compare_base and ctx.round == 0 and steps:
+        # The base policy on the same prompts with the same sampling seeds: a paired comparison.
         base_path = resolve_model(train_cfg.model, "train.model")
         base = [g[0] for g in generate_hf(base_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
         base_scores, _ = run_steps(steps, texts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
-        metrics["base_mean_reward"] = mean_known(base_scores)
-    metrics |= {"mean_reward": mean_known(scores),
-               "kl_to_reference": sum(r["kl"] for r in rows) / len(rows),
-               "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
-               "truncated_fraction": sum(r["truncated"] for r in rows) / len(rows), "prompts": len(rows),
-               "examples": [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]}
-                            for r in rows[: cfg.samples_to_show]]}
+        metrics |= with_interval("base_mean_reward", base_scores, ctx.seed)
+        gain = M.paired_ci(scores, base_scores, ctx.seed)
+        if gain:
+            metrics["reward_gain_ci_low"], metrics["reward_gain_ci_high"] = gain
+    kls = [r["kl"] for r in rows]
+    metrics |= {**with_interval("mean_reward", scores, ctx.seed),
+                **{f"reward_{k}": v for k, v in M.quantiles(scores).items()},
+                **with_interval("kl_to_reference", kls, ctx.seed),
+                "perplexity": M.perplexity(ref, [r["completion_tokens"] for r in rows]),
+                **{f"distinct_{n}": M.distinct_n([r["completion_ids"] for r in rows], n) for n in (1, 2, 3)},
+                "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
+                "truncated_fraction": sum(r["truncated"] for r in rows) / len(rows), "prompts": len(rows),
+                "examples": [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]}
+                             for r in rows[: cfg.samples_to_show]]}
+    if cfg.controllability:
+        metrics |= controllability(ctx, cfg, model_path, texts[: cfg.controllability_prompts], steps)
     return rows, metrics
+
+
+def with_interval(name: str, values: list, seed: int) -> dict:
+    """{name: mean, name_ci_low, name_ci_high}: the bootstrap 95% interval over prompts."""
+    out = {name: mean_known(values)}
+    ci = M.bootstrap_ci(values, seed)
+    if ci:
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = ci
+    return out
+
+
+def controllability(ctx, cfg: EvaluateConfig, model_path, texts: list[str], steps) -> dict:
+    """The mean reward of samples drawn with each control (best first): a controllable policy's
+    rewards fall in that order, which `controllability` (the rank correlation) measures: 1 is
+    perfectly ordered, 0 no control."""
+    key = "control_token" if cfg.generation.conditioning == "quark_best" else "feedback"
+    means = []
+    for c in cfg.controls:
+        gen_cfg = cfg.generation.model_copy(update={"n": 1, key: c})
+        samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
+        scores, _ = run_steps(steps, texts, [g["completion"] for g in samples], "evaluate.annotate", feedback=False)
+        means.append(mean_known(scores))
+    out = {f"reward_with_control_{k}": m for k, m in enumerate(means)}
+    known = [(k, m) for k, m in enumerate(means) if m is not None]
+    rho = M.spearman([-k for k, _ in known], [m for _, m in known])
+    out["controllability"] = rho
+    ctx.log.info("evaluate: reward by control (best first) %s; rank correlation %s",
+                 ", ".join("-" if m is None else f"{m:.3f}" for m in means), "-" if rho is None else f"{rho:.2f}")
+    return out
 
 
 def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: list[dict]) -> tuple[pa.Table, dict]:
@@ -76,7 +116,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="3", inputs=("build_pool", "reference", "train", "load_prompts@0"))
+@stage("evaluate", version="4", inputs=("build_pool", "reference", "train", "load_prompts@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")

@@ -94,6 +94,11 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
 
     vocab = AutoTokenizer.from_pretrained(art / "smoke_online_quark/round-0/train/model").get_vocab()
     assert all(f"<|quark_{k}|>" in vocab for k in range(5))
+    # Evaluate reports what the papers do, with intervals, and the reward under each token.
+    metrics = manifest(art, "smoke_online_quark", 1, "evaluate")["metrics"]
+    assert metrics["mean_reward_ci_low"] <= metrics["mean_reward"] <= metrics["mean_reward_ci_high"]
+    assert {"perplexity", "distinct_1", "distinct_2", "distinct_3", "reward_p50", "kl_to_reference_ci_low"} <= set(metrics)
+    assert all(f"reward_with_control_{k}" in metrics for k in range(5)) and "controllability" in metrics
 
 
 def test_nlf_rounds_keep_half_the_old_pool_and_condition_on_the_best_phrase(tmp_path):
