@@ -22,10 +22,11 @@ setup: $(STAMP)
 	$(ALIGN) models prepare
 	$(ALIGN) data prepare
 
+# The reward model, then two online DPO rounds that use it, then their per-round report.
 demo: setup
 	$(ALIGN) run configs/reward_movies.yaml
-	$(ALIGN) run configs/sft_movies.yaml
-	$(ALIGN) inspect artifacts
+	$(ALIGN) run configs/demo.yaml
+	$(ALIGN) report demo
 
 test: setup
 	$(PY) -m pytest

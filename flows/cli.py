@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stages.pipeline.errors import BadInput
+from stages.pipeline.paths import default_artifact_root
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Alignment workbench: restartable Prefect stages with Parquet artifacts.")
@@ -159,6 +160,41 @@ def inspect(directory: str = typer.Argument(..., help="An experiment folder, or 
                 status = f"[red]corrupt: {problem}[/]" if problem else "[green]complete[/]"
                 table.add_row(str(k), st, status, str(m["rows"]), m["fingerprint"], f"{m['wall_seconds']:.1f}", m["finished"])
         console.print(table)
+
+
+@app.command()
+def report(
+    experiments: list[str] = typer.Argument(..., help="Experiment names under the artifact root."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL); default ./artifacts."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the reward-vs-KL picture (PNG); default "
+                                                  "<artifacts>/report-<experiments>.png."),
+):
+    """Every round's metrics of the experiments side by side, and one reward-vs-KL picture of them all."""
+    from stages.pipeline.report import COLUMNS, reward_vs_kl_png, rounds_table, with_interval, fmt
+    from stages.pipeline.store import ArtifactStore
+
+    root = artifacts or default_artifact_root()
+    store = ArtifactStore(root)
+    series = {}
+    for exp in experiments:
+        rows = rounds_table(store, exp)
+        if not rows:
+            raise BadInput(f"report: experiment {exp} has no evaluated round under {root}")
+        series[exp] = rows
+    table = Table(title="held-out metrics per round (95% intervals over prompts)")
+    for col in ("experiment", "round", *(h for _, h in COLUMNS)):
+        table.add_column(col)
+    for exp, rows in series.items():
+        base = next((r for r in rows if r.get("base_mean_reward") is not None), None)
+        if base:
+            table.add_row(exp, "base", with_interval(base, "base_mean_reward"), "0", *["" for _ in COLUMNS[2:]])
+        for r in rows:
+            table.add_row(exp, str(r["round"]), with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference"),
+                          *(fmt(r.get(m)) for m, _ in COLUMNS[2:]))
+    console.print(table)
+    target = out or Path(root) / f"report-{'-'.join(experiments)}.png"
+    store.fs.pipe_file(str(target), reward_vs_kl_png(series))
+    console.print(f"reward vs KL: {target}")
 
 
 @models_app.command("prepare")

@@ -36,7 +36,7 @@ from stages.config import RunConfig
 from stages.pipeline.errors import BadInput
 from stages.pipeline.lock import experiment_lock
 from stages.pipeline.plan import Plan, plan_run
-from stages.pipeline.runner import run_stage, stages_of_round
+from stages.pipeline.runner import report_round, run_stage, stages_of_round
 from stages.pipeline.store import ArtifactStore
 
 logging.getLogger("align").setLevel(logging.INFO)  # Prefect attaches its handlers (PREFECT_LOGGING_EXTRA_LOGGERS)
@@ -180,6 +180,7 @@ def run_rounds(plan: Plan, store: ArtifactStore, total: int, attempt: Attempt) -
                 result = run(cfg, stage, k, plan.root, force, fail)
                 results.append(result.result() if isinstance(result, State) else result)  # Skipped: a State
                 failed = None
+            report_round(store, cfg, k)
             ui_artifacts.round_artifacts(store, cfg.experiment, k, stages_of_round(cfg, k), cfg.evaluate.samples_to_show)
     finally:
         ui_artifacts.run_artifact(cfg.experiment, results, failed)

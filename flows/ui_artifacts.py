@@ -92,6 +92,9 @@ def round_artifacts(store: ArtifactStore, experiment: str, round_: int, stages: 
         title, rows = sample_rows(store, present, manifests, shown)
         if rows:
             _create("table", artifact_key(experiment, "samples"), rows, f"round {round_}: {title}")
+        if "evaluate" in manifests:
+            _create("markdown", artifact_key(experiment, "report"), report_markdown(store, experiment, round_),
+                    f"round {round_} report")
     except Exception as e:
         log.warning("round %d artifacts not created: %s: %s", round_, type(e).__name__, e)
 
@@ -160,6 +163,16 @@ def sample_rows(store: ArtifactStore, paths: dict[str, str], manifests: dict[str
                 for i, p, g, s in zip(c["prompt_id"], c["prompt"], c["generation1"], c["split"]) if s == "heldout"]
         return "held-out records (this flow generates nothing) with the trained model's NLL", rows[:shown]
     return "", []
+
+
+def report_markdown(store: ArtifactStore, experiment: str, round_: int) -> str:
+    """The round's report (stages/pipeline/report.py) with its pictures inlined, for the UI."""
+    from stages.pipeline.report import round_report
+
+    text, pictures = round_report(store, experiment, round_)
+    for name, data in pictures.items():
+        text = text.replace(f"({name})", f"(data:image/png;base64,{base64.b64encode(data).decode()})")
+    return text
 
 
 # -- the histogram ---------------------------------------------------------------------------------

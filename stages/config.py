@@ -157,6 +157,10 @@ class TrainBase(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     # Recompute each layer's activations in the backward pass: less memory, roughly 15-30% slower.
     gradient_checkpointing: bool = False
+    # Experiment trackers (accelerate's) that also get every step's metrics; off by default.
+    # TensorBoard writes under the train artifact's tracking/; the others log where their own
+    # settings say (MLFLOW_TRACKING_URI, WANDB_MODE, ...).
+    log_with: list[Literal["tensorboard", "trackio", "mlflow", "wandb"]] = []
     # Llama-style SwiGLU MLPs and RMSNorms that recompute cheap elementwise intermediates in the
     # backward pass instead of saving them, and (on CPU) sdpa's own GQA instead of expanded KV
     # copies: about 40% less activation memory, same numbers (stages/training/lean_layers.py).

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from stages.services.annotation import mean_known, run_steps
+from stages.services.annotation import Steps, mean_known
 from stages.config import EvaluateConfig, TrainConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
@@ -33,21 +33,21 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         raise BadInput("evaluate: no held-out prompts (raise load_prompts.heldout_fraction)")
     gen_cfg = cfg.generation.model_copy(update={"n": 1})
     texts = [r["prompt"] for r in prompts]
-    steps = cfg.annotate.steps if cfg.annotate else []
+    steps = Steps(cfg.annotate.steps if cfg.annotate else [])
     samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], **g} for r, g in zip(prompts, samples)]
-    scores, _ = run_steps(steps, texts, [r["completion"] for r in rows], "evaluate.annotate", feedback=False)
+    scores, _ = steps(texts, [r["completion"] for r in rows], "evaluate.annotate", feedback=False)
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
     # The reference sees the unconditioned prompt (the KL convention of Quark / NLF) and the sampled tokens.
     ref = sequence_logps(ref_path, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
     for r, sc, lr in zip(rows, scores, ref):
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     metrics = {}
-    if cfg.compare_base and ctx.round == 0 and steps:
+    if cfg.compare_base and ctx.round == 0 and steps.steps:
         # The base policy on the same prompts with the same sampling seeds: a paired comparison.
         base_path = resolve_model(train_cfg.model, "train.model")
         base = [g[0] for g in generate_hf(base_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
-        base_scores, _ = run_steps(steps, texts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
+        base_scores, _ = steps(texts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
         metrics |= with_interval("base_mean_reward", base_scores, ctx.seed)
         gain = M.paired_ci(scores, base_scores, ctx.seed)
         if gain:
@@ -85,7 +85,7 @@ def controllability(ctx, cfg: EvaluateConfig, model_path, texts: list[str], step
     for c in cfg.controls:
         gen_cfg = cfg.generation.model_copy(update={"n": 1, key: c})
         samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
-        scores, _ = run_steps(steps, texts, [g["completion"] for g in samples], "evaluate.annotate", feedback=False)
+        scores, _ = steps(texts, [g["completion"] for g in samples], "evaluate.annotate", feedback=False)
         means.append(mean_known(scores))
     out = {f"reward_with_control_{k}": m for k, m in enumerate(means)}
     known = [(k, m) for k, m in enumerate(means) if m is not None]

@@ -37,7 +37,8 @@ def run(ctx, cfg: TrainConfig) -> StageOutput:
     mode = attach_reference(objective, cfg, rows, model)
     ctx.log.info("train: %s on %d records, model %s, reference %s%s", cfg.objective, len(rows), start or cfg.model, mode,
                  f", LoRA r={cfg.lora.r}" if cfg.lora else "")
-    history = fit(model, tokenizer, objective, rows, cfg, ctx.seed, ctx.resume_dir)
+    history = fit(model, tokenizer, objective, rows, cfg, ctx.seed, ctx.resume_dir,
+                  tracking_dir=ctx.workdir / "tracking", run_name=f"{ctx.experiment}-round-{ctx.round}")
 
     if cfg.lora is not None:
         model = model.merge_and_unload()  # downstream stages load a plain model

@@ -221,5 +221,22 @@ def run_flow_locally(config: RunConfig, store: ArtifactStore, force: list[str] |
                      rounds: int | None = None) -> list[StageResult]:
     """All rounds and stages in order without Prefect (tests and `align run --no-prefect`)."""
     forced = forced_stages(config, force or [])
-    return [run_stage(config, s, k, store, force=s in forced)
-            for k in range(rounds or config.rounds) for s in stages_of_round(config, k)]
+    results = []
+    for k in range(rounds or config.rounds):
+        results += [run_stage(config, s, k, store, force=s in forced) for s in stages_of_round(config, k)]
+        report_round(store, config, k)
+    return results
+
+
+def report_round(store: ArtifactStore, config: RunConfig, round_: int) -> None:
+    """The round's report (stages/pipeline/report.py), once its evaluate is complete. A report that
+    cannot be drawn is logged, never a failed run: the artifacts it reads are all there."""
+    if "evaluate" not in config.stages:
+        return
+    from stages.pipeline.report import write_round_report
+
+    try:
+        path = write_round_report(store, config.experiment, round_)
+        log.info("report (round %d): %s", round_, path)
+    except Exception as e:  # noqa: BLE001
+        log.warning("report (round %d) not written: %s: %s", round_, type(e).__name__, e)

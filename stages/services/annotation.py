@@ -24,15 +24,29 @@ def checked_scores(values, n: int, where: str, allow_missing: bool) -> list[floa
     return out
 
 
+class Steps:
+    """Annotator steps, each built on first use and kept: a model loads once however many times
+    the steps run (evaluate scores the trained policy, the base policy and every control)."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+        self._built: dict[int, object] = {}
+
+    def __call__(self, prompts: list[str], completions: list[str], where: str, log=None,
+                 feedback: bool = True) -> tuple[list[float | None], list[str | None]]:
+        return run_steps(self.steps, prompts, completions, where, log, feedback, self._built)
+
+
 def run_steps(steps, prompts: list[str], completions: list[str], where: str, log=None,
-              feedback: bool = True) -> tuple[list[float | None], list[str | None]]:
+              feedback: bool = True, built: dict | None = None) -> tuple[list[float | None], list[str | None]]:
     """Scores and feedback from the steps in order: a later scoring step replaces the scores, a
     step that only writes feedback (template_feedback) words the scores so far. An annotator that
     raises, or returns NaN or the wrong number of scores, is a one-line BadInput naming the step.
-    feedback=False skips the steps that only write feedback."""
+    feedback=False skips the steps that only write feedback. `built` keeps annotators between calls."""
     n = len(prompts)
     score: list = [None] * n
     words: list = [None] * n
+    built = {} if built is None else built
     for i, step in enumerate(steps):
         cls = ANNOTATORS[step.kind]
         if not (cls.scores or feedback):
@@ -41,7 +55,9 @@ def run_steps(steps, prompts: list[str], completions: list[str], where: str, log
         if log:
             log.info("%s: %s on %d samples", where, step.kind, n)
         try:
-            out = cls(step)(prompts, completions, scores=score)
+            if i not in built:
+                built[i] = cls(step)
+            out = built[i](prompts, completions, scores=score)
         except BadInput as e:
             raise BadInput(str(e) if str(e).startswith(where) else f"{name}: {e}") from e
         except Exception as e:

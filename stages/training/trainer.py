@@ -56,9 +56,17 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, grou
     return [batches[i] for i in perm]
 
 
-def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int, resume_dir: Path) -> list[dict]:
-    """Train `model` in place on `rows`; returns one metrics dict per optimizer step."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int, resume_dir: Path,
+        tracking_dir: Path | None = None, run_name: str = "train") -> list[dict]:
+    """Train `model` in place on `rows`; returns one metrics dict per optimizer step. With
+    `cfg.log_with` the steps also go to those experiment trackers (accelerate's), files under
+    `tracking_dir` for the ones that write files (TensorBoard)."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=list(cfg.log_with) or None,
+                              project_dir=str(tracking_dir) if tracking_dir and cfg.log_with else None)
+    if cfg.log_with:
+        accelerator.init_trackers(run_name, config={k: v for k, v in cfg.model_dump(mode="json").items()
+                                                    if isinstance(v, (int, float, str, bool))})
     torch.manual_seed(seed)
     if accelerator.device.type == "cpu" and allocator.current() != "jemalloc":
         log.info("train: running on the system malloc; with jemalloc (apt-get install libjemalloc2) `align` "
@@ -122,6 +130,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             row = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": scheduler.get_last_lr()[0],
                    "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / dt if dt else None, **sums}
             history.append(row)
+            if cfg.log_with:
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_total:.4f}")
             if step % max(1, total // 10) == 0 or step == total:  # the bar is hidden when not on a terminal
@@ -129,4 +139,6 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             if step % cfg.checkpoint_every == 0 and step < total:
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history})
     bar.close()
+    if cfg.log_with:
+        accelerator.end_training()
     return history

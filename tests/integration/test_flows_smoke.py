@@ -84,3 +84,20 @@ def test_evaluate_says_its_result_in_words(tmp_path, caplog):
     run_flow_locally(load_config(ROOT / "configs" / "smoke.yaml"), ArtifactStore(str(tmp_path)))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate: held-out"))
     assert re.fullmatch(r"evaluate: held-out NLL per token \d+\.\d{4} \(base model \d+\.\d{4}\)", line)
+
+
+def test_training_metrics_go_to_an_experiment_tracker_when_asked(tmp_path):
+    """train.log_with: accelerate's trackers; TensorBoard's event file lands in the train artifact."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", ["stages=[load_prompts, build_pool, train]",
+                                                        "train.log_with=[tensorboard]"])
+    run_flow_locally(cfg, ArtifactStore(str(tmp_path)))
+    train = tmp_path / "smoke/round-0/train"
+    events = list((train / "tracking").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file in the train artifact"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    history = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
+    logged = [e.value for e in acc.Scalars("loss")]
+    assert logged == pytest.approx([h["loss"] for h in history], rel=1e-6)

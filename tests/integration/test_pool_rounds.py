@@ -99,6 +99,26 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
     assert metrics["mean_reward_ci_low"] <= metrics["mean_reward"] <= metrics["mean_reward_ci_high"]
     assert {"perplexity", "distinct_1", "distinct_2", "distinct_3", "reward_p50", "kl_to_reference_ci_low"} <= set(metrics)
     assert all(f"reward_with_control_{k}" in metrics for k in range(5)) and "controllability" in metrics
+    # Each round's report: the per-round table with intervals, the pictures, a dozen samples.
+    report = (art / "smoke_online_quark/round-1/report.md").read_text()
+    assert "| round | reward |" in report and "| 1 | " in report and "Data pool: 96 samples" in report
+    for name in ("report-reward-vs-kl.png", "report-rewards.png", "report-controls.png"):
+        assert f"]({name})" in report and (art / "smoke_online_quark/round-1" / name).read_bytes()[:4] == b"\x89PNG"
+    assert (art / "smoke_online_quark/round-0/report.md").exists()
+    shown = align("report", "smoke_online_quark", "--artifacts", art, env={"COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "smoke_online_quark" in shown.stdout and (art / "report-smoke_online_quark.png").read_bytes()[:4] == b"\x89PNG"
+    missing = align("report", "no_such_experiment", "--artifacts", art)
+    assert missing.returncode == 2 and "no_such_experiment has no evaluated round" in missing.stderr
+
+    # README's DuckDB query over every round's pool, as printed there, on these artifacts.
+    import duckdb
+
+    readme = (ROOT / "README.md").read_text()
+    sql = readme.split('duckdb.sql("""', 1)[1].split('""")', 1)[0]
+    got = duckdb.sql(sql.replace("artifacts/quark_movies", str(art / "smoke_online_quark"))).fetchall()
+    n0 = len(rows(art, "smoke_online_quark", 0, "data_pool"))
+    assert [(g[0], g[1], g[2]) for g in got] == [("0", 0, n0), ("1", 0, n0), ("1", 1, n0)]
 
 
 def test_nlf_rounds_keep_half_the_old_pool_and_condition_on_the_best_phrase(tmp_path):

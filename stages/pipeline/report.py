@@ -1,0 +1,192 @@
+"""Reports of an experiment's rounds, read from what is on disk (manifests and evaluate's table), so
+any round can be re-reported and experiments compared:
+
+    <root>/<experiment>/round-<k>/report.md          the round's tables, pictures and samples
+    <root>/<experiment>/round-<k>/report-*.png       reward distribution per round, reward vs KL,
+                                                     reward per quantile (matplotlib)
+
+`align report EXP ...` prints every round's metrics side by side and draws one reward-vs-KL picture
+of all the experiments given, round by round (the comparison of the DPO paper).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+from stages.pipeline.store import ArtifactStore
+
+COLUMNS = (  # (metric, heading) of the per-round table
+    ("mean_reward", "reward"), ("kl_to_reference", "KL"), ("perplexity", "ppl (ref)"),
+    ("distinct_2", "distinct-2"), ("mean_completion_tokens", "tokens"), ("truncated_fraction", "truncated"),
+    ("controllability", "control"),
+)
+
+
+def _manifest(store: ArtifactStore, experiment: str, round_: int, stage: str) -> dict | None:
+    m = store.read_manifest(store.stage_dir(experiment, round_, stage))
+    return m if isinstance(m, dict) else None
+
+
+def rounds_table(store: ArtifactStore, experiment: str, upto: int | None = None) -> list[dict]:
+    """One row per round with an evaluate artifact: its metrics, plus the data pool's where there is one."""
+    rows = []
+    for k in store.rounds(experiment):
+        if upto is not None and k > upto:
+            break
+        ev = _manifest(store, experiment, k, "evaluate")
+        if ev is None:
+            continue
+        pool = _manifest(store, experiment, k, "data_pool") or {}
+        rows.append({"round": k, **{f"pool_{n}": v for n, v in pool.get("metrics", {}).items()}, **ev.get("metrics", {})})
+    return rows
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def with_interval(row: dict, name: str) -> str:
+    lo, hi = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    value = fmt(row.get(name))
+    return f"{value} [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else value
+
+
+def _figure(width=5.2, height=3.2):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    ax = fig.subplots()
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.tick_params(labelsize=8)
+    return fig, ax
+
+
+def _png(fig) -> bytes:
+    fig.tight_layout(pad=0.5)
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def reward_vs_kl_png(series: dict[str, list[dict]]) -> bytes:
+    """Mean held-out reward (with its 95% interval) against KL to the reference, a line per
+    experiment through its rounds; each starts at the base policy (KL 0) where it was measured."""
+    fig, ax = _figure()
+    for name, rows in series.items():
+        pts = [(r.get("kl_to_reference"), r.get("mean_reward"), r.get("mean_reward_ci_low"), r.get("mean_reward_ci_high"),
+                str(r["round"])) for r in rows if r.get("mean_reward") is not None and r.get("kl_to_reference") is not None]
+        base = next((r for r in rows if r.get("base_mean_reward") is not None), None)
+        if base:
+            pts.insert(0, (0.0, base["base_mean_reward"], base.get("base_mean_reward_ci_low"),
+                           base.get("base_mean_reward_ci_high"), "base"))
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        err = [[y - (p[2] if p[2] is not None else y) for y, p in zip(ys, pts)],
+               [(p[3] if p[3] is not None else y) - y for y, p in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, capsize=2, lw=1.2, label=name)
+        for x, y, p in zip(xs, ys, pts):
+            ax.annotate(p[4], (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6)
+    ax.set_xlabel("KL to the reference (nats per sample)", fontsize=8)
+    ax.set_ylabel("mean held-out reward (95% CI)", fontsize=8)
+    if series:
+        ax.legend(fontsize=7, frameon=False)
+    return _png(fig)
+
+
+def rewards_png(store: ArtifactStore, experiment: str, rounds: list[int]) -> bytes | None:
+    """Box plots of the held-out rewards of each round's policy."""
+    data, labels = [], []
+    for k in rounds:
+        path = store.stage_dir(experiment, k, "evaluate")
+        try:
+            table = store.read_table(path)
+        except (FileNotFoundError, OSError):
+            continue
+        if "score" not in table.column_names:
+            continue
+        values = [v for v in table.column("score").to_pylist() if v is not None]
+        if values:
+            data.append(values)
+            labels.append(f"round {k}")
+    if not data:
+        return None
+    fig, ax = _figure()
+    ax.boxplot(data, tick_labels=labels, showmeans=True)
+    ax.set_ylabel("held-out reward", fontsize=8)
+    return _png(fig)
+
+
+def per_quantile_png(rows: list[dict]) -> bytes | None:
+    """Reward under each control (best first) per round: a controllable policy's bars fall."""
+    ks = sorted({int(n.rsplit("_", 1)[1]) for r in rows for n in r if n.startswith("reward_with_control_")})
+    if not ks:
+        return None
+    fig, ax = _figure()
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        ys = [r.get(f"reward_with_control_{k}") for k in ks]
+        ax.bar([k + i * width for k in ks], [y if y is not None else 0 for y in ys], width, label=f"round {r['round']}")
+    ax.set_xticks([k + 0.4 - width / 2 for k in ks], [str(k) for k in ks])
+    ax.set_xlabel("control (0 = best quantile / feedback)", fontsize=8)
+    ax.set_ylabel("mean reward of its samples", fontsize=8)
+    ax.legend(fontsize=7, frameon=False)
+    return _png(fig)
+
+
+def round_report(store: ArtifactStore, experiment: str, round_: int) -> tuple[str, dict[str, bytes]]:
+    """(markdown, {file name: PNG bytes}) for round `round_`, covering rounds 0..round_."""
+    rows = rounds_table(store, experiment, upto=round_)
+    pictures: dict[str, bytes] = {}
+    lines = [f"# {experiment}, round {round_}", ""]
+    if rows:
+        lines += ["| round | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for r in rows:
+            cells = [with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference")]
+            cells += [fmt(r.get(m)) for m, _ in COLUMNS[2:]]
+            lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+        base = next((r for r in rows if r.get("base_mean_reward") is not None), None)
+        if base:
+            lines += ["", f"Base policy on the same prompts and seeds: reward {with_interval(base, 'base_mean_reward')}; "
+                          f"round {base['round']}'s gain over it [{fmt(base.get('reward_gain_ci_low'))}, "
+                          f"{fmt(base.get('reward_gain_ci_high'))}] (95% CI, paired)."]
+        pool = rows[-1]
+        if "pool_pool_samples" in pool:
+            lines += ["", f"Data pool: {pool['pool_pool_samples']} samples ({pool.get('pool_new_samples')} new, oldest "
+                          f"from round {pool.get('pool_oldest_round')}), {pool.get('pool_drawn')} drawn for training."]
+        pictures["report-reward-vs-kl.png"] = reward_vs_kl_png({experiment: rows})
+    if (png := rewards_png(store, experiment, [r["round"] for r in rows])) is not None:
+        pictures["report-rewards.png"] = png
+    if (png := per_quantile_png(rows)) is not None:
+        pictures["report-controls.png"] = png
+    for name in pictures:
+        lines += ["", f"![{name[7:-4]}]({name})"]
+    examples = _examples(store, experiment, round_)
+    if examples:
+        lines += ["", "## Samples of this round's policy (held out)", "", "| prompt | completion | reward |", "|---|---|---|"]
+        clean = lambda s: (s or "").replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        lines += [f"| {clean(e['prompt'])} | {clean(e['completion'])} | {fmt(e.get('score'))} |" for e in examples]
+    return "\n".join(lines) + "\n", pictures
+
+
+def _examples(store: ArtifactStore, experiment: str, round_: int, n: int = 12) -> list[dict]:
+    try:
+        table = store.read_table(store.stage_dir(experiment, round_, "evaluate"))
+    except (FileNotFoundError, OSError):
+        return []
+    if not {"prompt", "completion"} <= set(table.column_names):
+        return []
+    return table.slice(0, n).select([c for c in ("prompt", "completion", "score") if c in table.column_names]).to_pylist()
+
+
+def write_round_report(store: ArtifactStore, experiment: str, round_: int) -> str:
+    """Write round_report's files into the round's folder; returns the markdown's path."""
+    text, pictures = round_report(store, experiment, round_)
+    base = f"{store.experiment_dir(experiment)}/round-{round_}"
+    for name, data in pictures.items():
+        store.fs.pipe_file(f"{base}/{name}", data)
+    store.fs.pipe_file(f"{base}/report.md", text.encode())
+    return f"{base}/report.md"
