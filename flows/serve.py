@@ -93,7 +93,7 @@ def build_deployments(configs: list[Path], artifacts: str | None = None, schedul
     seen: set[str] = set(GENERIC)
     for path in configs:
         config = load_config(path)
-        preflight(config)
+        preflight(config, artifacts)  # the refs resolve under the root the deployments run against
         name = config.experiment
         if name in seen:
             raise BadInput(f"{path}: experiment {name} is deployed twice (give each config its own experiment)")

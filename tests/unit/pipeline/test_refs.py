@@ -44,3 +44,20 @@ def test_the_default_reward_model_lives_under_the_runs_root(tmp_path):
     assert results["annotate"].status == "ran"
     manifest = json.loads((tmp_path / "smoke_online_dpo/round-0/annotate/manifest.json").read_text())
     assert manifest["config"]["steps"][0]["model"] == f"{tmp_path}/reward_movies/round-0/train/model"
+
+
+@needs_prepared
+def test_serve_checks_references_under_the_root_it_deploys_against(tmp_path):
+    """`align serve --artifacts ROOT` registers a config whose reference exists only under ROOT
+    (it used to check them under ./artifacts and refuse)."""
+    from flows.serve import build_deployments
+
+    run_flow_locally(load_config(ROOT / "configs/smoke.yaml", ["stages=[load_prompts]"], experiment="first"),
+                     ArtifactStore(str(tmp_path / "root")))
+    cfg = tmp_path / "second.yaml"
+    cfg.write_text("extends: " + str(ROOT / "configs/smoke.yaml") + "\nexperiment: second\n"
+                   "load_prompts: {source: {experiment: first, stage: load_prompts}}\n")
+    names = [d.name for d in build_deployments([cfg], artifacts=str(tmp_path / "root"))]
+    assert "second" in names
+    with pytest.raises(BadInput, match="first round 0 load_prompts under"):
+        build_deployments([cfg], artifacts=str(tmp_path / "elsewhere"))

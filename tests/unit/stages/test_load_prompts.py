@@ -115,8 +115,9 @@ def test_hub_source_is_refused_offline(tmp_path, monkeypatch):
         run_stage(config("stanfordnlp/imdb"), "load_prompts", 0, ArtifactStore(str(tmp_path)))
 
 
-def test_tldr_config_loader_on_a_local_file_of_its_schema(tmp_path):
-    """nlf_tldr.yaml reads trl-lib/tldr from the hub; the same mapping works on a local file."""
+@pytest.mark.parametrize("name", ["nlf_tldr", "quark_tldr"])
+def test_tldr_config_loader_on_a_local_file_of_its_schema(tmp_path, name):
+    """nlf_tldr.yaml and quark_tldr.yaml read trl-lib/tldr from the hub; the same mapping works on a local file."""
     from stages.config import load_config
     from stages.pipeline.paths import PROJECT_ROOT
 
@@ -125,10 +126,10 @@ def test_tldr_config_loader_on_a_local_file_of_its_schema(tmp_path):
              for i in range(30)]
     path = tmp_path / "tldr.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in posts))
-    cfg = load_config(PROJECT_ROOT / "configs/nlf_tldr.yaml", [f"load_prompts.source={path}", "stages=[load_prompts]"])
+    cfg = load_config(PROJECT_ROOT / f"configs/{name}.yaml", [f"load_prompts.source={path}", "stages=[load_prompts]"])
     store = ArtifactStore(str(tmp_path / "a"))
     run_stage(cfg, "load_prompts", 0, store)
-    rows = store.read_table(store.stage_dir("nlf_tldr", 0, "load_prompts")).to_pylist()
+    rows = store.read_table(store.stage_dir(name, 0, "load_prompts")).to_pylist()
     assert len(rows) == 30 and all(r["prompt"].endswith("TL;DR:") and r["completion"] == f" film {r['prompt'].split()[4]} stuck with me" for r in rows)
 
 
