@@ -56,6 +56,10 @@ class SampleConfig(Section):
     # has never seen a reward token or feedback (Quark's and NLF's initial pool). Evaluate always
     # conditions (it samples the trained policy).
     conditioning_from_round: int = Field(1, ge=0)
+    # Tokens the policy may condition on but never writes (Quark's control tokens, as Quark's own
+    # sampler bans them): filled from train.quark. The base vocabulary lacks them, so a sampled one
+    # could not even be scored by the reference.
+    suppress_tokens: list[str] = []
     control_token: str = "<|quark_0|>"
     feedback: str = "Excellent."
     feedback_template: str = "feedback: {feedback} input: {prompt}"
@@ -270,6 +274,8 @@ class RunConfig(Section):
         quark = getattr(self.train, "quark", None)
         if self.build_pool.kind == "quark" and quark is not None and not quark.control_tokens:
             quark.control_tokens = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
+        if self.train.objective == "quark" and not self.sample.suppress_tokens:
+            self.sample.suppress_tokens = list(self.train.quark.control_tokens)
         if self.data_pool.quantiles is None:
             self.data_pool.quantiles = self.build_pool.quantiles
         if self.data_pool.quantile_scope is None:
@@ -280,6 +286,8 @@ class RunConfig(Section):
             if self.evaluate.annotate is None and "annotate" in self.stages:
                 self.evaluate.annotate = self.annotate.model_copy()
         ev = self.evaluate
+        if self.train.objective == "quark" and ev.generation is not None and not ev.generation.suppress_tokens:
+            ev.generation.suppress_tokens = list(self.train.quark.control_tokens)
         if ev.controllability and ev.controls is None:
             if self.build_pool.kind == "quark":
                 ev.controls = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]

@@ -80,6 +80,8 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
     parts = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     encoded = [prefix + prompt for prefix, prompt in parts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    vocab = tokenizer.get_vocab()
+    banned = sorted({vocab[t] for t in cfg.suppress_tokens if t in vocab}) or None  # not yet added: nothing to ban
     per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
     out: list[list[dict]] = [[] for _ in prompts]
     torch.manual_seed(seed)
@@ -95,7 +97,7 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
             gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True,
                                  temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                  num_return_sequences=cfg.n, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                 logits_processor=LogitsProcessorList([recorder]))
+                                 suppress_tokens=banned, logits_processor=LogitsProcessorList([recorder]))
         token_logps = recorder.finish(gen)
         rows = gen[:, width:].tolist()
         for j, generated in enumerate(rows):
@@ -129,7 +131,7 @@ def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -
                        "or use backend: hf") from None
     llm = vllm.LLM(model=str(path), seed=seed)
     params = vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                 seed=seed, logprobs=0)
+                                 seed=seed, logprobs=0, bad_words=list(cfg.suppress_tokens) or None)
     parts = [encode_prompt(llm.get_tokenizer(), p, cfg) for p in prompts]  # the same token rules as hf
     out = []
     for (prefix, prompt), result in zip(parts, llm.generate([{"prompt_token_ids": a + b} for a, b in parts], params)):

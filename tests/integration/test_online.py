@@ -2,6 +2,7 @@
 annotators failing cleanly."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -179,3 +180,28 @@ def test_recorded_policy_logprob_equals_teacher_forced_pass():
         with torch.no_grad():
             want = completion_token_logps(model, **batch)[0][0, len(prompt) - 1:]
         torch.testing.assert_close(got[j], want, atol=1e-4, rtol=0)
+
+
+@needs_prepared
+def test_suppressed_tokens_are_never_sampled():
+    """sample.suppress_tokens (Quark's control tokens): the policy conditions on them, never writes them."""
+    from stages.config import SampleConfig
+    from stages.services.generation import generate_hf
+    from stages.services.models import load_tokenizer, resolve_model
+
+    path = resolve_model("tiny-llama")
+    tok = load_tokenizer(path)
+    banned = [t for t, i in tok.get_vocab().items() if i % 2 == 0 and i != tok.eos_token_id]
+    cfg = SampleConfig(n=4, max_new_tokens=12, batch_size=16, suppress_tokens=banned)
+    out = generate_hf(path, ["The movie was", "I thought the plot"], cfg, seed=0, log=logging.getLogger("t"))
+    ids = [i for gens in out for g in gens for i in g["completion_ids"]]
+    assert len(ids) > 40 and all(i % 2 == 1 or i == tok.eos_token_id for i in ids)
+
+
+@needs_prepared
+def test_scoring_a_token_the_model_lacks_names_it():
+    from stages.services.models import resolve_model
+    from stages.services.scoring import sequence_logps
+
+    with pytest.raises(ValueError, match=r"token id 49160 is outside the model's vocabulary of 49152"):
+        sequence_logps(resolve_model("tiny-llama"), [[1, 2, 3]], [[5, 49160]])
