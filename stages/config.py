@@ -293,7 +293,8 @@ class RunConfig(Section):
                 ev.controls = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
             elif self.build_pool.kind == "nlf":
                 ev.controls = list(self.build_pool.feedback_phrases)
-        if ev.controllability and (ev.generation is None or ev.generation.conditioning == "none" or not ev.controls):
+        if ev.controllability and "evaluate" in self.stages and (
+                ev.generation is None or ev.generation.conditioning == "none" or not ev.controls):
             raise ValueError("evaluate.controllability needs conditioned sampling (sample.conditioning) and "
                              "controls (a quark or nlf build_pool, or evaluate.controls)")
         return self

@@ -277,7 +277,8 @@ def test_round_artifacts_from_disk(tmp_path, monkeypatch):
     _write(tmp_path, "exp", 1, "evaluate", rows[:4], {"mean_reward": 0.2, "examples": [{"prompt": "x"}]})
     ui.round_artifacts(ArtifactStore(str(tmp_path)), "exp", 1, ["sample", "annotate", "train", "evaluate"], shown=3)
     kinds = {key: (kind, payload) for kind, key, payload in made}
-    assert set(kinds) == {"exp-metrics", "exp-rewards", "exp-samples"}
+    assert set(kinds) == {"exp-metrics", "exp-rewards", "exp-samples", "exp-report"}
+    assert kinds["exp-report"][1].startswith("# exp, round 1") and "data:image/png;base64," in kinds["exp-report"][1]
     metrics = kinds["exp-metrics"][1]
     assert metrics[0] == {"round": 1, "stage": "evaluate", "metric": "mean_reward", "value": 0.2}
     assert {"round": 1, "stage": "annotate", "metric": "mean_score", "value": 0.55} in metrics
