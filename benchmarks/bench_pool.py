@@ -191,7 +191,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     print("\n| pooled samples | ours (s) | dict pool (s) | speed-up | ours peak RSS | dict peak RSS |\n|---|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['samples']:,} | {t['ours_s']:.2f} | {t['dict_s']:.2f} | {t['speedup']:.0f}x | "
+        print(f"| {t['samples']:,} | {t['ours_s']:.2f} | {t['dict_s']:.2f} | {t['speedup']:.1f}x | "
               f"{t['ours_rss_mb']:.0f} MB | {t['dict_rss_mb']:.0f} MB |")
     print(f"load after: {load()}")
 
