@@ -271,9 +271,10 @@ class RunConfig(Section):
             ref.max_prompt_length = self.train.max_prompt_length
         if self.sample.model is None:
             self.sample.model = self.train.model
+        quark_tokens = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
         quark = getattr(self.train, "quark", None)
         if self.build_pool.kind == "quark" and quark is not None and not quark.control_tokens:
-            quark.control_tokens = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
+            quark.control_tokens = quark_tokens
         if self.train.objective == "quark" and not self.sample.suppress_tokens:
             self.sample.suppress_tokens = list(self.train.quark.control_tokens)
         if self.data_pool.quantiles is None:
@@ -290,7 +291,7 @@ class RunConfig(Section):
             ev.generation.suppress_tokens = list(self.train.quark.control_tokens)
         if ev.controllability and ev.controls is None:
             if self.build_pool.kind == "quark":
-                ev.controls = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
+                ev.controls = list(quark_tokens)
             elif self.build_pool.kind == "nlf":
                 ev.controls = list(self.build_pool.feedback_phrases)
         if ev.controllability and "evaluate" in self.stages and (
