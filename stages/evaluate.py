@@ -44,9 +44,12 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     metrics = {}
     if cfg.compare_base and ctx.round == 0 and steps.steps:
-        # The base policy on the same prompts with the same sampling seeds: a paired comparison.
+        # The plain base policy on the same prompts with the same sampling seeds: a paired comparison,
+        # and one baseline common to every flow on these prompts. Unconditioned, because the base
+        # never learnt the conditioning (it would read a Quark token as ordinary text).
         base_path = resolve_model(train_cfg.model, "train.model")
-        base = [g[0] for g in generate_hf(base_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
+        base_cfg = gen_cfg.model_copy(update={"conditioning": "none", "suppress_tokens": []})
+        base = [g[0] for g in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log)]
         base_scores, _ = steps(texts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
         metrics |= with_interval("base_mean_reward", base_scores, ctx.seed)
         gain = M.paired_ci(scores, base_scores, ctx.seed)
@@ -116,7 +119,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="4", inputs=("build_pool", "reference", "train", "load_prompts@0"))
+@stage("evaluate", version="5", inputs=("build_pool", "reference", "train", "load_prompts@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")
