@@ -4,8 +4,12 @@
     <root>/<experiment>/round-<k>/<stage>/...            its files (a checkpoint, metrics.jsonl)
     <root>/<experiment>/round-<k>/<stage>/manifest.json  written last: the mark of completeness
 
-A stage writes into a fresh local folder; `commit` moves it into place with one rename (local
-roots) so a crash never leaves a half artifact that looks complete. Nothing here is pickled.
+A stage writes into a fresh local folder; `commit` moves it into place with one rename on local
+roots. Object stores have no rename, so there `commit` first deletes the old manifest (the artifact
+stops being complete), then the old files, uploads the new ones, and puts the manifest last in one
+PUT; readers verify every file's checksum against it. A kill at any point leaves either no
+manifest or a complete artifact. Artifacts on remote roots are read through a local cache keyed by
+the manifest's run id, so a re-run artifact is fetched again. Nothing here is pickled.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from stages.pipeline.atomic import swap_in
 
 MANIFEST = "manifest.json"
 DATA = "data.parquet"
+REQUIRED_KEYS = ("fingerprint", "run_id", "rows", "files")
 TMP = ".tmp"  # scratch folder under the root (same file system, so renames are atomic)
+
+
+def artifact_cache_dir() -> Path:
+    """Where artifacts of remote roots are cached on this machine (ALIGN_ARTIFACT_CACHE overrides)."""
+    return Path(os.environ.get("ALIGN_ARTIFACT_CACHE") or Path(tempfile.gettempdir()) / "align-artifact-cache")
 
 
 def sha256_file(fs, path: str) -> str:
@@ -51,23 +61,45 @@ class ArtifactStore:
         return f"{self.experiment_dir(experiment)}/round-{round_}/{stage}"
 
     def local_dir(self, path: str) -> Path:
-        """A local folder with the artifact's files: itself on local roots, a cached copy otherwise."""
+        """A local folder with the artifact's files: itself on local roots, else a verified copy in
+        a cache keyed by the artifact's path and run id (a re-run artifact is a new entry)."""
         if self.local:
             return Path(path)
-        cache = Path(tempfile.gettempdir()) / "align-artifact-cache" / hashlib.sha1(path.encode()).hexdigest()[:16]
-        if not (cache / MANIFEST).exists():
-            tmp = cache.with_name(cache.name + f".{uuid.uuid4().hex[:6]}")
-            self.fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
-            tmp.rename(cache)
+        manifest = self.read_manifest(path)
+        if manifest is None:
+            raise FileNotFoundError(f"no complete artifact at {self.fs.unstrip_protocol(path)}")
+        key = hashlib.sha1(f"{self.fs.unstrip_protocol(path)}\0{manifest.get('run_id')}".encode()).hexdigest()[:20]
+        cache = artifact_cache_dir() / key
+        if (cache / MANIFEST).exists():
+            return cache
+        tmp = cache.with_name(f".{key}.{uuid.uuid4().hex[:6]}")
+        try:
+            for rel, meta in manifest.get("files", {}).items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(f"{path}/{rel}", str(tmp / rel))
+                if sha256_file(fsspec.filesystem("file"), str(tmp / rel)) != meta["sha256"]:
+                    raise OSError(f"{self.fs.unstrip_protocol(path)}/{rel} changed while it was downloaded; run again")
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            os.replace(tmp, cache)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (cache / MANIFEST).exists():
+                raise
         return cache
 
     # -- reading ----------------------------------------------------------------------------------
     def read_manifest(self, path: str) -> dict | None:
+        """The manifest, or None when there is none or it is not one of ours (not JSON, not an
+        object, or missing the keys every commit writes): such an artifact reads as incomplete."""
         try:
             with self.fs.open(f"{path}/{MANIFEST}", "r") as f:
-                return json.load(f)
+                manifest = json.load(f)
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or \
+                not all(k in manifest for k in REQUIRED_KEYS):
+            return None
+        return manifest
 
     def verify(self, path: str, manifest: dict) -> str | None:
         """None when every file listed in the manifest is there with its checksum; else what is wrong."""
@@ -159,12 +191,13 @@ class ArtifactStore:
             swap_in(workdir, Path(dest))
             self._tidy_scratch()
             return
-        # Remote: upload beside the destination, manifest last, then swap names.
-        staging = f"{dest}.incoming-{uuid.uuid4().hex[:8]}"
-        for rel in files:
-            self.fs.put_file(str(workdir / rel), f"{staging}/{rel}")
-        self.fs.put_file(str(workdir / MANIFEST), f"{staging}/{MANIFEST}")
+        # Object stores: the old manifest goes first, the new one last (see the module's docstring).
+        if self.fs.exists(f"{dest}/{MANIFEST}"):
+            self.fs.rm_file(f"{dest}/{MANIFEST}")
         if self.fs.exists(dest):
             self.fs.rm(dest, recursive=True)
-        self.fs.mv(staging, dest, recursive=True)
+        for rel in files:
+            self.fs.put_file(str(workdir / rel), f"{dest}/{rel}")
+        self.fs.put_file(str(workdir / MANIFEST), f"{dest}/{MANIFEST}")
+        self.fs.invalidate_cache(dest)
         shutil.rmtree(workdir, ignore_errors=True)

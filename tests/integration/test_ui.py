@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Logger 'align' attempted to send
 
 def test_lock_refuses_a_second_run_with_one_line(tmp_path):
     with experiment_lock(str(tmp_path), "exp") as path:
-        assert path == tmp_path / "exp" / ".lock"
+        assert path == str(tmp_path / "exp" / ".lock")
         assert (tmp_path / "exp" / ".lock.pid").read_text().strip() == str(os.getpid())
         with pytest.raises(ExperimentBusy) as err:
             with experiment_lock(str(tmp_path), "exp"):
@@ -65,9 +65,30 @@ def test_lock_can_wait_for_the_running_one(tmp_path):
     assert order == ["first done", "second ran"]
 
 
-def test_remote_roots_lock_a_local_file():
-    path = lock_path("memory://bucket/artifacts", "exp")
-    assert path.name.endswith("-exp.lock") and "align-locks" in str(path)
+def test_object_store_roots_hold_a_renewed_lease_in_the_store(caplog):
+    import fsspec
+
+    root = "memory://lease-test/artifacts"
+    fs = fsspec.filesystem("memory")
+    url = lock_path(root, "exp")
+    assert url.endswith("lease-test/artifacts/exp/.lock")
+    with experiment_lock(root, "exp", lease_seconds=0.4) as held:
+        assert held.startswith("memory://") and held.endswith("lease-test/artifacts/exp/.lock")
+        first = json.loads(fs.cat_file(url))
+        assert first["pid"] == os.getpid()
+        time.sleep(0.5)  # past the first expiry: renewed, so still held
+        with pytest.raises(ExperimentBusy, match=f"experiment exp is already running \\(pid {os.getpid()} on "):
+            with experiment_lock(root, "exp"):
+                pass
+        assert json.loads(fs.cat_file(url))["expires"] > first["expires"]
+    assert not fs.exists(url)  # released
+
+    # A holder killed without releasing: its lease expires and the next run breaks it, saying whose.
+    fs.pipe_file(url, json.dumps({"owner": "x", "host": "elsewhere", "pid": 1, "expires": time.time() - 1}).encode())
+    with caplog.at_level("WARNING", logger="align"), experiment_lock(root, "exp"):
+        assert json.loads(fs.cat_file(url))["owner"] != "x"
+    assert "breaking the expired lease of pid 1 on elsewhere" in caplog.text
+    fs.rm("/lease-test", recursive=True)
 
 
 @needs_prepared
@@ -83,12 +104,17 @@ def test_flow_refuses_while_the_experiment_is_locked(tmp_path, monkeypatch):
     assert state.is_failed() and state.message.startswith("align: error: experiment smoke is already running")
 
 
+def fake_manifest(stage: str, rows: int, **more) -> dict:
+    """The keys every commit writes (a manifest without them reads as incomplete)."""
+    return {"stage": stage, "rows": rows, "fingerprint": "fp", "run_id": f"run-{stage}", "files": {}, **more}
+
+
 # -- adding rounds ---------------------------------------------------------------------------------
 
 def _complete(store: ArtifactStore, experiment: str, k: int, stage: str) -> None:
     path = ROOT / store.stage_dir(experiment, k, stage)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "manifest.json").write_text(json.dumps({"stage": stage, "rows": 1}))
+    (path / "manifest.json").write_text(json.dumps(fake_manifest(stage, 1)))
 
 
 def test_add_rounds_continues_after_the_last_complete_round(tmp_path):
@@ -266,7 +292,7 @@ def _write(store_root, experiment, k, stage, rows, metrics=None):
     path = store_root / experiment / f"round-{k}" / stage
     path.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), path / "data.parquet")
-    (path / "manifest.json").write_text(json.dumps({"stage": stage, "rows": len(rows), "metrics": metrics or {}}))
+    (path / "manifest.json").write_text(json.dumps(fake_manifest(stage, len(rows), metrics=metrics or {})))
 
 
 def test_round_artifacts_from_disk(tmp_path, monkeypatch):
@@ -334,7 +360,7 @@ class FakeStages:
         if status == "ran":
             path.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-            (path / "manifest.json").write_text(json.dumps({"stage": stage, "rows": 1, "started": stamp}))
+            (path / "manifest.json").write_text(json.dumps(fake_manifest(stage, 1, started=stamp)))
         return StageResult(stage, round_, status, "fp", 1, str(path), 0.0).to_dict()
 
 

@@ -65,3 +65,59 @@ def test_missing_or_broken_manifest_reads_as_incomplete(tmp_path):
     assert store.read_manifest(str(tmp_path / "a")) is None
     (tmp_path / "a" / "manifest.json").write_text("{not json")
     assert store.read_manifest(str(tmp_path / "a")) is None
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", "3", '"x"', "null", '{"rows": 1}', '{"fingerprint": "f", "run_id": "r", "rows": 1, "files": []}'])
+def test_a_manifest_that_is_not_one_of_ours_reads_as_incomplete(tmp_path, text):
+    store = ArtifactStore(str(tmp_path))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "manifest.json").write_text(text)
+    assert store.read_manifest(str(tmp_path / "a")) is None
+
+
+class KilledUpload(BaseException):
+    """Stands for a SIGKILL: nothing after it runs, not even `except Exception` handlers."""
+
+
+def test_a_killed_upload_to_an_object_store_leaves_nothing_complete(monkeypatch):
+    """Remote roots have no rename: the old manifest goes first and the new one last, so a kill
+    after any file leaves an artifact that reads as incomplete (and never a mix that verifies)."""
+    store = ArtifactStore("memory://align-kill")
+    dest = store.stage_dir("exp", 0, "s")
+    make_artifact(store, dest, 1)
+    put = store.fs.put_file
+    for fail_at in range(3):  # data.parquet, model/weights.bin, manifest.json (sorted upload order)
+        uploads = []
+
+        def dying_put(lpath, rpath, *a, **k):
+            if len(uploads) == fail_at:
+                raise KilledUpload(rpath)
+            uploads.append(rpath)
+            return put(lpath, rpath, *a, **k)
+
+        monkeypatch.setattr(store.fs, "put_file", dying_put)
+        with pytest.raises(KilledUpload):
+            make_artifact(store, dest, 10)
+        assert store.read_manifest(dest) is None, f"killed before upload {fail_at}: reads as incomplete"
+        monkeypatch.setattr(store.fs, "put_file", put)
+        make_artifact(store, dest, 1)  # a complete artifact again before the next kill
+    m = make_artifact(store, dest, 10)
+    assert store.verify(dest, m) is None and store.read_table(dest).column("x").to_pylist() == [10, 11]
+    store.fs.rm(store.root, recursive=True)
+
+
+def test_remote_artifacts_are_cached_by_run_id_and_verified(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore("memory://align-cache")
+    dest = store.stage_dir("exp", 0, "s")
+    make_artifact(store, dest, 1)
+    first = store.local_dir(dest)
+    assert (first / "model" / "weights.bin").read_bytes() == b"\x00\x01" * 100
+    assert store.local_dir(dest) == first  # cached
+    work = store.new_workdir()
+    pq.write_table(pa.table({"x": [5]}), work / "data.parquet")
+    store.commit(work, dest, {"stage": "s", "fingerprint": "f", "run_id": "r2", "rows": 1})
+    second = store.local_dir(dest)
+    assert second != first and pq.read_table(second / "data.parquet").column("x").to_pylist() == [5]
+    assert not (second / "model").exists()  # the old artifact's files are gone with it
+    store.fs.rm(store.root, recursive=True)
