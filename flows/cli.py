@@ -192,8 +192,14 @@ def report(
             table.add_row(exp, str(r["round"]), with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference"),
                           *(fmt(r.get(m)) for m, _ in COLUMNS[2:]))
     console.print(table)
-    target = out or Path(root) / f"report-{'-'.join(experiments)}.png"
-    store.fs.pipe_file(str(target), reward_vs_kl_png(series))
+    png = reward_vs_kl_png(series)
+    if out:
+        out.write_bytes(png)
+        target = str(out)
+    else:
+        path = f"{store.root.rstrip('/')}/report-{'-'.join(experiments)}.png"
+        store.fs.pipe_file(path, png)
+        target = path if store.local else store.fs.unstrip_protocol(path)
     console.print(f"reward vs KL: {target}")
 
 

@@ -174,6 +174,12 @@ class TrainBase(Section):
     # fewer tokens through the model. Off under gradient checkpointing (HF turns the cache off there).
     share_prompt: bool = True
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
+    # Data-parallel training on this many processes (torch.distributed through `accelerate launch`;
+    # gloo on CPU): each takes its shard of every micro-batch, and the losses match one process at
+    # the same global batch. `accelerate_config`: an accelerate config file for the launch instead
+    # (multi-GPU DDP, FSDP, DeepSpeed ZeRO; configs/accelerate/).
+    processes: int = Field(1, ge=1)
+    accelerate_config: str | None = None
     # Where reference log-probs come from: the pool's cached columns (the reference stage), a
     # resident reference model, or auto (cached when the pool has them).
     reference: Literal["auto", "cached", "resident"] = "auto"

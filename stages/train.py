@@ -8,16 +8,14 @@ Checkpoints for resuming live in the runner's resume folder, outside the artifac
 
 from __future__ import annotations
 
-import json
-
 import pyarrow as pa
 
 from stages.config import TrainConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
 from stages.services.models import model_identity
-from stages.training.trainer import fit
-from stages.services.training_setup import attach_reference, pool_rows, prepare
+from stages.services.training_run import TrainJob, launch, train_and_save
+from stages.services.training_setup import pool_rows
 
 
 def identity(cfg: TrainConfig) -> dict:
@@ -33,19 +31,13 @@ def run(ctx, cfg: TrainConfig) -> StageOutput:
     if not rows:
         raise BadInput("train: the pool has no training records (split 'train')")
     start = ctx.inputs["train"].model_dir() if "train" in ctx.inputs else None  # online: last round's policy
-    objective, model, tokenizer = prepare(cfg, rows, ctx.seed, model_path=start)
-    mode = attach_reference(objective, cfg, rows, model)
-    ctx.log.info("train: %s on %d records, model %s, reference %s%s", cfg.objective, len(rows), start or cfg.model, mode,
-                 f", LoRA r={cfg.lora.r}" if cfg.lora else "")
-    history = fit(model, tokenizer, objective, rows, cfg, ctx.seed, ctx.resume_dir,
-                  tracking_dir=ctx.workdir / "tracking", run_name=f"{ctx.experiment}-round-{ctx.round}")
-
-    if cfg.lora is not None:
-        model = model.merge_and_unload()  # downstream stages load a plain model
-    out = ctx.workdir / "model"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (ctx.workdir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    job = TrainJob(config=cfg.model_dump(mode="json"), seed=ctx.seed, init_seed=ctx.round_seed,
+                   start=str(start) if start else None, resume_dir=str(ctx.resume_dir), out_dir=str(ctx.workdir),
+                   run_name=f"{ctx.experiment}-round-{ctx.round}")
+    if cfg.processes > 1 or cfg.accelerate_config:
+        history, mode = launch(job, rows, cfg.processes, cfg.accelerate_config)
+    else:
+        history, mode = train_and_save(job, rows)
     last = history[-1]
     speeds = sorted(h["tokens_per_s"] for h in history if h["tokens_per_s"])
     metrics = {"steps": len(history), "final_loss": last["loss"], "records": len(rows), "reference": mode,

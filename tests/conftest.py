@@ -52,3 +52,62 @@ def snippets_ready() -> bool:
 
 needs_prepared = pytest.mark.skipif(not (tiny_ready() and snippets_ready()),
                                     reason="run `make setup` (align models prepare; align data prepare) first")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 30.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds:.0f}s")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto's server mode) on 127.0.0.1, and the environment a
+    client needs to reach it: credentials and endpoint in the usual AWS variables, as users set them."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        env = {"AWS_ACCESS_KEY_ID": "align-test", "AWS_SECRET_ACCESS_KEY": "align-test",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_root(s3_server, monkeypatch, request):
+    """A fresh bucket on the S3 server, its environment set in this process too: (url, env)."""
+    import fsspec
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    import re
+
+    bucket = "align-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50].strip("-")
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(bucket)
+    fsspec.filesystem("s3").invalidate_cache()
+    return f"s3://{bucket}/artifacts", s3_server

@@ -29,6 +29,7 @@ from stages.pipeline.context import StageContext, StageOutput, Upstream
 from stages.pipeline.errors import BadInput
 from stages.pipeline.refs import resolve_refs
 from stages.pipeline.registry import downstream_of, input_round, parse_input, stage_specs
+from stages.pipeline.seeds import seed_everything
 from stages.pipeline.store import DATA, ArtifactStore
 
 log = logging.getLogger("align")
@@ -59,18 +60,6 @@ def _now() -> str:
 def fingerprint(payload: dict) -> str:
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def seed_everything(seed: int) -> None:
-    """Every stage starts from the same RNG state (new heads, sampling, shuffles are reproducible)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def inject_fault(stage: str) -> None:

@@ -2,12 +2,14 @@
 
     <dir>/model.safetensors      weights
     <dir>/optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
-    <dir>/rng.safetensors        torch RNG state(s)
+    <dir>/rng.safetensors        torch RNG state(s) of process 0 (rng-<rank>.safetensors: the others')
     <dir>/state.json             step, position in the data, scheduler, param groups, Python/NumPy RNG
 
-Single-process: the state is one process's (its RNG, its whole optimizer state). Under
-torch.distributed with more than one process `save_checkpoint` refuses rather than let every rank
-write the same folder; sharded checkpoints come with multi-process training.
+Under torch.distributed (DDP) the replicas' weights and optimizer states are identical, so process
+0 writes them; every process writes its own RNG state. Barriers order the steps: process 0 makes
+the scratch folder, every process writes its RNG, process 0 writes the rest and swaps the folder
+in, and nobody goes on until the swap is done. A resume on a different number of processes reads
+process 0's RNG where its own is missing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,55 +39,63 @@ def _jsonable(x):
     return x
 
 
-def _check_single_process() -> None:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(f"training checkpoints are single-process, but this run has "
-                           f"{dist.get_world_size()} processes; run the train stage in one process")
-
-
 def has_checkpoint(path: Path) -> bool:
     """Whether `path` holds a complete checkpoint (finishing a swap a kill interrupted first)."""
     recover(path)
     return (path / "state.json").exists()
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict) -> None:
+def _rng_file(rank: int) -> str:
+    return "rng.safetensors" if rank == 0 else f"rng-{rank}.safetensors"
+
+
+def _no_barrier() -> None:
+    pass
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict, rank: int = 0, world: int = 1,
+                    barrier: Callable[[], None] = _no_barrier) -> None:
     """Write a complete checkpoint next to `path`, then swap it in (a kill never leaves half of one)."""
-    _check_single_process()
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
-    opt = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, state in opt["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
-    np_state = np.random.get_state()
-    state = {
-        "progress": progress,
-        # LambdaLR stores plain-function lambdas as None; the schedule itself is rebuilt from the config.
-        "scheduler": _jsonable(scheduler.state_dict()),
-        "param_groups": _jsonable(opt["param_groups"]),
-        "optimizer_scalars": _jsonable(scalars),
-        "python_rng": _jsonable(random.getstate()),
-        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-    (tmp / "state.json").write_text(json.dumps(state))
-    swap_in(tmp, path)
+    save_file(rng, str(tmp / _rng_file(rank)))
+    if rank == 0:
+        save_model(model, str(tmp / "model.safetensors"))
+        opt = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for pid, state in opt["state"].items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{key}"] = value
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        np_state = np.random.get_state()
+        state = {
+            "progress": progress,
+            "processes": world,
+            # LambdaLR stores plain-function lambdas as None; the schedule itself is rebuilt from the config.
+            "scheduler": _jsonable(scheduler.state_dict()),
+            "param_groups": _jsonable(opt["param_groups"]),
+            "optimizer_scalars": _jsonable(scalars),
+            "python_rng": _jsonable(random.getstate()),
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        }
+    barrier()  # every RNG file is in before the folder is swapped in
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps(state))
+        swap_in(tmp, path)
+    barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore everything saved by `save_checkpoint`; returns the saved progress dict."""
     state = json.loads((path / "state.json").read_text())
     load_model(model, str(path / "model.safetensors"))
@@ -95,7 +106,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         per_param.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(str(path / "rng.safetensors"))
+    own = path / _rng_file(rank)
+    rng = load_file(str(own if own.exists() else path / _rng_file(0)))
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())])

@@ -7,6 +7,8 @@ sequence log-prob is the sum over completion tokens, prompt tokens masked, compu
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -33,10 +35,12 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 
     return -F.logsigmoid(chosen - rejected - margin)
 
 
-def weighted_mean(per_example: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum(w * loss) / sum(w); an all-zero-weight batch contributes 0 (not NaN)."""
+def weighted_mean(per_example: torch.Tensor, weights: torch.Tensor, total_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(w * loss) / sum(w); an all-zero-weight batch contributes 0 (not NaN). `total_weight`
+    replaces sum(w) when these examples are one process's shard of a larger batch."""
     weights = weights.to(per_example.dtype)
-    return (per_example * weights).sum() / weights.sum().clamp(min=torch.finfo(per_example.dtype).tiny)
+    total = weights.sum() if total_weight is None else total_weight.to(per_example.dtype)
+    return (per_example * weights).sum() / total.clamp(min=torch.finfo(per_example.dtype).tiny)
 
 
 def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float,
@@ -62,13 +66,15 @@ def dpo_loss(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r:
 
 
 def kto_loss(pi: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, pi_kl: torch.Tensor, ref_kl: torch.Tensor,
-             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             mean: Callable[[torch.Tensor], torch.Tensor] = torch.mean) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KTO (Ethayarajh et al., 2024): per-example losses, the log-ratio rewards, and the reference point z0.
 
     z0 is the mean log-ratio of mismatched prompt/completion pairs (pi_kl, ref_kl), detached and
     clamped at 0; desirable: lambda_D (1 - sigmoid(beta (r - z0))), undesirable: lambda_U (1 - sigmoid(beta (z0 - r))).
+    `mean`: how the batch's mean is taken (across processes under DDP: distributed_ops.batch_mean).
     """
-    z0 = (pi_kl - ref_kl).mean().detach().clamp(min=0)
+    z0 = mean(pi_kl - ref_kl).detach().clamp(min=0)
     r = pi - ref
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))

@@ -6,7 +6,11 @@ AdamW and the LR schedule, logs one metrics row per optimizer step, and writes a
 checkpoint every `checkpoint_every` steps. A killed run resumes from its last checkpoint and ends
 with the same weights as an uninterrupted one (data order is a pure function of seed and epoch).
 
-Multi-GPU: `accelerate launch -m flows.cli stage train --config ...` (not exercised on CPU).
+Under torch.distributed (train.processes > 1, see services/distributed_training.py) every process
+builds the same micro-batches and takes its shard of each (whole groups for grouped objectives).
+Each shard's loss is sum(w * loss) over its examples divided by the weight of the whole
+micro-batch (summed across processes) times the number of processes, so DDP's mean of the
+gradients is exactly the one-process gradient at the same global batch.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from stages.training import allocator
 from stages.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from stages.training.distributed_ops import idle
 from stages.training.lean_layers import make_lean, native_gqa
 from stages.training.losses import weighted_mean
 from stages.training.objectives import Objective
@@ -56,11 +61,27 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, grou
     return [batches[i] for i in perm]
 
 
+def shard(micro: list[dict], rank: int, world: int, group_key: str | None = None) -> list[dict]:
+    """This process's contiguous share of a micro-batch; rows sharing `group_key` stay together."""
+    if world == 1:
+        return micro
+    units: list[list[dict]] = []
+    for r in micro:
+        if group_key and units and units[-1][0][group_key] == r[group_key]:
+            units[-1].append(r)
+        else:
+            units.append([r])
+    per, extra = divmod(len(units), world)
+    start = rank * per + min(rank, extra)
+    return [r for u in units[start:start + per + (rank < extra)] for r in u]
+
+
 def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int, resume_dir: Path,
-        tracking_dir: Path | None = None, run_name: str = "train") -> list[dict]:
+        tracking_dir: Path | None = None, run_name: str = "train", save_to: Path | None = None) -> list[dict]:
     """Train `model` in place on `rows`; returns one metrics dict per optimizer step. With
     `cfg.log_with` the steps also go to those experiment trackers (accelerate's), files under
-    `tracking_dir` for the ones that write files (TensorBoard)."""
+    `tracking_dir` for the ones that write files (TensorBoard). With `save_to` the main process
+    writes the trained model there (LoRA merged in), loadable with `from_pretrained`."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                               log_with=list(cfg.log_with) or None,
                               project_dir=str(tracking_dir) if tracking_dir and cfg.log_with else None)
@@ -90,16 +111,21 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     if isinstance(objective.ref_model, torch.nn.Module):
         objective.ref_model.to(accelerator.device)
     model.train()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded:
+        log.warning("train: %s shards the weights; resumable checkpoints are written for replicated (DDP) "
+                    "training only, so this run restarts from step 0 if killed", accelerator.distributed_type.value)
 
     ckpt = resume_dir / "checkpoint"
     history: list[dict] = []
     step = 0
     if has_checkpoint(ckpt):
-        progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank)
         step, history = progress["step"], progress["history"]
         log.info("train: resumed from checkpoint at step %d/%d", step, total)
 
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None if rank == 0 else True)
     with native_gqa(cfg.lean_layers and accelerator.device.type == "cpu"):
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
@@ -109,16 +135,28 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             sums: dict[str, float] = {}
             loss_total, tokens = 0.0, 0.0
             for i, micro in enumerate(group):
-                batch = {k: v.to(accelerator.device) for k, v in objective.collate(micro, tokenizer).items()}
+                mine = shard(micro, rank, world, group_key)
+                # A process left without rows computes the first unit at weight 0: DDP needs every
+                # process to run the same backward passes.
+                rows_here = mine or shard(micro, 0, len(micro), group_key)
+                batch = {k: v.to(accelerator.device) for k, v in objective.collate(rows_here, tokenizer).items()}
+                weights = batch["weights"] if mine else torch.zeros_like(batch["weights"])
+                total_weight = weights.sum().detach().float()
+                if world > 1:
+                    total_weight = accelerator.reduce(total_weight, "sum")
                 ctx = accelerator.no_sync(model) if i < len(group) - 1 else nullcontext()
-                with ctx, accelerator.autocast():
+                with ctx, accelerator.autocast(), idle(not mine):
                     per_example, metrics = objective.per_example_loss(model, batch)
-                    loss = weighted_mean(per_example, batch["weights"]) / len(group)
-                accelerator.backward(loss)
+                    loss = weighted_mean(per_example, weights, total_weight) / len(group)
+                accelerator.backward(loss * world)  # DDP divides the summed gradients by `world`
                 loss_total += loss.item()
-                tokens += float(metrics.pop("tokens").sum())
+                tokens += float(metrics.pop("tokens").sum()) if mine else 0.0
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), batch["weights"])) / len(group)
+                    sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), weights, total_weight)) / len(group)
+            if world > 1:  # each process holds its shards' parts of the step's sums
+                keys = sorted(sums)
+                parts = accelerator.reduce(torch.tensor([loss_total, tokens, *(sums[k] for k in keys)]), "sum").tolist()
+                loss_total, tokens, sums = parts[0], parts[1], dict(zip(keys, parts[2:]))
             grad_norm = None
             if cfg.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -134,11 +172,22 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_total:.4f}")
-            if step % max(1, total // 10) == 0 or step == total:  # the bar is hidden when not on a terminal
+            if rank == 0 and (step % max(1, total // 10) == 0 or step == total):  # the bar is hidden off a terminal
                 log.info("train: step %d/%d loss %.4f, %.0f tokens/s", step, total, loss_total, row["tokens_per_s"] or 0)
-            if step % cfg.checkpoint_every == 0 and step < total:
-                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history})
+            if step % cfg.checkpoint_every == 0 and step < total and not sharded:
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history},
+                                rank=rank, world=world, barrier=accelerator.wait_for_everyone)
     bar.close()
     if cfg.log_with:
         accelerator.end_training()
+    if save_to is not None:
+        # Sharded weights are gathered (every process takes part) for the main process to save.
+        state_dict = accelerator.get_state_dict(model) if sharded else None
+        if accelerator.is_main_process:
+            final = accelerator.unwrap_model(model)
+            if cfg.lora is not None:
+                final = final.merge_and_unload()  # downstream stages load a plain model
+            final.save_pretrained(save_to, state_dict=state_dict)
+            tokenizer.save_pretrained(save_to)
+        accelerator.wait_for_everyone()
     return history

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from stages.training.distributed_ops import batch_mean
 from stages.training import losses as L
 from stages.training.objectives.base import Objective, column
 from stages.pipeline.sections import Section
@@ -43,7 +44,7 @@ class KTO(Objective):
         pi_y, pi_kl = pi.chunk(2)
         ref_y, ref_kl = ref.chunk(2)
         losses, rewards, z0 = L.kto_loss(pi_y, ref_y, batch["desirable"], pi_kl, ref_kl, self.opt.beta,
-                                         self.opt.desirable_weight, self.opt.undesirable_weight)
+                                         self.opt.desirable_weight, self.opt.undesirable_weight, mean=batch_mean)
         d = batch["desirable"].float()
         return losses, {"rewards": rewards, "kl_z0": z0.expand_as(rewards), "desirable_fraction": d,
                         "tokens": n.chunk(2)[0]}

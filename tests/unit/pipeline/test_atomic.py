@@ -67,16 +67,37 @@ def test_swap_into_an_empty_place_and_over_a_symlink(tmp_path):
     assert (target / "f").read_text() == "linked"  # a symlinked old folder is unlinked, not emptied
 
 
-def test_checkpoints_refuse_several_processes(monkeypatch, tmp_path):
+def test_a_checkpoint_of_two_processes_holds_each_ones_rng_and_one_copy_of_the_rest(tmp_path):
+    """Two ranks (threads standing in for processes) save through the barrier protocol: one model,
+    one optimizer, one state.json, an RNG file per rank; each rank restores its own RNG."""
+    import threading
+
     import torch
 
     from stages.training import checkpoint
 
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(RuntimeError, match="single-process.*2 processes"):
-        checkpoint.save_checkpoint(tmp_path / "ck", model, opt, sched, {"step": 1})
-    assert not (tmp_path / "ck").exists()
+    barrier, errors = threading.Barrier(2), []
+
+    def rank(r):
+        try:
+            checkpoint.save_checkpoint(tmp_path / "ck", model, opt, sched, {"step": 3}, rank=r, world=2,
+                                       barrier=barrier.wait)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    ck = tmp_path / "ck"
+    assert sorted(p.name for p in ck.iterdir()) == ["model.safetensors", "optimizer.safetensors", "rng-1.safetensors",
+                                                     "rng.safetensors", "state.json"]
+    assert not (tmp_path / "ck.tmp").exists()
+    (ck / "rng-1.safetensors").unlink()  # resuming on more processes than saved: rank 0's RNG
+    assert checkpoint.load_checkpoint(ck, model, opt, sched, rank=1)["step"] == 3
