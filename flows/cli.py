@@ -239,6 +239,23 @@ def server(host: str = typer.Option("127.0.0.1", help="Address to listen on (loo
 
 
 @app.command()
+def deploy(
+    configs: list[Path] = typer.Argument(..., help="Configs to deploy (each also gets its generic Run form)."),
+    pool: str = typer.Option(..., "--pool", help="Work pool the flow runs go to (created as a process pool if missing)."),
+    cron: Optional[str] = typer.Option(None, help="Schedule rounds by cron ('0 * * * *'); each run adds one round."),
+    interval: Optional[int] = typer.Option(None, help="Schedule rounds every SECONDS; each run adds one round."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root the deployments default to (shared by every "
+                                                       "worker: s3://bucket/prefix for several machines)."),
+    port: int = typer.Option(4200, help="Port of `align server` (used when PREFECT_API_URL is not set)."),
+):
+    """Register the flows as deployments on Prefect work pools; `prefect worker start --pool NAME` on
+    any machine runs them (stages placed by the config's `pools:` run on their own pools' workers)."""
+    from flows.serve import Schedule, deploy as deploy_flows
+
+    deploy_flows(list(configs), pool, artifacts, Schedule(cron, interval), port, echo=console.print)
+
+
+@app.command()
 def serve(
     configs: Optional[list[Path]] = typer.Argument(None, help="Configs to deploy with their path filled in."),
     cron: Optional[str] = typer.Option(None, help="Schedule rounds by cron ('0 * * * *'); each run adds one round."),

@@ -36,7 +36,7 @@ from stages.config import RunConfig
 from stages.pipeline.errors import BadInput
 from stages.pipeline.lock import experiment_lock
 from stages.pipeline.plan import Plan, plan_run
-from stages.pipeline.runner import report_round, run_stage, stages_of_round
+from stages.pipeline.runner import StageResult, report_round, run_stage, stages_of_round
 from stages.pipeline.store import ArtifactStore
 
 logging.getLogger("align").setLevel(logging.INFO)  # Prefect attaches its handlers (PREFECT_LOGGING_EXTRA_LOGGERS)
@@ -78,11 +78,12 @@ def skipped_state(result: dict) -> Completed:
 # No Prefect cache: the runner's manifests are the skip check (Prefect's input cache would miss an
 # edited or deleted artifact). Results are still persisted, as JSON, which is what Retry needs.
 @task(persist_result=True, result_serializer="json", log_prints=True, cache_policy=NO_CACHE)
-def stage_task(cfg: RunConfig, stage: str, round_: int, artifacts: str, force: bool = False, fail: bool = False):
+def stage_task(cfg: RunConfig, stage: str, round_: int, artifacts: str, force: bool = False, fail: bool = False,
+               pool: str | None = None):
     """One stage through the runner; `fail` injects a fault (the `fail_once` test hook). The config
     comes validated by `plan_run`, once for the whole flow run."""
     with injected_fault(stage if fail else None):
-        result = run_stage(cfg, stage, round_, ArtifactStore(artifacts), force=force).to_dict()
+        result = run_stage(cfg, stage, round_, ArtifactStore(artifacts), force=force, where={"pool": pool}).to_dict()
     ui_artifacts.stage_artifact(cfg.experiment, result)
     return skipped_state(result) if result["status"] == "skipped" else result
 
@@ -108,6 +109,7 @@ class Attempt:
     number: int = 1  # Prefect's run count: 2 and more is a Retry
     started: datetime | None = None  # when the flow run first started (kept across retries)
     from_deployment: bool = False
+    pool: str | None = None  # the work pool whose worker runs this flow run
 
     @property
     def retry(self) -> bool:
@@ -122,7 +124,7 @@ def current_attempt() -> Attempt:
 
     with get_client(sync_client=True) as client:  # the context's copy predates the Running state
         run = client.read_flow_run(ctx.flow_run.id)
-    return Attempt(max(1, run.run_count), run.start_time, run.deployment_id is not None)
+    return Attempt(max(1, run.run_count), run.start_time, run.deployment_id is not None, run.work_pool_name)
 
 
 def written_since(store: ArtifactStore, config: RunConfig, round_: int, stage: str, since: datetime | None) -> bool:
@@ -176,15 +178,60 @@ def run_rounds(plan: Plan, store: ArtifactStore, total: int, attempt: Attempt) -
                 redone = attempt.retry and written_since(store, cfg, k, stage, attempt.started)
                 force = stage in plan.forced and not redone
                 fail = stage == plan.fail_once and not attempt.retry
-                run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {k})")
-                result = run(cfg, stage, k, plan.root, force, fail)
-                results.append(result.result() if isinstance(result, State) else result)  # Skipped: a State
+                pool = cfg.pools.get(stage) if attempt.from_deployment else None
+                if pool:
+                    results.append(run_on_pool(pool, cfg, stage, k, plan.root, force, fail, store))
+                else:
+                    run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {k})")
+                    result = run(cfg, stage, k, plan.root, force, fail, attempt.pool)
+                    results.append(result.result() if isinstance(result, State) else result)  # Skipped: a State
                 failed = None
             report_round(store, cfg, k)
             ui_artifacts.round_artifacts(store, cfg.experiment, k, stages_of_round(cfg, k), cfg.evaluate.samples_to_show)
     finally:
         ui_artifacts.run_artifact(cfg.experiment, results, failed)
     return results
+
+
+# -- stages placed on work pools (RunConfig.pools, deployed by `align deploy`) -------------------------
+
+STAGE_FLOW = "align-stage"
+
+
+def run_on_pool(pool: str, cfg: RunConfig, stage: str, round_: int, artifacts: str, force: bool, fail: bool,
+                store: ArtifactStore) -> dict:
+    """Run one stage as a subflow on a worker of `pool` (the deployment align-stage/<pool>) and wait.
+    The result comes from the artifact's manifest in the shared store, not from Prefect's result
+    storage, which is local to the machine that ran it."""
+    from prefect.deployments import run_deployment
+
+    dest = store.stage_dir(cfg.experiment, round_, stage)
+    before = (store.read_manifest(dest) or {}).get("run_id")
+    run = run_deployment(f"{STAGE_FLOW}/{pool}", timeout=None, poll_interval=1, as_subflow=True,
+                         flow_run_name=f"{stage} (round {round_}) on {pool}",
+                         parameters={"config": cfg.model_dump(mode="json"), "stage": stage, "round_": round_,
+                                     "artifacts": artifacts, "force": force, "fail": fail, "pool": pool})
+    if not run.state or not run.state.is_completed():
+        state = run.state.type.value if run.state else "no state"
+        message = (run.state.message if run.state else "") or "see its flow run"
+        raise RuntimeError(f"{stage} (round {round_}) on pool {pool}: {state}: {message}")
+    manifest = store.read_manifest(dest)
+    if manifest is None:
+        raise RuntimeError(f"{stage} (round {round_}) on pool {pool} completed but left no complete artifact at {dest}")
+    status = "skipped" if manifest["run_id"] == before else "ran"
+    return StageResult(stage, round_, status, manifest["fingerprint"], manifest["rows"], dest,
+                       manifest.get("wall_seconds", 0.0), f"on pool {pool}", manifest.get("metrics", {})).to_dict()
+
+
+@flow(name=STAGE_FLOW, log_prints=True, persist_result=True, result_serializer="json")
+def stage_flow(config: dict, stage: str, round_: int, artifacts: str, force: bool = False, fail: bool = False,
+               pool: str = "") -> dict:
+    """One stage of a pipeline run, on a worker of the pool this deployment belongs to (the parent
+    run holds the experiment's lock and passes its validated config)."""
+    cfg = RunConfig.model_validate(config)
+    run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {round_})")
+    result = run(cfg, stage, round_, artifacts, force, fail, pool or None)
+    return result.result() if isinstance(result, State) else result
 
 
 @flow(name="align-pipeline", log_prints=True, persist_result=True, result_serializer="json")

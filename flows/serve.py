@@ -144,3 +144,49 @@ def serve(configs: list[Path], artifacts: str | None = None, schedule: Schedule 
         when = f"  [{schedule.describe()}]" if d.schedules else ""
         echo(f"  {flow_name}/{d.name}{when}")
     prefect_serve(*deployments, print_starting_message=False)
+
+
+# -- `align deploy`: the same deployments on Prefect work pools, run by `prefect worker start` -------
+
+def ensure_pool(client, name: str) -> None:
+    """Create a process work pool called `name` unless one exists (workers on any machine poll it)."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    try:
+        client.read_work_pool(name)
+    except ObjectNotFound:
+        template = ProcessWorker.get_default_base_job_template()
+        client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+
+
+def deploy(configs: list[Path], pool: str, artifacts: str | None = None, schedule: Schedule | None = None,
+           port: int = 4200, echo=print) -> list[str]:
+    """Register the pipeline deployments on `pool` and an `align-stage/<pool>` deployment for every
+    pool the configs place stages on (RunConfig.pools); returns the deployments' names."""
+    from prefect import deploy as prefect_deploy
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.pipeline import STAGE_FLOW, stage_flow
+
+    url = api_url(port)
+    deployments = build_deployments(configs, artifacts, schedule or Schedule())
+    placed = sorted({p for path in configs for p in load_config(path).pools.values()})
+    check_server(url)
+    with get_client(sync_client=True) as client:
+        for name in sorted({pool, *placed}):
+            ensure_pool(client, name)
+    common = {"print_next_steps_message": False, "build": False, "push": False, "ignore_warnings": True}
+    prefect_deploy(*deployments, work_pool_name=pool, **common)
+    names = [f"{'align-rounds' if d.entrypoint.endswith('.iterate') else 'align-pipeline'}/{d.name}" for d in deployments]
+    for name in placed:
+        d = stage_flow.to_deployment(name, entrypoint_type=EntrypointType.MODULE_PATH, tags=["align"],
+                                     description=f"the stages that configs place on work pool {name}")
+        prefect_deploy(d, work_pool_name=name, **common)
+        names.append(f"{STAGE_FLOW}/{name}")
+    echo(f"deployed on {url[:-4] if url.endswith('/api') else url}: " + ", ".join(names))
+    echo(f"start workers with: prefect worker start --pool {pool}"
+         + "".join(f"; prefect worker start --pool {p}" for p in placed if p != pool))
+    return names

@@ -8,12 +8,15 @@ the fix resumes here.
 
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
 
 from stages.services.annotation import mean_known, run_steps
 from stages.annotators import ANNOTATORS
 from stages.config import AnnotateConfig
 from stages.pipeline.context import StageOutput, stage
+from stages.services.shards import map_shards
 
 
 def identity(cfg: AnnotateConfig) -> dict:
@@ -26,10 +29,18 @@ def identity(cfg: AnnotateConfig) -> dict:
 def run(ctx, cfg: AnnotateConfig) -> StageOutput:
     samples = ctx.inputs["sample"].table()
     prompts, completions = samples.column("prompt").to_pylist(), samples.column("completion").to_pylist()
-    score, feedback = run_steps(cfg.steps, prompts, completions, "annotate", ctx.log)
+    scored, where = map_shards(annotate_shard, list(zip(prompts, completions)), cfg.shards, cfg)
+    score, feedback = [s for s, _ in scored], [f for _, f in scored]
     table = samples.append_column("score", pa.array(score, pa.float64())).append_column("feedback", pa.array(feedback, pa.string()))
     n, mean = len(prompts), mean_known(score)
     unscored = sum(s is None for s in score)
     ctx.log.info("annotate: mean score %s over %d samples (%d unscored)", f"{mean:.4f}" if mean is not None else "-",
                  n, unscored)
-    return StageOutput(table, {"samples": n, "unscored": unscored, "mean_score": mean})
+    return StageOutput(table, {"samples": n, "unscored": unscored, "mean_score": mean,
+                               **({"shards_ran_on": where} if cfg.shards > 1 else {})})
+
+
+def annotate_shard(pairs: list[tuple[str, str]], shard: int, cfg: AnnotateConfig) -> list[tuple]:
+    """One shard's (score, feedback) per sample (a Ray task when annotate.shards > 1)."""
+    score, feedback = run_steps(cfg.steps, [p for p, _ in pairs], [c for _, c in pairs], "annotate", logging.getLogger("align"))
+    return list(zip(score, feedback))

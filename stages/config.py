@@ -6,6 +6,8 @@ setting silently ignored. Defaults sit here, at the top of each section, where a
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -51,6 +53,9 @@ class SampleConfig(Section):
     split: Literal["train", "heldout", "all"] = "train"
     max_prompts: int | None = Field(None, gt=0)
     # none; quark_best: prefix the best reward token; feedback: condition on `feedback` (NLF).
+    # Split the prompts into this many shards, each a Ray task (stages/services/shards.py; RAY_ADDRESS
+    # names the cluster, else a local one starts). 1: in this process, no Ray.
+    shards: int = Field(1, ge=1)
     conditioning: Literal["none", "quark_best", "feedback"] = "none"
     # Rounds before this one sample without conditioning: round 0's policy is the base model, which
     # has never seen a reward token or feedback (Quark's and NLF's initial pool). Evaluate always
@@ -84,6 +89,7 @@ def annotator_step(**options) -> BaseModel:
 
 class AnnotateConfig(Section):
     steps: list[AnnotatorStep] = Field(default_factory=lambda: [annotator_step()])
+    shards: int = Field(1, ge=1)  # samples split over this many Ray tasks (as sample.shards)
 
 
 class ReweightStrategy(Section):
@@ -214,6 +220,7 @@ TrainConfig = _train_config()
 
 class ReferenceConfig(Section):
     batch_size: int = Field(8, ge=1)
+    shards: int = Field(1, ge=1)  # records split over this many Ray tasks (as sample.shards)
     token_logps: bool = False  # also per-token log-probs of generation1 (quark/nlf kl: cached)
     mixed_precision: Literal["no", "bf16"] = "no"
     # Filled from train (model, max_length, max_prompt_length) so tokenisation matches training.
@@ -258,6 +265,9 @@ class RunConfig(Section):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    # Stage -> the Prefect work pool whose workers run it, in runs of deployments (`align deploy`):
+    # e.g. {sample: gpu, evaluate: gpu, train: training}. The other stages run where the flow runs.
+    pools: dict[StageName, str] = {}
 
     @field_validator("stages")
     @classmethod
@@ -265,6 +275,15 @@ class RunConfig(Section):
         if len(set(stages)) != len(stages):
             raise ValueError("a stage is listed twice")
         return stages
+
+    @model_validator(mode="after")
+    def _pools_name_stages_of_the_flow(self):
+        for stage, pool in self.pools.items():
+            if stage not in self.stages:
+                raise ValueError(f"pools: {stage} is not a stage of this flow (stages: {', '.join(self.stages)})")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", pool):
+                raise ValueError(f"pools.{stage}: {pool!r} is not a work pool name (letters, digits, . _ -)")
+        return self
 
     @model_validator(mode="after")
     def _reference_follows_train(self):

@@ -18,6 +18,7 @@ from stages.pipeline.context import StageOutput, stage
 from stages.services.models import load_causal_lm, load_tokenizer, model_identity, resolve_model
 from stages.data.schemas import REFERENCE_COLUMNS, check_columns
 from stages.services.scoring import score
+from stages.services.shards import map_shards
 from stages.data.tokens import of_record
 
 
@@ -31,9 +32,21 @@ def run(ctx, cfg: ReferenceConfig) -> StageOutput:
     check_columns(pool, {"prompt": pa.string(), "generation1": pa.string()}, "reference input (build_pool)")
     rows = pool.to_pylist()
     path = resolve_model(cfg.model, "reference.model")
+    ctx.log.info("reference: log-probs of %d records under %s", len(rows), path)
+    scored, where = map_shards(reference_shard, rows, cfg.shards, path, cfg)
+    columns = {name: [r[name] for r in scored] for name in REFERENCE_COLUMNS.names}
+    table = pool.select([c for c in pool.column_names if c not in REFERENCE_COLUMNS.names])
+    for field in REFERENCE_COLUMNS:
+        table = table.append_column(field, pa.array(columns[field.name], type=field.type))
+    n = sum(v is not None for v in columns["reference_logp1"])
+    return StageOutput(table, {"records": len(rows), "scored_generation1": n, "model": str(path),
+                               **({"shards_ran_on": where} if cfg.shards > 1 else {})})
+
+
+def reference_shard(rows: list[dict], shard: int, path: str, cfg: ReferenceConfig) -> list[dict]:
+    """One shard's reference columns, one dict per record (a Ray task when reference.shards > 1)."""
     tokenizer = load_tokenizer(path)
     model = load_causal_lm(path).eval()
-    ctx.log.info("reference: log-probs of %d records under %s", len(rows), path)
     # Every completion of every record in one list, so the ones of a prompt share its forward pass.
     wanted = [(out_col, gen_col, i) for out_col, gen_col in (("reference_logp1", "generation1"),
                                                             ("reference_logp2", "generation2"),
@@ -44,13 +57,9 @@ def run(ctx, cfg: ReferenceConfig) -> StageOutput:
     sums, toks = score(model, seqs, tokenizer.pad_token_id, cfg.batch_size, (cfg.max_prompt_length, cfg.max_length),
                        per_token=cfg.token_logps, dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None,
                        desc="reference")
-    columns: dict[str, list] = {name: [None] * len(rows) for name in REFERENCE_COLUMNS.names}
+    out = [{name: None for name in REFERENCE_COLUMNS.names} for _ in rows]
     for (out_col, gen_col, i), total, per_token in zip(wanted, sums, toks):
-        columns[out_col][i] = total
+        out[i][out_col] = total
         if gen_col == "generation1" and cfg.token_logps:
-            columns["reference_token_logps1"][i] = per_token
-    table = pool.select([c for c in pool.column_names if c not in REFERENCE_COLUMNS.names])
-    for field in REFERENCE_COLUMNS:
-        table = table.append_column(field, pa.array(columns[field.name], type=field.type))
-    n = sum(v is not None for v in columns["reference_logp1"])
-    return StageOutput(table, {"records": len(rows), "scored_generation1": n, "model": str(path)})
+            out[i]["reference_token_logps1"] = per_token
+    return out

@@ -7,13 +7,18 @@ generation, whether it was truncated, and the checkpoint that produced it.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pyarrow as pa
 
 from stages.config import SampleConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
+from stages.pipeline.store import ArtifactStore
 from stages.services.generation import conditioning, generate
 from stages.services.models import model_identity, resolve_model
+from stages.services.shards import map_shards, shard_seed
 
 SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("prompt", pa.string()), ("split", pa.string()), ("sample_index", pa.int32()),
@@ -42,7 +47,11 @@ def run(ctx, cfg: SampleConfig) -> StageOutput:
     ctx.log.info("sample: %d prompts x %d from %s (%s backend)", len(prompts), cfg.n, path, cfg.backend)
     if ctx.round < cfg.conditioning_from_round:
         cfg = cfg.model_copy(update={"conditioning": "none"})
-    generated = generate(path, [r["prompt"] for r in prompts], cfg, ctx.round_seed, ctx.log)
+    # A shard on another machine fetches last round's policy from a remote store itself.
+    train = ctx.inputs.get("train")
+    remote = (train.store.url, train.path) if train is not None and not train.store.local else None
+    generated, where = map_shards(sample_shard, [r["prompt"] for r in prompts], cfg.shards, str(path), remote, cfg,
+                                  ctx.round_seed)
     cond = conditioning(cfg)[1]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "split": r["split"], "sample_index": i,
              "conditioning": cond, "checkpoint": str(path), **g}
@@ -51,4 +60,13 @@ def run(ctx, cfg: SampleConfig) -> StageOutput:
     truncated = sum(r["truncated"] for r in rows) / len(rows)
     mean_len = sum(r["completion_tokens"] for r in rows) / len(rows)
     return StageOutput(table, {"samples": len(rows), "prompts": len(prompts), "truncated_fraction": truncated,
-                               "mean_completion_tokens": mean_len})
+                               "mean_completion_tokens": mean_len, **({"shards_ran_on": where} if cfg.shards > 1 else {})})
+
+
+def sample_shard(texts: list[str], shard: int, path: str, remote: tuple[str, str] | None, cfg: SampleConfig,
+                 seed: int) -> list[list[dict]]:
+    """One shard's generations (a Ray task when sample.shards > 1); `remote`: (store URL, train
+    artifact) to read the policy from when the artifacts live in object storage."""
+    if remote is not None and not Path(path).is_dir():
+        path = str(ArtifactStore(remote[0]).local_dir(remote[1]) / "model")
+    return generate(path, texts, cfg, shard_seed(seed, shard), logging.getLogger("align"))

@@ -13,7 +13,8 @@ lease instead, since no kernel sees both machines:
     <root>/<experiment>/.lock       {"owner", "host", "pid", "expires"}: created only if absent
 
 The holder rewrites `expires` every LEASE_SECONDS / 4; a lease past its expiry (its holder was
-killed, or lost the store for that long) is broken by the next run, which logs whose it was. Lease
+killed, or lost the store for that long), or one whose holder ran on this machine and is gone, is
+broken by the next run, which logs whose it was. Lease
 times are wall-clock: machines sharing a root need clocks within a few seconds of each other. Two
 runs breaking one expired lease in the same instant can both go on (object stores delete
 unconditionally); the one that lost it logs an error when it next renews.
@@ -148,6 +149,19 @@ class _LeaseHolder:
             self.fs.rm_file(self.url)
 
 
+def _gone(lease: dict) -> bool:
+    """Whether the lease's holder ran on this machine and its process has ended (killed)."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
 def _describe(lease: dict | None) -> str:
     if not lease:
         return "nobody"
@@ -164,8 +178,10 @@ def _lease(store: ArtifactStore, experiment: str, wait: bool, poll_seconds: floa
         current = holder.read()
         if current is None:
             continue  # released between our attempt and the read
-        if current.get("expires", 0) < time.time():
-            log.warning("experiment %s: breaking the expired lease of %s (%s)", experiment, _describe(current), url)
+        gone = _gone(current)
+        if gone or current.get("expires", 0) < time.time():
+            log.warning("experiment %s: breaking the %s lease of %s (%s)", experiment,
+                        "dead process's" if gone else "expired", _describe(current), url)
             store.fs.rm_file(url)
             continue
         if not wait:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -118,7 +119,15 @@ def why_stale(store: ArtifactStore, path: str, manifest: dict | None, fp: str, i
     return store.verify(path, manifest)
 
 
-def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, force: bool = False) -> StageResult:
+def placement(where: dict | None = None) -> dict:
+    """Where a stage runs, for its manifest: the host and process, and the Prefect worker (which
+    sets PREFECT__WORKER_NAME for its flow runs) and work pool when it runs under one."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "worker": os.environ.get("PREFECT__WORKER_NAME"),
+            "pool": None, **(where or {})}
+
+
+def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, force: bool = False,
+              where: dict | None = None) -> StageResult:
     specs = stage_specs()
     if stage not in specs:
         raise BadInput(f"unknown stage '{stage}' (known: {', '.join(specs)})")
@@ -164,6 +173,7 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
             "started": started,
             "finished": _now(),
             "wall_seconds": round(wall, 3),
+            "ran_on": placement(where),
             "metrics": out.metrics,
         }
         store.commit(workdir, dest, manifest)

@@ -3,6 +3,9 @@ state, one-line errors for bad parameters, deployments and schedules, and the UI
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import struct
 import threading
 import time
@@ -88,6 +91,14 @@ def test_object_store_roots_hold_a_renewed_lease_in_the_store(caplog):
     with caplog.at_level("WARNING", logger="align"), experiment_lock(root, "exp"):
         assert json.loads(fs.cat_file(url))["owner"] != "x"
     assert "breaking the expired lease of pid 1 on elsewhere" in caplog.text
+
+    # A holder on this machine whose process is gone (SIGKILL) is broken at once, expired or not.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    fs.pipe_file(url, json.dumps({"owner": "y", "host": socket.gethostname(), "pid": int(dead.stdout),
+                                  "expires": time.time() + 3600}).encode())
+    with caplog.at_level("WARNING", logger="align"), experiment_lock(root, "exp"):
+        pass
+    assert "breaking the dead process's lease" in caplog.text
     fs.rm("/lease-test", recursive=True)
 
 
@@ -351,7 +362,7 @@ class FakeStages:
     def with_options(self, **_):
         return self
 
-    def __call__(self, config, stage, round_, artifacts, force=False, fail=False):
+    def __call__(self, config, stage, round_, artifacts, force=False, fail=False, pool=None):
         self.calls.append((stage, round_, force, fail))
         path = ROOT / self.store.stage_dir(config.experiment, round_, stage)
         if fail:
