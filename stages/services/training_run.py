@@ -53,7 +53,9 @@ def train_and_save(job: TrainJob, rows: list[dict]) -> tuple[list[dict], str]:
     cfg = TrainConfig.model_validate(job.config)
     objective, model, tokenizer = prepare(cfg, rows, job.seed, model_path=job.start)
     mode = attach_reference(objective, cfg, rows, model)
-    state = PartialState()
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())  # the one fit's Accelerator joins
     if state.is_main_process:
         log.info("train: %s on %d records, model %s, reference %s%s%s", cfg.objective, len(rows), job.start or cfg.model,
                  mode, f", LoRA r={cfg.lora.r}" if cfg.lora else "",
@@ -88,11 +90,10 @@ def _launch(folder: Path, job: TrainJob, rows: list[dict], processes: int, accel
             raise BadInput(f"train.accelerate_config: no such file {accelerate_config}")
         cmd += ["--config_file", accelerate_config]
     else:
-        import torch
-
-        cmd += ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+        # accelerate's torchrun launcher; on a machine without CUDA the processes' Accelerator(cpu=True)
+        # joins them over gloo (accelerate's --cpu flag would start a single process).
+        cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-        cmd += ["--multi_gpu"] if torch.cuda.is_available() else ["--cpu"]
     cmd += ["-m", "stages.services.training_run", str(folder)]
     env = {**os.environ}
     if not accelerate_config and "OMP_NUM_THREADS" not in os.environ:

@@ -9,8 +9,8 @@ with the same weights as an uninterrupted one (data order is a pure function of 
 Under torch.distributed (train.processes > 1, see services/distributed_training.py) every process
 builds the same micro-batches and takes its shard of each (whole groups for grouped objectives).
 Each shard's loss is sum(w * loss) over its examples divided by the weight of the whole
-micro-batch (summed across processes) times the number of processes, so DDP's mean of the
-gradients is exactly the one-process gradient at the same global batch.
+micro-batch (summed across processes), so the sum of the processes' gradients is exactly the
+one-process gradient at the same global batch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from transformers import get_scheduler
 
 from stages.training import allocator
 from stages.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from stages.training.distributed_ops import idle
+from stages.training.distributed_ops import all_reduce_gradients, idle
 from stages.training.lean_layers import make_lean, native_gqa
 from stages.training.losses import weighted_mean
 from stages.training.objectives import Objective
@@ -107,12 +106,19 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if world > 1 and not sharded:
+        # Replicated data parallelism without the DDP wrapper: the objectives call the model's
+        # decoder and LM head separately (prompt sharing, the LM head at completion positions only),
+        # which a DDP forward would bypass; the gradients are summed across processes after each step's
+        # backward passes instead (all_reduce_gradients), the same sum DDP would compute.
+        model.to(accelerator.device)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(objective.ref_model, torch.nn.Module):
         objective.ref_model.to(accelerator.device)
     model.train()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded:
         log.warning("train: %s shards the weights; resumable checkpoints are written for replicated (DDP) "
                     "training only, so this run restarts from step 0 if killed", accelerator.distributed_type.value)
@@ -144,15 +150,16 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 total_weight = weights.sum().detach().float()
                 if world > 1:
                     total_weight = accelerator.reduce(total_weight, "sum")
-                ctx = accelerator.no_sync(model) if i < len(group) - 1 else nullcontext()
-                with ctx, accelerator.autocast(), idle(not mine):
+                with accelerator.autocast(), idle(not mine):
                     per_example, metrics = objective.per_example_loss(model, batch)
                     loss = weighted_mean(per_example, weights, total_weight) / len(group)
-                accelerator.backward(loss * world)  # DDP divides the summed gradients by `world`
+                accelerator.backward(loss)
                 loss_total += loss.item()
                 tokens += float(metrics.pop("tokens").sum()) if mine else 0.0
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), weights, total_weight)) / len(group)
+            if world > 1 and not sharded:
+                all_reduce_gradients(params)
             if world > 1:  # each process holds its shards' parts of the step's sums
                 keys = sorted(sums)
                 parts = accelerator.reduce(torch.tensor([loss_total, tokens, *(sums[k] for k in keys)]), "sum").tolist()
