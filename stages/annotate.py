@@ -29,7 +29,7 @@ def identity(cfg: AnnotateConfig) -> dict:
 def run(ctx, cfg: AnnotateConfig) -> StageOutput:
     samples = ctx.inputs["sample"].table()
     prompts, completions = samples.column("prompt").to_pylist(), samples.column("completion").to_pylist()
-    scored, where = map_shards(annotate_shard, list(zip(prompts, completions)), cfg.shards, cfg)
+    scored, where = map_shards(annotate_shard, list(zip(prompts, completions)), cfg.shards, cfg, seed=ctx.round_seed)
     score, feedback = [s for s, _ in scored], [f for _, f in scored]
     table = samples.append_column("score", pa.array(score, pa.float64())).append_column("feedback", pa.array(feedback, pa.string()))
     n, mean = len(prompts), mean_known(score)

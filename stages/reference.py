@@ -33,7 +33,7 @@ def run(ctx, cfg: ReferenceConfig) -> StageOutput:
     rows = pool.to_pylist()
     path = resolve_model(cfg.model, "reference.model")
     ctx.log.info("reference: log-probs of %d records under %s", len(rows), path)
-    scored, where = map_shards(reference_shard, rows, cfg.shards, path, cfg)
+    scored, where = map_shards(reference_shard, rows, cfg.shards, path, cfg, seed=ctx.round_seed)
     columns = {name: [r[name] for r in scored] for name in REFERENCE_COLUMNS.names}
     table = pool.select([c for c in pool.column_names if c not in REFERENCE_COLUMNS.names])
     for field in REFERENCE_COLUMNS:

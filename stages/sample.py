@@ -51,7 +51,7 @@ def run(ctx, cfg: SampleConfig) -> StageOutput:
     train = ctx.inputs.get("train")
     remote = (train.store.url, train.path) if train is not None and not train.store.local else None
     generated, where = map_shards(sample_shard, [r["prompt"] for r in prompts], cfg.shards, str(path), remote, cfg,
-                                  ctx.round_seed)
+                                  ctx.round_seed, seed=ctx.round_seed)
     cond = conditioning(cfg)[1]
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "split": r["split"], "sample_index": i,
              "conditioning": cond, "checkpoint": str(path), **g}

@@ -43,7 +43,11 @@ def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _run_shard(fn: Callable, part: list, shard: int, args: tuple) -> tuple[list, str]:
+def _run_shard(fn: Callable, part: list, shard: int, args: tuple, seed: int | None) -> tuple[list, str]:
+    from stages.pipeline.seeds import seed_everything
+
+    if seed is not None:
+        seed_everything(seed)  # the RNG state the stage started from (a fresh head is drawn alike)
     node = ""
     try:
         import ray
@@ -64,8 +68,10 @@ def _connect() -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def map_shards(fn: Callable, items: Sequence, shards: int, *args, gpus: float = 0) -> tuple[list, list[str]]:
-    """fn(part, shard_index, *args) -> list, for each contiguous part of `items`."""
+def map_shards(fn: Callable, items: Sequence, shards: int, *args, seed: int | None = None,
+               gpus: float = 0) -> tuple[list, list[str]]:
+    """fn(part, shard_index, *args) -> list, for each contiguous part of `items`. `seed`: the
+    stage's starting RNG seed, set again in every Ray task (the runner set it here)."""
     if shards <= 1 or len(items) <= 1:
         return fn(list(items), 0, *args), [_where()]
     import ray
@@ -73,7 +79,7 @@ def map_shards(fn: Callable, items: Sequence, shards: int, *args, gpus: float = 
     _connect()
     # SPREAD: shards are heavy (a model each), so one per node before two on any node.
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0, scheduling_strategy="SPREAD")(_run_shard)
-    refs = [task.remote(fn, part, i, args) for i, part in enumerate(split(items, shards))]
+    refs = [task.remote(fn, part, i, args, seed) for i, part in enumerate(split(items, shards))]
     out, where = [], []
     for result, place in ray.get(refs):
         out.extend(result)
