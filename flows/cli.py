@@ -105,7 +105,7 @@ def run(
 def stage(
     name: str = typer.Argument(..., help="Stage to run: load_prompts, build_pool, train, evaluate."),
     config: Path = typer.Option(..., "--config", help="YAML run configuration."),
-    round_: int = typer.Option(0, "--round", help="Round whose artifacts to read and write."),
+    round_: int = typer.Option(0, "--round", min=0, help="Round whose artifacts to read and write."),
     set_: list[str] = SetOpt,
     artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL)."),
     experiment: Optional[str] = typer.Option(None),
@@ -157,7 +157,9 @@ def inspect(directory: str = typer.Argument(..., help="An experiment folder, or 
                     table.add_row(str(k), st, "[red]incomplete[/]", "", "", "", "")
                     continue
                 problem = store.verify(path, m)
-                status = f"[red]corrupt: {problem}[/]" if problem else "[green]complete[/]"
+                stale = None if problem else store.lineage(m)
+                status = (f"[red]corrupt: {problem}[/]" if problem else f"[yellow]stale: {stale}[/]" if stale
+                          else "[green]complete[/]")
                 table.add_row(str(k), st, status, str(m["rows"]), m["fingerprint"], f"{m['wall_seconds']:.1f}", m["finished"])
         console.print(table)
 
@@ -228,6 +230,10 @@ def server(host: str = typer.Option("127.0.0.1", help="Address to listen on (loo
            port: int = typer.Option(4200, help="Port of the API and the UI.")):
     """Start the Prefect server and UI on HOST:PORT with the project's quiet, offline settings."""
     url = f"http://{host}:{port}"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] the Prefect server has no authentication: whoever reaches {host}:{port} "
+                      "can run any config, and a config can name Python callables (set ALIGN_ALLOWED_CALLABLES "
+                      "where flows run; see README, Security)", highlight=False)
     console.print(f"Prefect UI: {url}  (PREFECT_HOME={os.environ['PREFECT_HOME']})")
     console.print(f"then, in another shell: align serve [CONFIG ...]{'' if port == 4200 else f' --port {port}'}"
                   f"  (or PREFECT_API_URL={url}/api align run CONFIG)")
@@ -280,12 +286,15 @@ def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("ALIGN_DEBUG") == "1"
     try:
         typer.main.get_command(app).main(args=sys.argv[1:], prog_name="align", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    # typer >= 0.22 bundles its own click: its usage errors derive from typer.TyperException, not
+    # from the installed click's ClickException, so both are caught.
+    except (click.exceptions.Exit, typer.Exit) as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
+    except (click.ClickException, typer.TyperException) as e:
+        if hasattr(e, "show"):
+            e.show()  # the usage line and the error (or, for `align` alone, the help)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         sys.exit(130)
     except BadInput as e:
         if debug:

@@ -135,6 +135,33 @@ def written_since(store: ArtifactStore, config: RunConfig, round_: int, stage: s
     return datetime.fromisoformat(manifest["started"]) >= since.replace(microsecond=0)
 
 
+def mark_orphans_crashed(experiment: str, logger) -> None:
+    """Tag this flow run with its experiment, and mark the experiment's other runs that are still
+    RUNNING as Crashed: this run holds the experiment's lock, so they were killed (a SIGKILL leaves
+    no process to report it, and the UI would show them running for ever)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType, FlowRunFilterTags
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    tag = f"experiment:{experiment}"
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, tags=sorted({*(ctx.flow_run.tags or []), tag}))
+        stale = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[tag]), state=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+        for run in stale:
+            if run.id == ctx.flow_run.id or run.parent_task_run_id is not None:
+                continue
+            client.set_flow_run_state(run.id, Crashed(message=f"found still running by flow run {ctx.flow_run.name}, "
+                                                               f"which holds experiment {experiment}: it was killed"),
+                                      force=True)
+            logger.info("experiment %s: flow run %s was left running by a killed process; marked Crashed",
+                        experiment, run.name)
+
+
 # -- the flows --------------------------------------------------------------------------------------
 
 def execute(config_path: str, overrides: list[str] | None, artifacts: str | None, experiment: str | None,
@@ -146,6 +173,7 @@ def execute(config_path: str, overrides: list[str] | None, artifacts: str | None
         plan = plan_run(config_path, overrides, artifacts, experiment, force, rounds, add_rounds, fail_once)
         cfg, store = plan.config, ArtifactStore(plan.root)
         with experiment_lock(plan.root, cfg.experiment, wait=if_running == "wait"):
+            mark_orphans_crashed(cfg.experiment, logger)
             total = rounds_to_run(cfg, store, add_rounds)
             if add_rounds:
                 done = total - add_rounds

@@ -65,8 +65,12 @@ def _w(r: dict) -> float:
 
 
 def sft_records(rows, cfg, seed):
-    return [{**_prompt(r), **_gen(r)}
-            for r in _need(rows, "completion", "sft", "map a column to 'completion' in load_prompts.columns")]
+    have = _need(rows, "completion", "sft", "map a column to 'completion' in load_prompts.columns")
+    empty = [r for r in have if not r["completion"].strip() and not r.get("completion_ids")]
+    if empty:  # it would train the prompt to end at once
+        raise BadInput(f"build_pool: {len(empty)} of {len(have)} rows have an empty completion (first: prompt "
+                       f"{empty[0]['prompt']!r}); drop them (load_prompts.min_completion_words: 1) or fix the data")
+    return [{**_prompt(r), **_gen(r)} for r in have]
 
 
 def reward_pairs(rows, cfg, seed):

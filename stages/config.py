@@ -251,7 +251,8 @@ StageName = Literal["load_prompts", "sample", "annotate", "reweight", "data_pool
 
 
 class RunConfig(Section):
-    experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # A folder name, and part of lock and resume folder names: 100 characters at most.
+    experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     description: str = ""
     seed: int = 0
     rounds: int = Field(1, ge=1)  # online flows: round k samples from round k-1's policy
@@ -371,12 +372,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one, so a
+    second `train:` section would silently replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: Path) -> dict:
     """A config file's mapping; every problem is one BadInput line naming the file."""
     if not path.is_file():
         raise BadInput(f"config file does not exist: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise BadInput(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
@@ -384,8 +400,8 @@ def read_yaml(path: Path) -> dict:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "not valid YAML"
         raise BadInput(f"{path}: malformed YAML{where}: {problem}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file would run every default: a full SFT of SmolLM2
+        raise BadInput(f"{path}: the config is empty (give at least `experiment:` and what to change)")
     if not isinstance(data, dict):
         raise BadInput(f"{path}: expected a mapping of sections at the top level")
     return data

@@ -13,6 +13,7 @@ never lands on both sides.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -110,7 +111,13 @@ def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
             score = None if score is None else float(score)
         except (TypeError, ValueError):
             raise BadInput(f"{cfg.source}: column '{mapping['score']}' must be numeric (row {i}: {score!r})") from None
+        if score is not None and not math.isfinite(score):  # a NaN would be labelled against a NaN median
+            raise BadInput(f"{cfg.source}: column '{mapping['score']}' holds {score} in row {i} (use null for "
+                           "a missing score)")
         completion = cols["completion"][i]
+        if completion is not None and not isinstance(completion, str):
+            raise BadInput(f"{cfg.source}: column '{mapping['completion']}' must hold text (row {i} is "
+                           f"{type(completion).__name__}; token ids go in a completion_ids column)")
         ids = {k: cols[k][i] for k in ("prompt_ids", "completion_ids")}
         if (ids["prompt_ids"] is None) != (ids["completion_ids"] is None) or (ids["prompt_ids"] is not None
                                                                                 and completion is None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Literal
 
 from stages.annotators.base import Annotator
@@ -17,7 +18,16 @@ def vader_compound(prompts: list[str], completions: list[str]) -> list[float]:
     return vader_sentiment(list(completions))
 
 
+ALLOW_ENV = "ALIGN_ALLOWED_CALLABLES"
+
+
 def load_callable(dotted: str, field: str):
+    """The callable a config names. A config is code: it can name any importable function. When
+    ALIGN_ALLOWED_CALLABLES is set (comma-separated module prefixes; `align serve` and workers
+    should set it), only callables under those prefixes load."""
+    allowed = [p.strip() for p in os.environ.get(ALLOW_ENV, "").split(",") if p.strip()]
+    if allowed and not any(dotted == p or dotted.startswith(p.rstrip(".") + ".") for p in allowed):
+        raise BadInput(f"{field}: '{dotted}' is not under {ALLOW_ENV} ({', '.join(allowed)})")
     module, _, name = dotted.rpartition(".")
     try:
         fn = getattr(importlib.import_module(module), name)

@@ -11,6 +11,7 @@ from pathlib import Path
 from stages.config import RunConfig, load_config
 from stages.pipeline.errors import BadInput
 from stages.pipeline.paths import PROJECT_ROOT, default_artifact_root
+from stages.pipeline.store import ArtifactStore
 from stages.pipeline.runner import forced_stages, preflight
 
 
@@ -47,6 +48,7 @@ def plan_run(config_path: str, overrides: list[str] | None = None, artifacts: st
     if rounds is not None:
         overrides.append(f"rounds={rounds}")
     config = load_config(resolve_config_path(config_path), overrides, experiment or None)
+    ArtifactStore(artifacts or default_artifact_root()).check_writable()
     preflight(config, artifacts or default_artifact_root())
     forced = forced_stages(config, [s for s in (force or []) if s])
     fail_once = fail_once or None

@@ -7,8 +7,9 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    # Unknown keys are errors that name their path, not settings silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors that name their path, not settings silently ignored; so are inf and
+    # NaN (`--set train.learning_rate=.inf` would train to NaN and commit it).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def conditioning_template(template: str) -> str:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.pipeline.atomic import swap_in
+from stages.pipeline.errors import BadInput
 
 MANIFEST = "manifest.json"
 DATA = "data.parquet"
@@ -50,8 +51,24 @@ def sha256_file(fs, path: str) -> str:
 class ArtifactStore:
     def __init__(self, root: str):
         self.url = str(root)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except ImportError as e:  # a known protocol whose package is missing (s3: s3fs)
+            raise BadInput(f"artifact root {self.url}: {e}") from None
+        except ValueError as e:
+            raise BadInput(f"artifact root {self.url}: not a file system fsspec knows ({e})") from None
         self.local = self.fs.protocol in ("file", "local") or "file" in tuple(self.fs.protocol)
+
+    def check_writable(self) -> None:
+        """One line naming the root when a local root cannot hold artifacts (before anything runs)."""
+        if not self.local:
+            return
+        path = Path(self.root)
+        if path.exists() and not path.is_dir():
+            raise BadInput(f"artifact root {path}: is a file, not a folder")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise BadInput(f"artifact root {path}: {existing} is not writable")
 
     # -- where things are -------------------------------------------------------------------------
     def experiment_dir(self, experiment: str) -> str:
@@ -100,6 +117,17 @@ class ArtifactStore:
                 not all(k in manifest for k in REQUIRED_KEYS):
             return None
         return manifest
+
+    def lineage(self, manifest: dict) -> str | None:
+        """None when every input the artifact was built from is still the complete artifact there
+        (same run id); else which one was re-run or is gone (the runner re-runs such a stage)."""
+        for name, recorded in manifest.get("inputs", {}).items():
+            current = self.read_manifest(recorded.get("path", "")) if recorded.get("path") else None
+            if current is None:
+                return f"input {name} is incomplete"
+            if current.get("run_id") != recorded.get("run_id"):
+                return f"input {name} was re-run"
+        return None
 
     def verify(self, path: str, manifest: dict) -> str | None:
         """None when every file listed in the manifest is there with its checksum; else what is wrong."""
@@ -151,6 +179,15 @@ class ArtifactStore:
         """Scratch that outlives a killed stage (training checkpoints), keyed by its fingerprint."""
         base = Path(self.root) / TMP if self.local else Path(tempfile.gettempdir()) / "align-resume"
         return base / f"resume-{experiment}-round-{round_}-{stage}-{fp}"  # created by whoever writes there
+
+    def sweep_resume(self, keep: Path) -> list[Path]:
+        """Remove the resume folders of the same experiment, round and stage under other
+        fingerprints (a run killed before its config changed): they can never be resumed."""
+        prefix = keep.name.rsplit("-", 1)[0] + "-"
+        stale = [p for p in keep.parent.glob(f"{prefix}*") if p != keep and p.is_dir()] if keep.parent.is_dir() else []
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return stale
 
     def drop_resume(self, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)

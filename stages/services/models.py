@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -283,15 +285,57 @@ def resolve_model(ref: str, field: str = "model") -> str:
 
 def model_identity(ref: str, field: str = "model") -> str:
     """A short stable string for fingerprints: the resolved path, the sha256 of its config.json
-    and the weights' total size (hashing hundreds of MB of weights on every run is too slow)."""
+    and of its weights (new weights of the same shape are a new model). A weight file's hash is
+    cached by its path, size and mtime, so it is computed once per file version."""
     resolved = resolve_model(ref, field)
     folder = Path(resolved)
     if not folder.is_dir():
         return f"hub:{resolved}"  # a hub id, already validated by resolve_model
-    config_sha = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
+    try:
+        config_sha = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise BadInput(f"{field}: {folder / 'config.json'}: {e.strerror or e}") from None
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    size = sum(w.stat().st_size for w in weights)
-    return f"{resolved}|config:{config_sha}|weights:{size}"
+    digest = hashlib.sha256("".join(f"{w.name}:{file_sha256(w)}," for w in weights).encode()).hexdigest()[:16]
+    return f"{resolved}|config:{config_sha}|weights:{digest}"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, cached (in the temp folder) by its resolved path, size and mtime."""
+    stat = path.stat()
+    key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()
+    cache = Path(tempfile.gettempdir()) / "align-file-hashes" / f"{key}.json"
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    try:
+        cached = json.loads(cache.read_text())
+        if {k: cached.get(k) for k in stamp} == stamp:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({**stamp, "sha256": h.hexdigest()}))
+    os.replace(tmp, cache)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _loading(path) -> Iterator[None]:
+    """A model folder that cannot be read (a bad config.json, garbage weights) is bad input that
+    names the folder, not a bare library error."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadInput(f"model {path}: cannot be loaded ({type(e).__name__}: {first[:200]})") from None
+    except Exception as e:  # safetensors' own error type, among others
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise BadInput(f"model {path}: its weights cannot be read (safetensors: {e})") from None
 
 
 # --------------------------------------------------------------------------- set-up and loading
@@ -309,14 +353,16 @@ def prepare_models() -> dict[str, str]:
 def load_causal_lm(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    with _loading(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
 def load_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
     """Right padding for training; pass padding_side="left" for batched generation."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    with _loading(path):
+        tok = AutoTokenizer.from_pretrained(str(path))
     tok.padding_side = padding_side
     if tok.pad_token is None:  # batching needs one; eos is the usual stand-in
         tok.pad_token = tok.eos_token
@@ -327,7 +373,7 @@ def load_sequence_classifier(path: str | os.PathLike, tokenizer, dtype: torch.dt
     """A one-output scoring head on `path` (a new head when the checkpoint has none)."""
     from transformers import AutoModelForSequenceClassification
 
-    with _quiet_transformers():
+    with _quiet_transformers(), _loading(path):
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id  # LM backbones need it to find the last token
     return model

@@ -60,6 +60,10 @@ def epoch_batches(rows: list[dict], batch_size: int, seed: int, epoch: int, grou
     return [batches[i] for i in perm]
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training step's loss or gradient norm is NaN or infinite: the stage stops."""
+
+
 def shard(micro: list[dict], rank: int, world: int, group_key: str | None = None) -> list[dict]:
     """This process's contiguous share of a micro-batch; rows sharing `group_key` stay together."""
     if world == 1:
@@ -155,7 +159,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                     loss = weighted_mean(per_example, weights, total_weight) / len(group)
                 accelerator.backward(loss)
                 loss_total += loss.item()
-                tokens += float(metrics.pop("tokens").sum()) if mine else 0.0
+                step_tokens = float(metrics.pop("tokens").sum())  # popped on idle processes too: same keys
+                tokens += step_tokens if mine else 0.0
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), weights, total_weight)) / len(group)
             if world > 1 and not sharded:
@@ -167,6 +172,11 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             grad_norm = None
             if cfg.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            if not math.isfinite(loss_total) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                # Before the update: the weights (and the last checkpoint) stay finite.
+                raise NonFiniteLoss(f"train: step {step + 1}/{total}: loss {loss_total}, gradient norm {grad_norm}; "
+                                    f"nothing was committed (learning rate {cfg.learning_rate:g}: lower it, or check "
+                                    "the records' weights and rewards)")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,10 @@ from conftest import ROOT, align, needs_prepared
 pytestmark = needs_prepared
 
 DPO = ROOT / "configs" / "smoke_dpo.yaml"
-SETTINGS = ["--set", "train.epochs=1", "--set", "train.checkpoint_every=2", "--set", "stages=[load_prompts, build_pool, reference, train]"]
+# 18 training pairs in batches of 17: each epoch one micro-batch split 9 + 8 across the processes
+# and one of a single pair, where the second process computes a stand-in at weight 0.
+SETTINGS = ["--set", "train.batch_size=17", "--set", "train.checkpoint_every=1",
+            "--set", "stages=[load_prompts, build_pool, reference, train]"]
 
 
 def history(art: Path) -> list[dict]:

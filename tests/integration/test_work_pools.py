@@ -13,7 +13,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from conftest import ROOT, align, free_port, needs_prepared, wait_for_port
 
