@@ -47,10 +47,22 @@ def _quiet_prefect_tracebacks() -> None:
             handler.addFilter(NoTraceback())
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (not the one at set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("align")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -196,6 +208,8 @@ def report(
     console.print(table)
     png = reward_vs_kl_png(series)
     if out:
+        if not out.parent.is_dir():
+            raise BadInput(f"--out {out}: the folder {out.parent} does not exist")
         out.write_bytes(png)
         target = str(out)
     else:

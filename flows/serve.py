@@ -171,6 +171,10 @@ def deploy(configs: list[Path], pool: str, artifacts: str | None = None, schedul
 
     from flows.pipeline import STAGE_FLOW, stage_flow
 
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", pool):
+        raise BadInput(f"--pool {pool!r}: not a work pool name (letters, digits, . _ -)")
     url = api_url(port)
     deployments = build_deployments(configs, artifacts, schedule or Schedule())
     placed = sorted({p for path in configs for p in load_config(path).pools.values()})

@@ -19,8 +19,8 @@ CASES = [
     (["run", "{smoke}", "--artifact", "{root}"], "No such option: --artifact"),
     (["stage", "train"], "Missing option '--config'"),
     (["nope"], "No such command 'nope'"),
-    (["run"], "Missing argument 'CONFIG'"),
-    (["report"], "Missing argument 'EXPERIMENTS...'"),
+    (["run"], "Missing argument 'config'"),
+    (["report"], "Missing argument 'experiments'"),
     # Configs.
     (["run", "{cfg:experiment: x\ntrain: [oops\n}", "--artifacts", "{root}"], "malformed YAML"),
     (["run", "{cfg:experiment: x\ntrain:\n  learning_rte: 1e-5\n}", "--artifacts", "{root}"], "unknown key 'train.learning_rte'"),
@@ -32,6 +32,33 @@ CASES = [
     (["run", "{smoke}", "--set", "sample.shards=0", "--artifacts", "{root}"], "sample.shards"),
     (["run", "{smoke}", "--set", "train.model=/no/such/model", "--artifacts", "{root}"], "/no/such/model"),
     (["run", "{smoke}", "--set", "load_prompts.source=/no/such/data.jsonl", "--artifacts", "{root}"], "/no/such/data.jsonl"),
+    (["run", "{smoke}", "--set", "train.learning_rate=.inf", "--artifacts", "{root}"], "train.learning_rate': Input should be a finite number"),
+    (["run", "{smoke}", "--set", "train.max_grad_norm=.nan", "--artifacts", "{root}"], "train.max_grad_norm': Input should be a finite number"),
+    (["run", "{cfg:}", "--artifacts", "{root}"], "the config is empty"),
+    (["run", "{cfg:experiment: x\ntrain: {epochs: 1}\ntrain: {epochs: 2}\n}", "--artifacts", "{root}"], "key 'train' is given twice"),
+    (["run", "{bytes:experiment: caf\xe9\n}", "--artifacts", "{root}"], "not UTF-8 text"),
+    (["run", "{smoke}", "--experiment", "x" * 300, "--artifacts", "{root}"], "'experiment'"),
+    (["run", "{smoke}", "--experiment", "../escape", "--artifacts", "{root}"], "'experiment'"),
+    (["run", "{smoke}", "--artifacts", "{root}/smoke/round-0/train/manifest.json"], "is a file, not a folder"),
+    (["run", "{smoke}", "--artifacts", "nope://bucket/x"], "not a file system fsspec knows"),
+    (["report", "smoke", "--artifacts", "nope://bucket/x"], "not a file system fsspec knows"),
+    (["stage", "train", "--config", "{smoke}", "--round", "-1", "--artifacts", "{root}"], "--round"),
+    (["run", "{smoke}", "--no-prefect", "--set", "load_prompts.source={data:nan_score}", "--artifacts", "{root}"], "holds nan in row 1"),
+    (["run", "{smoke}", "--no-prefect", "--set", "load_prompts.source={data:id_completion}", "--artifacts", "{root}"], "must hold text (row 0 is list"),
+    (["run", "{smoke}", "--no-prefect", "--set", "train.model={model:bad_config}", "--artifacts", "{root}"], "cannot be loaded"),
+    (["run", "{smoke}", "--no-prefect", "--set", "train.model={model:bad_weights}", "--artifacts", "{root}"], "cannot be"),
+    (["run", "{smoke}", "--set", "train.model={model:no_config}", "--artifacts", "{root}"], "config.json"),
+    (["run", "{cfg:extends: nosuch.yaml\nexperiment: x\n}", "--artifacts", "{root}"], "config file does not exist"),
+    (["run", "{smoke}", "--set", "train.epochs", "--artifacts", "{root}"], "train.epochs"),
+    (["run", "{smoke}", "--force", "nosuch", "--artifacts", "{root}"], "nosuch"),
+    (["run", "{smoke}", "--set", "stages=[load_prompts, nope]", "--artifacts", "{root}"], "stages"),
+    (["run", "{smoke}", "--set", "train.objective=nope", "--artifacts", "{root}"], "train.objective"),
+    (["run", "{smoke}", "--set", "annotate.steps=[{kind: nope}]", "--artifacts", "{root}"], "annotate.steps"),
+    (["serve", "{smoke}", "--interval", "0"], "--interval: must be at least 1 second"),
+    (["serve", "{smoke}", "--cron", "not a cron"], "not a cron expression"),
+    (["deploy", "{smoke}", "--pool", "a b"], "--pool 'a b': not a work pool name"),
+    (["report", "smoke", "--artifacts", "{root}", "--out", "/no/such/dir/x.png"], "/no/such/dir does not exist"),
+    (["inspect", "{root}/smoke/round-0/train/manifest.json"], "no experiment artifacts under"),
     # Artifacts and inputs.
     (["stage", "sample", "--config", "{smoke}", "--artifacts", "{root}"], "stage 'sample' is not part of"),
     (["report", "nosuch", "--artifacts", "{root}"], "experiment nosuch has no evaluated round"),
@@ -51,18 +78,54 @@ def complete_root(tmp_path_factory) -> Path:
     from stages.pipeline.runner import run_flow_locally
     from stages.pipeline.store import ArtifactStore
 
+    from stages.pipeline.lock import experiment_lock
+
     root = tmp_path_factory.mktemp("complete") / "artifacts"
-    run_flow_locally(load_config(SMOKE), ArtifactStore(str(root)))
+    with experiment_lock(str(root), "smoke"):  # as every run does (it leaves the lock file)
+        run_flow_locally(load_config(SMOKE), ArtifactStore(str(root)))
     return root
+
+
+def data_file(kind: str, tmp: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp / f"{kind}.parquet"
+    rows = {"nan_score": {"prompt": ["a", "b"], "completion": [" x", " y"], "score": [1.0, float("nan")]},
+            "id_completion": {"prompt": ["a", "b"], "completion": [[1, 2], [3]]}}[kind]
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def model_folder(kind: str, tmp: Path) -> Path:
+    """A copy of the tiny model broken one way."""
+    import shutil
+
+    from stages.services.models import build_tiny_llama
+
+    path = tmp / kind
+    shutil.copytree(build_tiny_llama(), path)
+    if kind == "bad_config":
+        (path / "config.json").write_text("{not json")
+    elif kind == "bad_weights":
+        (path / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    elif kind == "no_config":
+        (path / "config.json").unlink()
+    return path
 
 
 def expand(args: list[str], root: Path, tmp: Path) -> list[str]:
     out = []
     for a in args:
-        if a.startswith("{cfg:"):
+        if a.startswith("{cfg:") or a.startswith("{bytes:"):
             path = tmp / f"config-{len(out)}.yaml"
-            path.write_text(a[5:-1])
+            text = a[a.index(":") + 1:-1]
+            path.write_bytes(text.encode("latin-1") if a.startswith("{bytes:") else text.encode())
             a = str(path)
+        for kind in ("nan_score", "id_completion"):
+            a = a.replace(f"{{data:{kind}}}", str(data_file(kind, tmp))) if f"{{data:{kind}}}" in a else a
+        for kind in ("bad_config", "bad_weights", "no_config"):
+            a = a.replace(f"{{model:{kind}}}", str(model_folder(kind, tmp))) if f"{{model:{kind}}}" in a else a
         out.append(a.replace("{smoke}", str(SMOKE)).replace("{root}", str(root)))
     return out
 
