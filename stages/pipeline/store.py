@@ -118,15 +118,25 @@ class ArtifactStore:
             return None
         return manifest
 
-    def lineage(self, manifest: dict) -> str | None:
-        """None when every input the artifact was built from is still the complete artifact there
-        (same run id); else which one was re-run or is gone (the runner re-runs such a stage)."""
+    def lineage(self, manifest: dict, _seen: dict | None = None) -> str | None:
+        """None when every input the artifact was built from, and theirs in turn, is still the
+        complete artifact there (same run id); else the first that was re-run or is gone. The
+        runner re-runs such a stage; `inspect` shows it as stale."""
+        seen = {} if _seen is None else _seen
         for name, recorded in manifest.get("inputs", {}).items():
-            current = self.read_manifest(recorded.get("path", "")) if recorded.get("path") else None
-            if current is None:
-                return f"input {name} is incomplete"
-            if current.get("run_id") != recorded.get("run_id"):
-                return f"input {name} was re-run"
+            path = recorded.get("path")
+            if path not in seen:
+                current = self.read_manifest(path) if path else None
+                if current is None:
+                    seen[path] = f"input {name} is incomplete"
+                elif current.get("run_id") != recorded.get("run_id"):
+                    seen[path] = f"input {name} was re-run"
+                else:
+                    seen[path] = None
+                    upstream = self.lineage(current, seen)
+                    seen[path] = upstream and f"{upstream} (under {name})"
+            if seen[path]:
+                return seen[path]
         return None
 
     def verify(self, path: str, manifest: dict) -> str | None:

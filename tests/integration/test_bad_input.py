@@ -146,3 +146,38 @@ def test_bad_input_exits_2_names_the_thing_and_changes_nothing(complete_root, tm
     errors = [line for line in err.splitlines() if line.startswith("align: ")]
     assert len(errors) <= 1, err
     assert tree(complete_root) == before, "a refused input changed the artifact root"
+
+
+@needs_prepared
+def test_a_run_that_fails_half_way_leaves_what_the_old_inputs_built_marked_stale(tmp_path, monkeypatch, capsys):
+    """load_prompts takes the new data, build_pool refuses it: the experiment's later stages were
+    built on the old load_prompts, and `inspect` says so instead of calling them complete."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.config import load_config
+    from stages.pipeline.runner import run_flow_locally
+    from stages.pipeline.store import ArtifactStore
+
+    root = tmp_path / "artifacts"
+    run_flow_locally(load_config(SMOKE), ArtifactStore(str(root)))
+    data = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": ["The film", "A story"], "completion": ["", "  "]}), data)
+    monkeypatch.setenv("ALIGN_MALLOC", "system")
+    monkeypatch.setattr(cli.console, "width", 300)  # one table row per line
+    for argv, code in ((["run", str(SMOKE), "--no-prefect", "--artifacts", str(root), "--set", f"load_prompts.source={data}",
+                         "--set", "load_prompts.min_completion_words=0", "--set", "load_prompts.heldout_fraction=0"], 2),
+                       (["inspect", str(root / "smoke")], 0)):
+        monkeypatch.setattr(sys, "argv", ["align", *argv])
+        try:
+            cli.main()
+            exit_code = 0
+        except SystemExit as e:
+            exit_code = e.code
+        assert exit_code == code
+    out = capsys.readouterr()
+    assert "2 of 2 rows have an empty completion" in out.err
+    lines = {line.split("│")[2].strip(): line for line in out.out.splitlines() if line.count("│") > 3}
+    assert "complete" in lines["load_prompts"]
+    assert "stale: input load_prompts was re-run" in lines["build_pool"]
+    assert "stale: input load_prompts was re-run (under build_pool)" in lines["train"]

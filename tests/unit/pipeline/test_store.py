@@ -121,3 +121,39 @@ def test_remote_artifacts_are_cached_by_run_id_and_verified(tmp_path, monkeypatc
     assert second != first and pq.read_table(second / "data.parquet").column("x").to_pylist() == [5]
     assert not (second / "model").exists()  # the old artifact's files are gone with it
     store.fs.rm(store.root, recursive=True)
+
+
+def test_lineage_names_a_re_run_input_and_what_was_built_on_it(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    a, b, c = (store.stage_dir("exp", 0, s) for s in ("a", "b", "c"))
+
+    def commit(dest, run_id, inputs):
+        work = store.new_workdir()
+        pq.write_table(pa.table({"x": [1]}), work / "data.parquet")
+        store.commit(work, dest, {"fingerprint": "f", "run_id": run_id, "rows": 1,
+                                  "inputs": {n: {"run_id": r, "path": p} for n, (p, r) in inputs.items()}})
+        return store.read_manifest(dest)
+
+    commit(a, "a1", {})
+    mb = commit(b, "b1", {"a": (a, "a1")})
+    mc = commit(c, "c1", {"b": (b, "b1")})
+    assert store.lineage(mb) is None and store.lineage(mc) is None
+    commit(a, "a2", {})  # a re-run (say, a failed run replaced it and stopped)
+    assert store.lineage(mb) == "input a was re-run"
+    assert store.lineage(mc) == "input a was re-run (under b)"
+    store.fs.rm(a, recursive=True)
+    assert store.lineage(mb) == "input a is incomplete"
+
+
+def test_resume_folders_of_other_fingerprints_are_swept(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    keep = store.resume_dir("exp", 0, "train", "new")
+    for fp in ("old1", "old2"):
+        (store.resume_dir("exp", 0, "train", fp) / "checkpoint").mkdir(parents=True)
+    other_stage = store.resume_dir("exp", 0, "reference", "x")
+    other_exp = store.resume_dir("exp2", 0, "train", "y")
+    other_stage.mkdir(parents=True)
+    other_exp.mkdir(parents=True)
+    swept = store.sweep_resume(keep)
+    assert sorted(p.name for p in swept) == ["resume-exp-round-0-train-old1", "resume-exp-round-0-train-old2"]
+    assert other_stage.exists() and other_exp.exists() and not any(p.exists() for p in swept)

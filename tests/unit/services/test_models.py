@@ -188,6 +188,19 @@ def test_model_identity_is_stable_and_tracks_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"0" * 10)
     first = models.model_identity(str(tmp_path))
     assert first == models.model_identity(str(tmp_path))
-    assert first.startswith(str(tmp_path.resolve())) and first.endswith("weights:10")
+    assert first.startswith(str(tmp_path.resolve())) and "|weights:" in first
     (tmp_path / "config.json").write_text('{"a": 2}')
+    assert models.model_identity(str(tmp_path)) != first
+
+
+def test_model_identity_tracks_new_weights_of_the_same_size(tmp_path):
+    import os
+
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"0" * 10)
+    first = models.model_identity(str(tmp_path))
+    stat = weights.stat()
+    weights.write_bytes(b"1" * 10)  # same shape, new values: a stale train artifact must not look complete
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert models.model_identity(str(tmp_path)) != first
