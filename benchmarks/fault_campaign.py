@@ -83,7 +83,7 @@ def same(reference: dict, now: dict) -> str | None:
         return f"complete stages differ: missing {sorted(set(reference) - set(now))}"
     for key, (fp, sha, _) in reference.items():
         if now[key][:2] != (fp, sha):
-            return f"{key}: fingerprint or table differs"
+            return f"{key}: {'fingerprint' if now[key][0] != fp else 'table'} differs"
     return None
 
 
@@ -136,22 +136,30 @@ def campaign(root: str, env: dict, kills: int, corruptions: int, seed: int, log=
     experiment = "smoke_online_dpo"
     rng = random.Random(seed)
     tally = Tally()
-    reference_root = f"{root}-reference"
-    wall = run_flow(reference_root, env)
-    reference = state(reference_root, experiment)
+    # Every trial runs at the same root (tables record the checkpoint's path), emptied in between.
+    from stages.pipeline.store import ArtifactStore
+
+    store = ArtifactStore(root)
+
+    def empty() -> None:
+        if store.fs.exists(store.root):
+            store.fs.rm(store.root, recursive=True)
+
+    wall = run_flow(root, env)
+    reference = state(root, experiment)
     log(f"reference run: {wall:.1f}s, {len(reference)} complete stages")
     for i in range(kills):
-        fresh = f"{root}-kill-{i}"
+        empty()
         delay = rng.uniform(0.5, wall)
         tally.kills += 1
-        problem = kill_trial(fresh, env, delay, reference, experiment)
+        problem = kill_trial(root, env, delay, reference, experiment)
         tally.kills_survived += problem is None
         if problem:
             tally.problems.append(f"kill {i} at {delay:.1f}s: {problem}")
         log(f"kill {i}: SIGKILL at {delay:.1f}s -> {'ok' if problem is None else problem}")
     for i in range(corruptions):
         tally.corruptions += 1
-        problem = corrupt_trial(reference_root, env, rng, reference, experiment)
+        problem = corrupt_trial(root, env, rng, reference, experiment)
         tally.corruptions_detected += problem is None
         if problem:
             tally.problems.append(f"corruption {i}: {problem}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 from conftest import ROOT, needs_prepared
 
@@ -15,6 +16,7 @@ pytestmark = needs_prepared
 def load_campaign():
     spec = importlib.util.spec_from_file_location("fault_campaign", ROOT / "benchmarks" / "fault_campaign.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["fault_campaign"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
