@@ -6,6 +6,7 @@ Errors are one line on stderr naming the field, column or path; `--debug` adds t
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -293,10 +294,31 @@ def serve(
                       echo=lambda line: console.print(line, markup=False, highlight=False))
 
 
+_last_words: list[str] = []
+
+
+def _say_last_words() -> None:
+    for line in _last_words:
+        print(line, file=sys.stderr)
+
+
+def _fail(line: str, code: int) -> None:
+    """Exit with `line` as stderr's last line. While Prefect's temporary server runs, the line is
+    printed at exit, after Prefect's own exit handlers (the server says "Stopping temporary server"
+    and ships the run's last logs then)."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None and getattr(server.SubprocessASGIServer, "_instances", None):
+        _last_words.append(line)
+    else:
+        print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
     from stages.training.allocator import reexec_under_jemalloc
 
     reexec_under_jemalloc("flows.cli")  # returns when jemalloc is absent, off, or already loaded
+    atexit.register(_say_last_words)  # before Prefect registers its own: atexit runs them in reverse
     debug = "--debug" in sys.argv or os.environ.get("ALIGN_DEBUG") == "1"
     try:
         typer.main.get_command(app).main(args=sys.argv[1:], prog_name="align", standalone_mode=False)
@@ -313,14 +335,12 @@ def main() -> None:
     except BadInput as e:
         if debug:
             traceback.print_exc()
-        print(f"align: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"align: error: {e}", 2)
     except Exception as e:  # a failure while running
         if debug:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0]
-        print(f"align: failed: {type(e).__name__}: {first}", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"align: failed: {type(e).__name__}: {first}", 1)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def mark_orphans_crashed(experiment: str, logger) -> None:
     if ctx is None or ctx.flow_run is None:
         return
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType, FlowRunFilterTags
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+                                                FlowRunFilterTags)
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
@@ -151,7 +152,7 @@ def mark_orphans_crashed(experiment: str, logger) -> None:
     with get_client(sync_client=True) as client:
         client.update_flow_run(ctx.flow_run.id, tags=sorted({*(ctx.flow_run.tags or []), tag}))
         stale = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            tags=FlowRunFilterTags(all_=[tag]), state=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+            tags=FlowRunFilterTags(all_=[tag]), state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
         for run in stale:
             if run.id == ctx.flow_run.id or run.parent_task_run_id is not None:
                 continue

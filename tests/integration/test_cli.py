@@ -35,6 +35,7 @@ def assert_one_line_error(proc, expected):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("align: error: ")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1] == errors[0], "the error is the last line"
 
 
 @pytest.mark.parametrize("yaml_text, sets, expected", [
@@ -119,6 +120,7 @@ def test_sigkill_mid_training_then_rerun_matches_uninterrupted(tmp_path):
     again = align("run", SMOKE, "--artifacts", art)
     assert again.returncode == 0, again.stderr
     assert "train: resumed from checkpoint" in again.stderr
+    assert "was left running by a killed process; marked Crashed" in again.stderr  # the killed run, in Prefect's database
     lines = {line.split()[3]: line for line in again.stdout.splitlines() if line.startswith("│")}
     assert "skipped" in lines["load_prompts"] and "skipped" in lines["build_pool"]
     assert " ran " in lines["train"] and " ran " in lines["evaluate"]

@@ -86,7 +86,9 @@ def test_a_kill_in_the_middle_of_an_upload_leaves_nothing_that_looks_complete(s3
     args = ["run", str(SMOKE), "--artifacts", url, "--no-prefect", "--set", "train.epochs=1"]
     import subprocess
 
-    killed = subprocess.run([sys.executable, "-c", KILL_IN_UPLOAD, *args], cwd=ROOT, env={**__import__("os").environ, **env},
+    # ALIGN_MALLOC=system: main() would re-exec the process under jemalloc and lose the patch.
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_UPLOAD, *args], cwd=ROOT,
+                            env={**__import__("os").environ, **env, "ALIGN_MALLOC": "system"},
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     after = complete_stages(url, "smoke")
