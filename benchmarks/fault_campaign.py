@@ -20,7 +20,6 @@ version (tests/integration/test_faults.py); README's Reliability section shows t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
