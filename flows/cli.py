@@ -43,7 +43,7 @@ def _quiet_prefect_tracebacks() -> None:
             record.exc_info, record.exc_text = None, None
             return True
 
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "align"):
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "align"):  # "": Prefect's console
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(NoTraceback())
 
@@ -97,7 +97,7 @@ def run(
         from flows.pipeline import pipeline
 
         if not debug:
-            _quiet_prefect_tracebacks()
+            os.environ["ALIGN_QUIET_CONSOLE"] = "1"  # flows.pipeline.quiet_console, once Prefect's handlers exist
         results = pipeline(str(config), list(set_), root, experiment, list(force))
     table = Table(title=f"experiment {cfg.experiment}")
     for col in ("round", "stage", "status", "rows", "fingerprint", "wall s"):

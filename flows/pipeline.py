@@ -165,10 +165,35 @@ def mark_orphans_crashed(experiment: str, logger) -> None:
 
 # -- the flows --------------------------------------------------------------------------------------
 
+QUIET = "ALIGN_QUIET_CONSOLE"  # set by `align run` (without --debug)
+
+
+class _OneLineConsole(logging.Filter):
+    """No tracebacks, and no repeats of a refused input: `align run` prints it once, last."""
+
+    def filter(self, record):
+        record.exc_info, record.exc_text = None, None
+        return "BadInput" not in record.getMessage()
+
+
+def quiet_console() -> None:
+    """For `align run`: filter Prefect's console handler (on the root logger once the run has
+    started); the API handlers are left alone, so the UI's run log keeps every line."""
+    if os.environ.get(QUIET) != "1":
+        return
+    names = ["", "prefect", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("prefect."))]
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is not logging.Handler and isinstance(handler, logging.StreamHandler) \
+                    and not any(isinstance(f, _OneLineConsole) for f in handler.filters):
+                handler.addFilter(_OneLineConsole())
+
+
 def execute(config_path: str, overrides: list[str] | None, artifacts: str | None, experiment: str | None,
             force: list[str] | None, rounds: int | None, add_rounds: int, fail_once: str | None,
             if_running: str) -> list[dict] | Failed:
     logger = get_run_logger() if FlowRunContext.get() else logging.getLogger("align")
+    quiet_console()
     attempt = current_attempt()
     try:
         plan = plan_run(config_path, overrides, artifacts, experiment, force, rounds, add_rounds, fail_once)

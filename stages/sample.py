@@ -37,7 +37,7 @@ def identity(cfg: SampleConfig) -> dict:
     return {"model": model_identity(cfg.model, "sample.model")}
 
 
-@stage("sample", version="4", inputs=("load_prompts@0", "train@prev"), identity=identity)
+@stage("sample", version="5", inputs=("load_prompts@0", "train@prev"), identity=identity)
 def run(ctx, cfg: SampleConfig) -> StageOutput:
     prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if cfg.split in ("all", r["split"])]
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
@@ -53,8 +53,10 @@ def run(ctx, cfg: SampleConfig) -> StageOutput:
     generated, where = map_shards(sample_shard, [r["prompt"] for r in prompts], cfg.shards, str(path), remote, cfg,
                                   ctx.round_seed, seed=ctx.round_seed)
     cond = conditioning(cfg)[1]
+    # Where the policy lives, not this machine's cached copy of it (on object-store roots).
+    checkpoint = train.store.fs.unstrip_protocol(f"{train.path}/model") if remote else str(path)
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "split": r["split"], "sample_index": i,
-             "conditioning": cond, "checkpoint": str(path), **g}
+             "conditioning": cond, "checkpoint": checkpoint, **g}
             for r, gens in zip(prompts, generated) for i, g in enumerate(gens)]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     truncated = sum(r["truncated"] for r in rows) / len(rows)

@@ -36,6 +36,7 @@ def assert_one_line_error(proc, expected):
     assert len(errors) == 1 and expected in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == errors[0], "the error is the last line"
+    assert proc.stderr.count(errors[0].removeprefix("align: error: ")) == 1, "said once, not repeated by Prefect"
 
 
 @pytest.mark.parametrize("yaml_text, sets, expected", [
