@@ -35,19 +35,6 @@ SetOpt = typer.Option([], "--set", help="Override a config value: a.b=value (rep
 DebugOpt = typer.Option(False, "--debug", help="Show tracebacks.")
 
 
-def _quiet_prefect_tracebacks() -> None:
-    """Prefect logs a failed task's traceback to the console; without --debug keep errors to one line."""
-
-    class NoTraceback(logging.Filter):
-        def filter(self, record):
-            record.exc_info, record.exc_text = None, None
-            return True
-
-    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs", "align"):  # "": Prefect's console
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(NoTraceback())
-
-
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record comes (not the one at set-up)."""
 
@@ -94,10 +81,10 @@ def run(
         with experiment_lock(root, cfg.experiment):
             results = [r.to_dict() for r in run_flow_locally(cfg, ArtifactStore(root), force)]
     else:
-        from flows.pipeline import pipeline
+        from flows.pipeline import QUIET, pipeline
 
         if not debug:
-            os.environ["ALIGN_QUIET_CONSOLE"] = "1"  # flows.pipeline.quiet_console, once Prefect's handlers exist
+            os.environ[QUIET] = "1"  # flows.pipeline.quiet_console, once Prefect's handlers exist
         results = pipeline(str(config), list(set_), root, experiment, list(force))
     table = Table(title=f"experiment {cfg.experiment}")
     for col in ("round", "stage", "status", "rows", "fingerprint", "wall s"):
@@ -289,7 +276,9 @@ def serve(
     from flows.serve import Schedule, serve as serve_deployments
 
     if not debug:
-        _quiet_prefect_tracebacks()
+        from flows.pipeline import quiet_console
+
+        quiet_console(drop_refused=False)  # keep errors to one line; the served runs' own lines stay
     serve_deployments(list(configs or []), artifacts, Schedule(cron, interval), port,
                       echo=lambda line: console.print(line, markup=False, highlight=False))
 

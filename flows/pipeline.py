@@ -88,6 +88,14 @@ def stage_task(cfg: RunConfig, stage: str, round_: int, artifacts: str, force: b
     return skipped_state(result) if result["status"] == "skipped" else result
 
 
+def run_stage_task(cfg: RunConfig, stage: str, round_: int, artifacts: str, force: bool, fail: bool,
+                   pool: str | None) -> dict:
+    """stage_task as a task run named after the stage and round; its result dict."""
+    run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {round_})")
+    result = run(cfg, stage, round_, artifacts, force, fail, pool)
+    return result.result() if isinstance(result, State) else result  # Skipped: a State
+
+
 def complete_rounds(config: RunConfig, store: ArtifactStore) -> int:
     """How many rounds, from round 0 on, have a complete artifact for every stage."""
     k = 0
@@ -169,31 +177,34 @@ QUIET = "ALIGN_QUIET_CONSOLE"  # set by `align run` (without --debug)
 
 
 class _OneLineConsole(logging.Filter):
-    """No tracebacks, and no repeats of a refused input: `align run` prints it once, last."""
+    """No tracebacks; with `drop_refused`, no repeats of a refused input either (`align run`
+    prints it once, last)."""
+
+    def __init__(self, drop_refused: bool):
+        super().__init__()
+        self.drop_refused = drop_refused
 
     def filter(self, record):
         record.exc_info, record.exc_text = None, None
-        return "BadInput" not in record.getMessage()
+        return not (self.drop_refused and "BadInput" in record.getMessage())
 
 
-def quiet_console() -> None:
-    """For `align run`: filter Prefect's console handler (on the root logger once the run has
-    started); the API handlers are left alone, so the UI's run log keeps every line."""
-    if os.environ.get(QUIET) != "1":
-        return
-    names = ["", "prefect", *(n for n in list(logging.root.manager.loggerDict) if n.startswith("prefect."))]
+def quiet_console(drop_refused: bool) -> None:
+    """Filter the console handlers (Prefect's sits on the root logger once a run has started; the
+    API handlers are left alone, so the UI's run log keeps every line)."""
+    names = ["", "align", *(n for n in list(logging.root.manager.loggerDict) if n == "prefect" or n.startswith("prefect."))]
     for name in names:
         for handler in logging.getLogger(name).handlers:
-            if type(handler) is not logging.Handler and isinstance(handler, logging.StreamHandler) \
-                    and not any(isinstance(f, _OneLineConsole) for f in handler.filters):
-                handler.addFilter(_OneLineConsole())
+            if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _OneLineConsole) for f in handler.filters):
+                handler.addFilter(_OneLineConsole(drop_refused))
 
 
 def execute(config_path: str, overrides: list[str] | None, artifacts: str | None, experiment: str | None,
             force: list[str] | None, rounds: int | None, add_rounds: int, fail_once: str | None,
             if_running: str) -> list[dict] | Failed:
     logger = get_run_logger() if FlowRunContext.get() else logging.getLogger("align")
-    quiet_console()
+    if os.environ.get(QUIET) == "1":
+        quiet_console(drop_refused=True)
     attempt = current_attempt()
     try:
         plan = plan_run(config_path, overrides, artifacts, experiment, force, rounds, add_rounds, fail_once)
@@ -236,9 +247,7 @@ def run_rounds(plan: Plan, store: ArtifactStore, total: int, attempt: Attempt) -
                 if pool:
                     results.append(run_on_pool(pool, cfg, stage, k, plan.root, force, fail, store))
                 else:
-                    run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {k})")
-                    result = run(cfg, stage, k, plan.root, force, fail, attempt.pool)
-                    results.append(result.result() if isinstance(result, State) else result)  # Skipped: a State
+                    results.append(run_stage_task(cfg, stage, k, plan.root, force, fail, attempt.pool))
                 failed = None
             report_round(store, cfg, k)
             ui_artifacts.round_artifacts(store, cfg.experiment, k, stages_of_round(cfg, k), cfg.evaluate.samples_to_show)
@@ -282,10 +291,7 @@ def stage_flow(config: dict, stage: str, round_: int, artifacts: str, force: boo
                pool: str = "") -> dict:
     """One stage of a pipeline run, on a worker of the pool this deployment belongs to (the parent
     run holds the experiment's lock and passes its validated config)."""
-    cfg = RunConfig.model_validate(config)
-    run = stage_task.with_options(name=stage, task_run_name=f"{stage} (round {round_})")
-    result = run(cfg, stage, round_, artifacts, force, fail, pool or None)
-    return result.result() if isinstance(result, State) else result
+    return run_stage_task(RunConfig.model_validate(config), stage, round_, artifacts, force, fail, pool or None)
 
 
 @flow(name="align-pipeline", log_prints=True, persist_result=True, result_serializer="json")

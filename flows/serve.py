@@ -173,7 +173,9 @@ def deploy(configs: list[Path], pool: str, artifacts: str | None = None, schedul
 
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", pool):
+    from stages.config import NAME
+
+    if not re.fullmatch(NAME, pool):
         raise BadInput(f"--pool {pool!r}: not a work pool name (letters, digits, . _ -)")
     url = api_url(port)
     deployments = build_deployments(configs, artifacts, schedule or Schedule())

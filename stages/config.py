@@ -250,9 +250,13 @@ StageName = Literal["load_prompts", "sample", "annotate", "reweight", "data_pool
                     "evaluate"]
 
 
+# An experiment's or a work pool's name: a folder name and part of lock and deployment names.
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
 class RunConfig(Section):
     # A folder name, and part of lock and resume folder names: 100 characters at most.
-    experiment: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    experiment: str = Field(pattern=f"^{NAME}$", max_length=100)
     description: str = ""
     seed: int = 0
     rounds: int = Field(1, ge=1)  # online flows: round k samples from round k-1's policy
@@ -282,7 +286,7 @@ class RunConfig(Section):
         for stage, pool in self.pools.items():
             if stage not in self.stages:
                 raise ValueError(f"pools: {stage} is not a stage of this flow (stages: {', '.join(self.stages)})")
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", pool):
+            if not re.fullmatch(NAME, pool):
                 raise ValueError(f"pools.{stage}: {pool!r} is not a work pool name (letters, digits, . _ -)")
         return self
 

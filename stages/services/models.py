@@ -327,14 +327,14 @@ def file_sha256(path: Path) -> str:
 def _loading(path) -> Iterator[None]:
     """A model folder that cannot be read (a bad config.json, garbage weights) is bad input that
     names the folder, not a bare library error."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BadInput(f"model {path}: cannot be loaded ({type(e).__name__}: {first[:200]})") from None
-    except Exception as e:  # safetensors' own error type, among others
-        if type(e).__name__ != "SafetensorError":
-            raise
+    except SafetensorError as e:
         raise BadInput(f"model {path}: its weights cannot be read (safetensors: {e})") from None
 
 

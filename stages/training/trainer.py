@@ -6,7 +6,7 @@ AdamW and the LR schedule, logs one metrics row per optimizer step, and writes a
 checkpoint every `checkpoint_every` steps. A killed run resumes from its last checkpoint and ends
 with the same weights as an uninterrupted one (data order is a pure function of seed and epoch).
 
-Under torch.distributed (train.processes > 1, see services/distributed_training.py) every process
+Under torch.distributed (train.processes > 1, launched by services/training_run.py) every process
 builds the same micro-batches and takes its shard of each (whole groups for grouped objectives).
 Each shard's loss is sum(w * loss) over its examples divided by the weight of the whole
 micro-batch (summed across processes), so the sum of the processes' gradients is exactly the
@@ -146,8 +146,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             loss_total, tokens = 0.0, 0.0
             for i, micro in enumerate(group):
                 mine = shard(micro, rank, world, group_key)
-                # A process left without rows computes the first unit at weight 0: DDP needs every
-                # process to run the same backward passes.
+                # A process left without rows computes the first unit at weight 0: every process
+                # must take part in the same collectives (the weight total, the gradient sums).
                 rows_here = mine or shard(micro, 0, len(micro), group_key)
                 batch = {k: v.to(accelerator.device) for k, v in objective.collate(rows_here, tokenizer).items()}
                 weights = batch["weights"] if mine else torch.zeros_like(batch["weights"])

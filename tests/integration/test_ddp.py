@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
         for _ in range(6000):
             if any(killed.glob(".tmp/resume-smoke_dpo-round-0-train-*/checkpoint/state.json")) or proc.poll() is not None:
                 break
-            __import__("time").sleep(0.02)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

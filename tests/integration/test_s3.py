@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import fsspec
@@ -84,11 +86,9 @@ def test_a_kill_in_the_middle_of_an_upload_leaves_nothing_that_looks_complete(s3
     before = complete_stages(url, "smoke")
     # Change train's config so that train re-runs and replaces its complete artifact, and die in its upload.
     args = ["run", str(SMOKE), "--artifacts", url, "--no-prefect", "--set", "train.epochs=1"]
-    import subprocess
-
     # ALIGN_MALLOC=system: main() would re-exec the process under jemalloc and lose the patch.
     killed = subprocess.run([sys.executable, "-c", KILL_IN_UPLOAD, *args], cwd=ROOT,
-                            env={**__import__("os").environ, **env, "ALIGN_MALLOC": "system"},
+                            env={**os.environ, **env, "ALIGN_MALLOC": "system"},
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     after = complete_stages(url, "smoke")

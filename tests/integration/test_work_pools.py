@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from conftest import ROOT, align, free_port, needs_prepared, wait_for_port
+from conftest import ROOT, align, free_port, needs_prepared, stop, wait_for_port
 
 pytestmark = needs_prepared
 
@@ -35,18 +35,6 @@ def wait_until(predicate, timeout: float, what: str, procs=()):
 def start(args, cwd, env, log):
     handle = open(log, "w")
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc):
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_stages_run_on_the_workers_of_the_pools_the_config_names(s3_root, tmp_path):
