@@ -255,12 +255,14 @@ def deploy(
     artifacts: Optional[str] = typer.Option(None, help="Artifact root the deployments default to (shared by every "
                                                        "worker: s3://bucket/prefix for several machines)."),
     port: int = typer.Option(4200, help="Port of `align server` (used when PREFECT_API_URL is not set)."),
+    heartbeat: int = typer.Option(30, help="Seconds between a flow run's heartbeats; a run silent for three is "
+                                           "marked Crashed (its worker died)."),
 ):
     """Register the flows as deployments on Prefect work pools; `prefect worker start --pool NAME` on
     any machine runs them (stages placed by the config's `pools:` run on their own pools' workers)."""
     from flows.serve import Schedule, deploy as deploy_flows
 
-    deploy_flows(list(configs), pool, artifacts, Schedule(cron, interval), port, echo=console.print)
+    deploy_flows(list(configs), pool, artifacts, Schedule(cron, interval), port, heartbeat, echo=console.print)
 
 
 @app.command()

@@ -161,8 +161,45 @@ def ensure_pool(client, name: str) -> None:
         client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
 
 
+CRASH_AUTOMATION = "align: crash flow runs whose heartbeat stopped"
+
+
+def ensure_crash_detection(heartbeat: int) -> None:
+    """The automation that marks an align flow run Crashed when its heartbeats stop for three
+    periods: a worker (or its machine) killed mid-stage reports nothing, and without this the UI
+    would show the run Running for ever and the parent run would wait on its subflow for ever.
+    Prefect's recipe (docs: detect zombie flows), kept to flow runs tagged `align`."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        match_related=ResourceSpecification({"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.align"}),
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=3 * heartbeat))
+    action = ChangeFlowRunState(state=StateType.CRASHED,
+                                message=f"no heartbeat for {3 * heartbeat} s: its worker or machine died")
+    try:
+        existing = Automation.read(name=CRASH_AUTOMATION)
+    except ValueError:
+        existing = None
+    if existing is None:
+        Automation(name=CRASH_AUTOMATION, trigger=trigger, actions=[action]).create()
+    elif existing.trigger != trigger or existing.actions != [action]:
+        existing.trigger, existing.actions = trigger, [action]
+        existing.update()
+
+
 def deploy(configs: list[Path], pool: str, artifacts: str | None = None, schedule: Schedule | None = None,
-           port: int = 4200, echo=print) -> list[str]:
+           port: int = 4200, heartbeat: int = 30, echo=print) -> list[str]:
     """Register the pipeline deployments on `pool` and an `align-stage/<pool>` deployment for every
     pool the configs place stages on (RunConfig.pools); returns the deployments' names."""
     from prefect import deploy as prefect_deploy
@@ -177,6 +214,8 @@ def deploy(configs: list[Path], pool: str, artifacts: str | None = None, schedul
 
     if not re.fullmatch(NAME, pool):
         raise BadInput(f"--pool {pool!r}: not a work pool name (letters, digits, . _ -)")
+    if heartbeat < 30:
+        raise BadInput(f"--heartbeat {heartbeat}: must be at least 30 seconds (Prefect's minimum)")
     url = api_url(port)
     deployments = build_deployments(configs, artifacts, schedule or Schedule())
     placed = sorted({p for path in configs for p in load_config(path).pools.values()})
@@ -184,12 +223,17 @@ def deploy(configs: list[Path], pool: str, artifacts: str | None = None, schedul
     with get_client(sync_client=True) as client:
         for name in sorted({pool, *placed}):
             ensure_pool(client, name)
+    ensure_crash_detection(heartbeat)
+    # The flow runs a worker starts get the heartbeat the automation expects.
+    job_variables = {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat)}}
+    for d in deployments:
+        d.job_variables = job_variables
     common = {"print_next_steps_message": False, "build": False, "push": False, "ignore_warnings": True}
     prefect_deploy(*deployments, work_pool_name=pool, **common)
     names = [f"{'align-rounds' if d.entrypoint.endswith('.iterate') else 'align-pipeline'}/{d.name}" for d in deployments]
     for name in placed:
         d = stage_flow.to_deployment(name, entrypoint_type=EntrypointType.MODULE_PATH, tags=["align"],
-                                     description=f"the stages that configs place on work pool {name}")
+                                     job_variables=job_variables, description=f"the stages that configs place on work pool {name}")
         prefect_deploy(d, work_pool_name=name, **common)
         names.append(f"{STAGE_FLOW}/{name}")
     echo(f"deployed on {url[:-4] if url.endswith('/api') else url}: " + ", ".join(names))

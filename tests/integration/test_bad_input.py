@@ -57,6 +57,7 @@ CASES = [
     (["serve", "{smoke}", "--interval", "0"], "--interval: must be at least 1 second"),
     (["serve", "{smoke}", "--cron", "not a cron"], "not a cron expression"),
     (["deploy", "{smoke}", "--pool", "a b"], "--pool 'a b': not a work pool name"),
+    (["deploy", "{smoke}", "--pool", "a", "--heartbeat", "5"], "--heartbeat 5: must be at least 30 seconds"),
     (["report", "smoke", "--artifacts", "{root}", "--out", "/no/such/dir/x.png"], "/no/such/dir does not exist"),
     (["inspect", "{root}/smoke/round-0/train/manifest.json"], "no experiment artifacts under"),
     # Artifacts and inputs.
