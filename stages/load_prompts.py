@@ -49,7 +49,7 @@ def identity(cfg: LoadPromptsConfig) -> dict:
         path = sources.corpus_path(cfg.source)
         return {"corpus": cfg.source, "bytes": path.stat().st_size if path.exists() else None}
     if _is_local_file(cfg.source):
-        digest = tables.file_sha256(cfg.source)
+        digest = tables.file_sha256(cfg.source, "load_prompts.source")
         if digest is None:
             raise BadInput(f"load_prompts.source: file not found: {cfg.source}")
         return {"file_sha256": digest}

@@ -40,6 +40,8 @@ def read_table_file(path: str, field: str = "source") -> pa.Table:
             size = fs.size(fs_path)
         else:
             local = Path(path).expanduser()
+            if local.is_dir():
+                raise BadInput(f"{field}: {path} is a folder, not a data file")
             if not local.is_file():
                 raise BadInput(f"{field}: file not found: {path}")
             size = local.stat().st_size
@@ -72,11 +74,19 @@ def _read(source, kind: str) -> pa.Table:
     return pa_csv.read_csv(source, parse_options=pa_csv.ParseOptions(newlines_in_values=True))
 
 
-def file_sha256(path: str) -> str | None:
-    """Content hash of a local or fsspec file (None when it does not exist); enters fingerprints."""
+def file_sha256(path: str, field: str = "source") -> str | None:
+    """Content hash of a local or fsspec file (None when it does not exist); enters fingerprints.
+    A folder or a file that cannot be read is a one-line BadInput naming `field` and the path."""
     import fsspec
 
     from stages.pipeline.store import sha256_file
 
     fs, fs_path = fsspec.core.url_to_fs(str(Path(path).expanduser()) if "://" not in str(path) else str(path))
-    return sha256_file(fs, fs_path) if fs.isfile(fs_path) else None
+    if fs.isdir(fs_path):
+        raise BadInput(f"{field}: {path} is a folder, not a data file")
+    if not fs.isfile(fs_path):
+        return None
+    try:
+        return sha256_file(fs, fs_path)
+    except OSError as e:
+        raise BadInput(f"{field}: cannot read {path}: {e.strerror or e}") from None

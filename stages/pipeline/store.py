@@ -69,6 +69,10 @@ class ArtifactStore:
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise BadInput(f"artifact root {path}: {existing} is not writable")
+        try:  # os.access says yes to root everywhere; /proc, /sys or a read-only mount still refuse
+            os.rmdir(tempfile.mkdtemp(prefix=".align-probe-", dir=existing))
+        except OSError as e:
+            raise BadInput(f"artifact root {path}: {existing} is not writable ({e.strerror})") from None
 
     # -- where things are -------------------------------------------------------------------------
     def experiment_dir(self, experiment: str) -> str:

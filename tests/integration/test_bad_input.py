@@ -32,6 +32,11 @@ CASES = [
     (["run", "{smoke}", "--set", "sample.shards=0", "--artifacts", "{root}"], "sample.shards"),
     (["run", "{smoke}", "--set", "train.model=/no/such/model", "--artifacts", "{root}"], "/no/such/model"),
     (["run", "{smoke}", "--set", "load_prompts.source=/no/such/data.jsonl", "--artifacts", "{root}"], "/no/such/data.jsonl"),
+    (["run", "{smoke}", "--set", "load_prompts.source={tmp}", "--artifacts", "{root}"], "is a folder, not a data file"),
+    (["run", "{smoke}", "--set", "load_prompts.source=/proc/self/mem", "--artifacts", "{root}"], "cannot read /proc/self/mem"),
+    # root may write anywhere os.access asks about; /proc and /sys still refuse
+    (["run", "{smoke}", "--no-prefect", "--artifacts", "/proc/align-root"], "artifact root /proc/align-root: /proc is not writable"),
+    (["run", "{smoke}", "--no-prefect", "--artifacts", "/sys/kernel/align"], "/sys/kernel is not writable"),
     (["run", "{smoke}", "--set", "train.learning_rate=.inf", "--artifacts", "{root}"], "train.learning_rate': Input should be a finite number"),
     (["run", "{smoke}", "--set", "train.max_grad_norm=.nan", "--artifacts", "{root}"], "train.max_grad_norm': Input should be a finite number"),
     (["run", "{cfg:}", "--artifacts", "{root}"], "the config is empty"),
@@ -127,7 +132,7 @@ def expand(args: list[str], root: Path, tmp: Path) -> list[str]:
             a = a.replace(f"{{data:{kind}}}", str(data_file(kind, tmp))) if f"{{data:{kind}}}" in a else a
         for kind in ("bad_config", "bad_weights", "no_config"):
             a = a.replace(f"{{model:{kind}}}", str(model_folder(kind, tmp))) if f"{{model:{kind}}}" in a else a
-        out.append(a.replace("{smoke}", str(SMOKE)).replace("{root}", str(root)))
+        out.append(a.replace("{smoke}", str(SMOKE)).replace("{root}", str(root)).replace("{tmp}", str(tmp)))
     return out
 
 
