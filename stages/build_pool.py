@@ -54,9 +54,13 @@ def _prompt(r: dict) -> dict:
 
 
 def _gen(r: dict, k: int | str = 1) -> dict:
-    """generation{k} (text, token ids as sampled, weight) of a sample row."""
-    return {f"generation{k}": r["completion"], f"generation{k}_ids": r.get("completion_ids"),
-            f"generation{k}_weight": _w(r)}
+    """generation{k} (text, token ids as sampled, weight; for generation1 also the sampling
+    policy's per-token log-probs) of a sample row."""
+    out = {f"generation{k}": r["completion"], f"generation{k}_ids": r.get("completion_ids"),
+           f"generation{k}_weight": _w(r)}
+    if k == 1:
+        out["generation1_logps"] = r.get("completion_logps")
+    return out
 
 
 def _w(r: dict) -> float:
@@ -183,7 +187,7 @@ def _drawn_from_pool(table: pa.Table) -> pa.Table:
     return drawn.rename_columns(["score" if c == "reward" else c for c in drawn.column_names])
 
 
-@stage("build_pool", version="3", inputs=("load_prompts@0", "annotate", "reweight", "data_pool"))
+@stage("build_pool", version="4", inputs=("load_prompts@0", "annotate", "reweight", "data_pool"))
 def run(ctx, cfg: BuildPoolConfig) -> StageOutput:
     if "data_pool" in ctx.inputs:
         prompts = _drawn_from_pool(ctx.inputs["data_pool"].table())

@@ -1,8 +1,8 @@
 """sample: n generations per prompt from the current policy (stages/services/generation.py).
 
 Round 0 samples from `sample.model` (the base policy); round k from round k-1's trained model.
-Each row records the prompt and completion token ids, the policy's own summed log-prob of its
-generation, whether it was truncated, and the checkpoint that produced it.
+Each row records the prompt and completion token ids, the policy's own log-prob of each generated
+token and their sum, whether it was truncated, and the checkpoint that produced it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ SCHEMA = pa.schema([
     # re-tokenisation of the text. prompt_ids is the unconditioned prompt, as cut for the budget.
     ("conditioning_ids", pa.list_(pa.int32())), ("prompt_ids", pa.list_(pa.int32())),
     ("completion_ids", pa.list_(pa.int32())),
+    # log p(token) of each completion_ids token under the sampling policy (GRPO's pi_old)
+    ("completion_logps", pa.list_(pa.float32())),
 ])
 
 
@@ -37,7 +39,7 @@ def identity(cfg: SampleConfig) -> dict:
     return {"model": model_identity(cfg.model, "sample.model")}
 
 
-@stage("sample", version="5", inputs=("load_prompts@0", "train@prev"), identity=identity)
+@stage("sample", version="6", inputs=("load_prompts@0", "train@prev"), identity=identity)
 def run(ctx, cfg: SampleConfig) -> StageOutput:
     prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if cfg.split in ("all", r["split"])]
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts

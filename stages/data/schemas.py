@@ -12,6 +12,8 @@
 - prompt_ids, generation1_ids, generation2_ids, kl_generation_ids: the token ids of the prompt
   (unconditioned) and of each generation as the policy sampled them, else null. Where a record has
   them, every stage scores and trains these ids (stages/data/tokens.py); text is tokenised otherwise.
+- generation1_logps: log p of each generation1_ids token under the policy that sampled it (GRPO's
+  ratio), else null
 
 The reference stage adds, keyed by the pool and the reference model:
 - reference_logp1 / reference_logp2 / reference_kl_logp: summed completion log-probs
@@ -42,6 +44,7 @@ RECORDS = pa.schema([
     ("generation1_ids", pa.list_(pa.int32())),
     ("generation2_ids", pa.list_(pa.int32())),
     ("kl_generation_ids", pa.list_(pa.int32())),
+    ("generation1_logps", pa.list_(pa.float32())),
 ])
 
 REFERENCE_COLUMNS = pa.schema([
@@ -54,7 +57,7 @@ REFERENCE_COLUMNS = pa.schema([
 DEFAULTS = {"generation2": None, "generation1_reward": None, "generation2_reward": None,
             "generation1_weight": 1.0, "generation2_weight": 1.0, "desirable": None, "control": None,
             "feedback": None, "kl_generation": None, "prompt_ids": None, "generation1_ids": None,
-            "generation2_ids": None, "kl_generation_ids": None}
+            "generation2_ids": None, "kl_generation_ids": None, "generation1_logps": None}
 
 
 def records_table(rows: list[dict]) -> pa.Table:

@@ -1,9 +1,10 @@
 """Generation from a causal LM: batched `generate` with a KV cache and left padding, prompts sorted
 by length so batches waste little padding, temperature / top-p / max_new_tokens, stop on EOS, an
 optional conditioning prefix (Quark's best reward token, or NLF feedback). Seeded: the same config
-and checkpoint give the same samples. Each sample carries its token ids and the policy's own summed
-log-prob of its generation (temperature 1, no top-p: the distribution importance weights need),
-read from the raw logits while generating, so no second forward pass is needed.
+and checkpoint give the same samples. Each sample carries its token ids and the policy's own
+log-prob of each generated token and their sum (temperature 1, no top-p: the distribution
+importance weights and GRPO's ratio need), read from the raw logits while generating, so no
+second forward pass is needed.
 
 Used by the sample stage (the round's samples) and by evaluate (held-out samples of the trained
 policy). Backends: "hf" (transformers generate, default) and "vllm" (GPU machines; imported only
@@ -73,7 +74,7 @@ def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> tuple[list[int], l
 
 def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> list[list[dict]]:
     """For each prompt (conditioned as cfg says), n dicts: text, token ids and counts, truncated,
-    policy_logprob."""
+    policy_logprob and the per-token completion_logps."""
     tokenizer = load_tokenizer(path, padding_side="left")
     model = load_causal_lm(path).eval()
     eos = tokenizer.eos_token_id
@@ -108,6 +109,7 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
                 "completion": tokenizer.decode(tokens, skip_special_tokens=True), "prompt_tokens": len(encoded[i]),
                 "completion_tokens": len(tokens), "truncated": not tokens or tokens[-1] != eos,
                 "policy_logprob": float(token_logps[j, :stop].double().sum()),
+                "completion_logps": token_logps[j, :stop].tolist(),
                 "conditioning_ids": parts[i][0], "prompt_ids": parts[i][1], "completion_ids": tokens})
             new_tokens += len(tokens)
         bar.update(len(rows))
@@ -135,11 +137,13 @@ def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -
     parts = [encode_prompt(llm.get_tokenizer(), p, cfg) for p in prompts]  # the same token rules as hf
     out = []
     for (prefix, prompt), result in zip(parts, llm.generate([{"prompt_token_ids": a + b} for a, b in parts], params)):
-        # vLLM's cumulative log-prob is under the sampling distribution (after temperature / top-p).
+        # vLLM's log-probs are under the sampling distribution (after temperature / top-p).
         out.append([{"completion": o.text, "prompt_tokens": len(prefix) + len(prompt),
                      "completion_tokens": len(o.token_ids), "truncated": o.finish_reason != "stop",
                      "policy_logprob": o.cumulative_logprob, "conditioning_ids": prefix, "prompt_ids": prompt,
-                     "completion_ids": list(o.token_ids)} for o in result.outputs])
+                     "completion_ids": list(o.token_ids),
+                     "completion_logps": [step[t].logprob for t, step in zip(o.token_ids, o.logprobs or [])] or None}
+                    for o in result.outputs])
     return out
 
 

@@ -129,3 +129,35 @@ def rloo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, rewards: torch.Tensor,
     others = (one_hot @ shaped - shaped) / (size - 1).clamp(min=1)
     advantage = torch.where(size > 1, shaped - others, torch.zeros_like(shaped)).detach()
     return -advantage * logp, advantage
+
+
+def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, scale: bool, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages: each sample's reward minus the mean reward of its prompt's group
+    (`groups` holds a prompt index per sample), divided by the group's standard deviation (unbiased,
+    + eps) when `scale`; Dr. GRPO leaves it out (scale=False). A lone sample gets 0."""
+    one_hot = (groups[:, None] == groups[None, :]).to(rewards.dtype)
+    size = one_hot.sum(-1)
+    centred = rewards - one_hot @ rewards / size
+    if scale:
+        std = (one_hot @ centred.square() / (size - 1).clamp(min=1)).sqrt()
+        centred = centred / (std + eps)
+    return torch.where(size > 1, centred, torch.zeros_like(centred)).detach()
+
+
+def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+                    mask: torch.Tensor, eps_low: float, eps_high: float, beta: float) -> dict[str, torch.Tensor]:
+    """GRPO's per-token loss, [B, T] (zero off the mask): the clipped surrogate on the ratio
+    pi / pi_old of the sampled tokens (PPO's, with the sequence's advantage at every token), plus
+    beta times the k3 estimate of KL(pi || ref), exp(ref - logp) - (ref - logp) - 1. Also the
+    per-token k3 and whether the clip was active (for metrics)."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        log_ratio = ref_logp - logp
+        kl = torch.exp(log_ratio) - log_ratio - 1
+        loss = loss + beta * kl
+    return {"loss": loss * mask, "kl": kl * mask, "clipped": (clipped < unclipped).to(logp.dtype) * mask,
+            "ratio": ratio * mask}

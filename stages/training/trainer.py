@@ -105,7 +105,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     group_key = getattr(objective, "group_by", None)
     micro_per_epoch = len(epoch_batches(rows, cfg.batch_size, seed, 0, False, group_key))
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    repeats = objective.updates_per_batch()  # consecutive steps on the same micro-batches (GRPO)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum) * repeats
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -140,7 +141,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             batches = epoch_batches(rows, cfg.batch_size, seed, epoch, cfg.group_by_length, group_key)
-            group = batches[in_epoch * cfg.grad_accum:(in_epoch + 1) * cfg.grad_accum]
+            at = in_epoch // repeats
+            group = batches[at * cfg.grad_accum:(at + 1) * cfg.grad_accum]
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             loss_total, tokens = 0.0, 0.0

@@ -74,7 +74,7 @@ def test_llm_judge_on_a_real_prompt_order_swap():
 # -- flows ---------------------------------------------------------------------------------------
 
 @needs_prepared
-@pytest.mark.parametrize("name", ["smoke_online_dpo", "smoke_online_kto", "smoke_online_rl"])
+@pytest.mark.parametrize("name", ["smoke_online_dpo", "smoke_online_kto", "smoke_online_rl", "smoke_online_grpo"])
 def test_online_flow_runs_two_rounds(tmp_path, name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     results = run_flow_locally(cfg, ArtifactStore(str(tmp_path)))
@@ -144,6 +144,9 @@ def test_importance_rescoring_uses_the_sampled_tokens(tmp_path):
     got = R.sequence_logps(resolve_model(cfg.sample.model), [r["conditioning_ids"] + r["prompt_ids"] for r in rows],
                            [r["completion_ids"] for r in rows])
     assert got == pytest.approx([r["policy_logprob"] for r in rows], abs=1e-3)
+    # per token, as GRPO's ratio reads them: one per completion token, summing to the total
+    assert all(len(r["completion_logps"]) == len(r["completion_ids"]) for r in rows)
+    assert [sum(r["completion_logps"]) for r in rows] == pytest.approx([r["policy_logprob"] for r in rows], abs=1e-3)
     assert R.importance(rows, got, clip=10) == pytest.approx([1.0] * len(rows), abs=1e-2)
 
 

@@ -12,10 +12,10 @@ import importlib
 import pkgutil
 
 from stages.training.objectives.base import (OBJECTIVES, Objective, batch_token_logps, column, make_objective, sequences,
-                                    shared_prompt_batch)
+                                    shared_prompt_batch, token_grid)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["OBJECTIVES", "Objective", "batch_token_logps", "column", "make_objective", "sequences",
-           "shared_prompt_batch"]
+           "shared_prompt_batch", "token_grid"]

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from stages.training.logprobs import completion_token_logps, shared_prompt_token_logps
+from stages.pipeline.errors import BadInput
 from stages.pipeline.sections import Section
 from stages.data.tokens import Sequence, join, of_record, pad
 
@@ -63,6 +64,30 @@ def batch_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
                                          batch["shared_prompt_index"], batch["shared_completion_ids"],
                                          batch["shared_completion_mask"])
     return completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+
+
+def completion_positions(batch: dict) -> torch.Tensor:
+    """The bool grid batch_token_logps lays a batch's completion tokens out on, one row per sequence."""
+    if "shared_completion_mask" in batch:
+        return batch["shared_completion_mask"].bool()
+    return batch["completion_mask"][:, 1:].bool()
+
+
+def token_grid(batch: dict, rows: list[dict], name: str) -> torch.Tensor | None:
+    """Per-token values of the rows' column `name` (one per completion token, as the sample or
+    reference stage recorded them) on the grid of completion_positions; None unless every row has
+    them. Values past a cut completion's kept tokens are dropped."""
+    if not rows or any(r.get(name) is None for r in rows):
+        return None
+    positions = completion_positions(batch)[: len(rows)]
+    grid = torch.zeros(positions.shape, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        kept = int(positions[i].sum())
+        if len(r[name]) < kept:
+            raise BadInput(f"records column '{name}': record {r.get('prompt_id')!r} has {len(r[name])} values for "
+                           f"{kept} completion tokens")
+        grid[i][positions[i]] = torch.tensor(r[name][:kept], dtype=torch.float32)
+    return grid
 
 
 def column(rows, name, dtype=torch.float32, default=None):
@@ -112,6 +137,10 @@ class Objective:
     def needs_reference_logits(self) -> bool:
         """True when cached per-sequence log-probs cannot stand in for a resident reference model."""
         return False
+
+    def updates_per_batch(self) -> int:
+        """Optimizer steps taken on each batch of records before the next (GRPO's num_iterations)."""
+        return 1
 
     def prepare_model(self, model, tokenizer, rows: list[dict], seed: int) -> None:
         """Adjust model and tokenizer to the records before training (Quark adds its tokens)."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from stages.training import losses as L
 from stages.training.logprobs import completion_token_stats
-from stages.training.objectives.base import Objective, column
+from stages.training.objectives.base import Objective, column, token_grid
 from stages.pipeline.sections import Section
 
 
@@ -50,14 +49,9 @@ class ConditionedNLL(Objective):
         # The reference sees the unconditioned prompt; the completion tokens are the same.
         out.update({f"ref_{k}": v for k, v in self.seqs(tokenizer, rows, ["generation1"]).items()})
         out["weights"] = column(rows, "generation1_weight", default=1.0)
-        if self.opt.kl == "cached" and all(r.get("reference_token_logps1") is not None for r in rows):
-            width = out["completion_mask"].shape[1] - 1
-            grid = torch.zeros(len(rows), width)
-            cm = out["completion_mask"][:, 1:].bool()
-            for i, r in enumerate(rows):
-                vals = torch.tensor(r["reference_token_logps1"], dtype=torch.float32)
-                grid[i][cm[i]] = vals[: int(cm[i].sum())]
-            out["ref_token_logps"] = grid
+        cached = token_grid(out, rows, "reference_token_logps1") if self.opt.kl == "cached" else None
+        if cached is not None:
+            out["ref_token_logps"] = cached
         return out
 
     def per_example_loss(self, model, batch):

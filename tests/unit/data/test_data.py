@@ -71,7 +71,7 @@ def test_missing_file(tmp_path):
 
 def test_directory_is_not_a_file(tmp_path):
     (tmp_path / "d.csv").mkdir()
-    assert "not found" in _bad(tmp_path / "d.csv")
+    assert "is a folder, not a data file" in _bad(tmp_path / "d.csv")
 
 
 def test_bad_extension(tmp_path):

@@ -340,3 +340,129 @@ def test_gradient_matches_finite_differences_on_tiny_model(tiny, objective, opts
             down = weighted_loss(obj, model, tok, ROWS).item()
             flat[i] = orig
             assert math.isclose((up - down) / (2 * h), grad.view(-1)[i].item(), rel_tol=1e-4, abs_tol=1e-8)
+
+
+# -- GRPO ----------------------------------------------------------------------------------------
+
+def test_group_advantages_against_hand_values():
+    rewards = t([1.0, 0.0, 2.0, 5.0, 3.0, 7.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert torch.allclose(L.group_advantages(rewards, groups, scale=False), t([0, -1, 1, 1, -1, 0]))
+    # unbiased std: group 0 (0, -1, 1) -> 1; group 1 (1, -1) -> sqrt(2); a lone sample -> 0
+    s2 = math.sqrt(2) + 1e-4
+    want = [0, -1 / 1.0001, 1 / 1.0001, 1 / s2, -1 / s2, 0]
+    assert torch.allclose(L.group_advantages(rewards, groups, scale=True), t(want))
+    # equal rewards in a group: advantage 0 (no division by a zero std blowing up)
+    assert torch.equal(L.group_advantages(t([3.0, 3.0]), torch.tensor([0, 0]), scale=True), t([0.0, 0.0]))
+
+
+def test_grpo_token_loss_against_a_hand_formula():
+    logp = t([[-1.0, -2.0, -0.5], [-3.0, -0.2, 0.0]])
+    old = t([[-1.1, -1.5, -0.5], [-2.0, -0.4, 0.0]])
+    ref = t([[-1.2, -2.5, -0.4], [-2.5, -0.3, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    adv = t([2.0, -1.0])
+    eps_low, eps_high, beta = 0.2, 0.28, 0.04
+    got = L.grpo_token_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta)
+    for i in range(2):
+        for j in range(3):
+            r = math.exp(logp[i, j] - old[i, j])
+            surrogate = -min(r * adv[i].item(), min(max(r, 1 - eps_low), 1 + eps_high) * adv[i].item())
+            k3 = math.exp(ref[i, j] - logp[i, j]) - (ref[i, j] - logp[i, j]).item() - 1
+            want = (surrogate + beta * k3) * mask[i, j].item()
+            assert math.isclose(got["loss"][i, j].item(), want, rel_tol=1e-12, abs_tol=1e-15)
+            assert math.isclose(got["kl"][i, j].item(), k3 * mask[i, j].item(), rel_tol=1e-12, abs_tol=1e-15)
+
+
+def test_grpo_gradient_is_cut_exactly_where_the_clip_binds():
+    """d loss / d logp per token: -A * ratio inside the clip (or where the clip would only help),
+    0 where it binds; the k3 term adds beta * (1 - exp(ref - logp))."""
+    # ratios exp(0.5) > 1.28 and exp(-0.5) < 0.8, each with a positive and a negative advantage
+    logp = t([[0.5], [0.5], [-0.5], [-0.5]]).requires_grad_()
+    old, mask = torch.zeros(4, 1, dtype=torch.float64), torch.ones(4, 1, dtype=torch.float64)
+    adv = t([1.0, -1.0, 1.0, -1.0])
+    loss = L.grpo_token_loss(logp, old, None, adv, mask, 0.2, 0.28, 0.0)["loss"]
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    r_hi, r_lo = math.exp(0.5), math.exp(-0.5)
+    assert torch.allclose(grad.flatten(), t([0.0, r_hi, -r_lo, 0.0]))
+    ref = t([[0.1], [0.1], [0.1], [0.1]])
+    loss = L.grpo_token_loss(logp, logp.detach(), ref, adv, mask, 0.2, 0.2, 0.5)["loss"]
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    want = -adv + 0.5 * (1 - torch.exp(ref.flatten() - logp.detach().flatten()))
+    assert torch.allclose(grad.flatten(), want)
+
+
+GRPO_ROWS = [
+    {"prompt_id": "a", "prompt": "The film was", "generation1": "a delight from start to end.", "generation1_reward": 0.9},
+    {"prompt_id": "a", "prompt": "The film was", "generation1": "a chore.", "generation1_reward": 0.1},
+    {"prompt_id": "a", "prompt": "The film was", "generation1": "fine, I guess.", "generation1_reward": 0.4},
+    {"prompt_id": "b", "prompt": "Honestly, this movie", "generation1": "moved me.", "generation1_reward": 0.7},
+    {"prompt_id": "b", "prompt": "Honestly, this movie", "generation1": "bored me to tears.", "generation1_reward": 0.2},
+]
+
+
+def grpo(**opts):
+    return make_objective(TrainConfig(objective="grpo", max_length=32, max_prompt_length=8, grpo=opts))
+
+
+def alone_token_logps(model, tok, row):
+    one = sequences([from_text(tok, row["prompt"], row["generation1"])], tok.pad_token_id, 8, 32)
+    lp, mask = completion_token_logps(model, one["input_ids"], one["attention_mask"], one["completion_mask"])
+    return lp[0][mask[0].bool()]
+
+
+@needs_prepared
+@pytest.mark.parametrize("opts", [{"beta": 0.1}, {"beta": 0.0, "scale_rewards": False, "loss_type": "dr_grpo",
+                                                 "max_completion_length": 16, "epsilon_high": 0.3}])
+def test_grpo_objective_against_each_sequence_scored_alone(tiny, opts):
+    """The objective's per-example losses (shared prompts, cached per-token reference and sampling
+    log-probs laid on the batch's grid) equal the formula over each sequence scored on its own."""
+    model, tok = tiny
+    obj = grpo(**opts)
+    alone = [alone_token_logps(model, tok, r) for r in GRPO_ROWS]
+    gen = torch.Generator().manual_seed(0)
+    rows = [{**r, "generation1_logps": (lp - 0.3 * torch.rand(len(lp), generator=gen, dtype=lp.dtype)).tolist(),
+             "reference_token_logps1": (lp + 0.2).tolist()} for r, lp in zip(GRPO_ROWS, alone)]
+    batch = obj.collate(rows, tok)
+    assert "shared_prompt_ids" in batch  # the two prompts run once each
+    got, metrics = obj.per_example_loss(model, batch)
+    adv = L.group_advantages(t([r["generation1_reward"] for r in rows]), torch.tensor([0, 0, 0, 1, 1]),
+                             obj.opt.scale_rewards)
+    for i, (r, lp) in enumerate(zip(rows, alone)):
+        old, ref = (torch.tensor(r[c], dtype=torch.float32).double() for c in ("generation1_logps", "reference_token_logps1"))
+        parts = L.grpo_token_loss(lp[None], old[None], ref[None] if obj.opt.beta else None, adv[i:i + 1],
+                                  torch.ones(1, len(lp), dtype=lp.dtype), obj.opt.epsilon,
+                                  obj.opt.epsilon_high or obj.opt.epsilon, obj.opt.beta)
+        denominator = len(lp) if obj.opt.loss_type == "grpo" else obj.opt.max_completion_length
+        torch.testing.assert_close(got[i], parts["loss"].sum() / denominator, rtol=1e-5, atol=1e-6)
+    assert 0 < float(metrics["clip_fraction"].max()) <= 1  # some recorded log-probs are far enough to clip
+
+
+@needs_prepared
+def test_grpo_gradient_matches_finite_differences_on_tiny_model(tiny):
+    model, tok = tiny
+    obj = grpo(beta=0.1)
+    rows = [{**r, "generation1_logps": (alone_token_logps(model, tok, r) - 0.05).tolist()} for r in GRPO_ROWS]
+    obj.ref_model = model  # the resident reference path (no cached columns)
+    w = model.model.layers[1].self_attn.o_proj.weight
+    loss = weighted_loss(obj, model, tok, rows)
+    (grad,) = torch.autograd.grad(loss, w)
+    idx = torch.argsort(grad.abs().flatten(), descending=True)[:3]
+    h = 1e-3  # see test_gradient_matches_finite_differences_on_tiny_model
+    with torch.no_grad():
+        for i in idx.tolist():
+            flat = w.view(-1)
+            orig = flat[i].item()
+            flat[i] = orig + h
+            up = weighted_loss(obj, model, tok, rows).item()
+            flat[i] = orig - h
+            down = weighted_loss(obj, model, tok, rows).item()
+            flat[i] = orig
+            assert math.isclose((up - down) / (2 * h), grad.view(-1)[i].item(), rel_tol=1e-4, abs_tol=1e-8)
+
+
+def test_grpo_options_are_checked():
+    with pytest.raises(ValueError, match="max_completion_length"):
+        grpo(loss_type="dr_grpo")
+    obj = grpo(num_iterations=3)
+    assert obj.updates_per_batch() == 3

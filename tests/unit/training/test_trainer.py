@@ -42,3 +42,29 @@ def test_shards_keep_groups_whole_and_cover_the_batch_once(sizes, world):
         for q in parts:
             if p is not q:
                 assert not {r["g"] for r in p} & {r["g"] for r in q}  # a group lives on one process
+
+
+@needs_prepared
+def test_grpo_takes_num_iterations_steps_on_each_batch(tmp_path):
+    """Each batch is trained on num_iterations times in a row: the first step's ratio to the
+    sampling policy is 1 (the recorded log-probs are the policy's own), the repeat's is not."""
+    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
+    from stages.training.objectives import batch_token_logps
+
+    path = build_tiny_llama()
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    cfg = TrainConfig(objective="grpo", model=str(path), max_length=32, max_prompt_length=8, batch_size=1,
+                      learning_rate=1e-2, lr_scheduler="constant", grpo={"beta": 0.0, "num_iterations": 2})
+    objective = make_objective(cfg)
+    rows = [{"prompt_id": pid, "prompt": p, "generation1": g, "generation1_reward": r}
+            for pid, p in (("a", "The film was"), ("b", "A quiet story")) for g, r in (("a delight.", 1.0), ("dull.", 0.0))]
+    once = make_objective(cfg.model_copy(update={"grpo": cfg.grpo.model_copy(update={"num_iterations": 1})}))
+    with torch.no_grad():
+        for r in rows:  # what the sample stage records: the policy's own per-token log-probs
+            batch = once.collate([r], tokenizer)
+            lp, mask = batch_token_logps(model, batch)
+            r["generation1_logps"] = lp[mask.bool()].tolist()
+    history = fit(model, tokenizer, objective, rows, cfg, 0, tmp_path)
+    assert len(history) == 4  # 2 prompt groups x 2 iterations
+    assert history[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(history[1]["ratio"] - 1.0) > 1e-3  # the same batch, after one update
