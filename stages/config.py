@@ -50,6 +50,11 @@ class SampleConfig(Section):
     top_p: float = Field(0.9, gt=0, le=1)
     batch_size: int = Field(32, ge=1)  # sequences per generate call (prompts x n)
     max_prompt_tokens: int = Field(64, ge=1)
+    # The sampler's weights: bfloat16 halves the bytes each decoding step reads and, where the
+    # hardware has bf16 units (CUDA, CPUs with AVX512-BF16 or AMX), about doubles tokens/s on CPU
+    # (benchmarks/bench_sampling.py); the recorded log-probs are then the bf16 sampler's own.
+    # auto: bfloat16 where the hardware has it, else float32 (emulated bf16 is slower).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     split: Literal["train", "heldout", "all"] = "train"
     max_prompts: int | None = Field(None, gt=0)
     # none; quark_best: prefix the best reward token; feedback: condition on `feedback` (NLF).

@@ -62,6 +62,17 @@ class TokenLogprobs(LogitsProcessor):
         return torch.stack(self.steps, 1) if self.steps else sequences.new_zeros(sequences.shape[0], 0, dtype=torch.float)
 
 
+def sampling_dtype(choice: str) -> torch.dtype:
+    """sample.dtype resolved on this machine: auto is bfloat16 where it runs natively."""
+    if choice == "float32":
+        return torch.float32
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> tuple[list[int], list[int]]:
     """(conditioning ids, prompt ids): the policy sees the two concatenated. The conditioning counts
     toward max_prompt_tokens and is kept whole; the prompt keeps its last tokens."""
@@ -76,7 +87,8 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
     """For each prompt (conditioned as cfg says), n dicts: text, token ids and counts, truncated,
     policy_logprob and the per-token completion_logps."""
     tokenizer = load_tokenizer(path, padding_side="left")
-    model = load_causal_lm(path).eval()
+    dtype = sampling_dtype(cfg.dtype)
+    model = load_causal_lm(path, dtype).eval()
     eos = tokenizer.eos_token_id
     parts = [encode_prompt(tokenizer, p, cfg) for p in prompts]
     encoded = [prefix + prompt for prefix, prompt in parts]
@@ -120,8 +132,8 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
         if (k // per_call + 1) % max(1, calls // 5) == 0:  # the bar is hidden when not on a terminal
             log.info("sample: %d/%d sequences, %.0f tokens/s", done, len(prompts) * cfg.n, rate)
     bar.close()
-    log.info("sample: %d sequences, %d new tokens, %.0f tokens/s", len(prompts) * cfg.n, new_tokens,
-             new_tokens / max(1e-9, time.perf_counter() - t0))
+    log.info("sample: %d sequences, %d new tokens, %.0f tokens/s (%s)", len(prompts) * cfg.n, new_tokens,
+             new_tokens / max(1e-9, time.perf_counter() - t0), str(dtype).removeprefix("torch."))
     return out
 
 
@@ -131,7 +143,7 @@ def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -
     except ImportError:
         raise BadInput("sample.backend: 'vllm' is not installed here (pip install vllm on a machine with a GPU), "
                        "or use backend: hf") from None
-    llm = vllm.LLM(model=str(path), seed=seed)
+    llm = vllm.LLM(model=str(path), seed=seed, dtype="auto" if cfg.dtype == "auto" else cfg.dtype)
     params = vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                  seed=seed, logprobs=0, bad_words=list(cfg.suppress_tokens) or None)
     parts = [encode_prompt(llm.get_tokenizer(), p, cfg) for p in prompts]  # the same token rules as hf
