@@ -2,7 +2,11 @@
 
 Each configuration runs in its own process (fresh memory, no warm caches from the others), the
 configurations alternate, and the table reports medians over repeats:
-  - sampling tokens/s with `generate` at batch 1 and at the configured batch (KV cache, left padding);
+  - sampling tokens/s with `generate` at batch 1 and at the configured batch (KV cache, left padding),
+    float32 (plain HF generate) against the bfloat16 sampler (`sample.dtype`), on the same prompts
+    with the same seed and settings, 2 samples per prompt at top-p 0.9 as the movie flows sample;
+    and the samples' reward distribution under reward_movies's reward model (when it has been
+    trained under artifacts/), so a faster sampler that samples worse text would show;
   - annotator texts/s: the MiniLM reward model, the vaderSentiment rule, the SmolLM2 judge (pairs/s).
 
     .venv/bin/python benchmarks/bench_sampling.py [--repeats 3] [--batch 64] [--quick]
@@ -21,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from stages.services.sample_metrics import bootstrap_ci  # noqa: E402
+
 
 def prompts(n: int) -> list[str]:
     from stages.data.sources import read_corpus
@@ -29,23 +35,76 @@ def prompts(n: int) -> list[str]:
     return [" ".join(t.split()[:6]) for t in texts[:n]]
 
 
-def child(kind: str, batch: int, n_prompts: int, new_tokens: int) -> dict:
+def sample_rewards(texts: list[str], completions: list[str]) -> dict:
+    """reward_movies's scores of the samples; {} when it is not trained here."""
+    from stages.annotators.reward_model import DEFAULT_REWARD_MODEL, RewardModel
+    from stages.config import annotator_step
+    from stages.pipeline.errors import BadInput
+
+    try:
+        scorer = RewardModel(annotator_step(kind="reward_model", model=DEFAULT_REWARD_MODEL))
+    except BadInput:
+        return {}
+    return {"rewards": scorer(texts, completions)["score"]}
+
+
+def plain_generate(path, texts: list[str], cfg, seed: int) -> list[list[dict]]:
+    """The baseline: transformers' `generate` as it comes (float32, its temperature and top-p
+    warpers, torch.multinomial, num_return_sequences), batched and seeded as ours is."""
+    import torch
+
+    from stages.services.generation import encode_prompt
+    from stages.services.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(path, padding_side="left")
+    model = load_causal_lm(path).eval()
+    encoded = [sum(encode_prompt(tok, t, cfg), []) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    per_call = max(1, cfg.batch_size // cfg.n)
+    out: list[list[dict]] = [[] for _ in texts]
+    torch.manual_seed(seed)
+    for k in range(0, len(order), per_call):
+        idx = order[k:k + per_call]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.n,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        for j, row in enumerate(gen[:, width:].tolist()):
+            stop = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            out[idx[j // cfg.n]].append({"completion": tok.decode(row[:stop], skip_special_tokens=True),
+                                         "completion_tokens": stop})
+    return out
+
+
+def child(kind: str, batch: int, n_prompts: int, new_tokens: int, seed: int) -> dict:
     import logging
 
     import torch
 
-    torch.manual_seed(0)
-    if kind == "sample":
+    torch.manual_seed(seed)
+    if kind.startswith("sample"):
         from stages.config import SampleConfig
         from stages.services.models import resolve_model
         from stages.services.generation import generate_hf
 
-        cfg = SampleConfig(n=1, batch_size=batch, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0)
+        _, impl, dtype = kind.split(":")
+        n = 1 if batch == 1 else 2
+        cfg = SampleConfig(n=n, batch_size=batch, max_new_tokens=new_tokens, temperature=1.0, top_p=0.9, dtype=dtype)
+        texts = prompts(max(1, n_prompts // n))
         t0 = time.perf_counter()
-        out = generate_hf(resolve_model("smollm2"), prompts(n_prompts), cfg, 0, logging.getLogger("bench"))
+        if impl == "hf":
+            out = plain_generate(resolve_model("smollm2"), texts, cfg, seed)
+        else:
+            out = generate_hf(resolve_model("smollm2"), texts, cfg, seed, logging.getLogger("bench"))
         wall = time.perf_counter() - t0
-        tokens = sum(g[0]["completion_tokens"] for g in out)
-        return {"kind": f"sample batch {batch}", "tokens_per_s": tokens / wall, "tokens": tokens, "seconds": wall}
+        tokens = sum(g["completion_tokens"] for gs in out for g in gs)
+        rewards = sample_rewards([t for t, gs in zip(texts, out) for _ in gs], [g["completion"] for gs in out for g in gs]) \
+            if batch > 1 else {}
+        return {"kind": f"sample batch {batch} {impl} {dtype}", "tokens_per_s": tokens / wall, "tokens": tokens,
+                "seconds": wall, **rewards}
     from stages.annotators import ANNOTATORS, vader_compound
     from stages.config import annotator_step
 
@@ -75,19 +134,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", nargs=4)
+    ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
     if a.child:
-        kind, batch, n, tokens = a.child
-        print(json.dumps(child(kind, int(batch), int(n), int(tokens))))
+        kind, batch, n, tokens, seed = a.child
+        print(json.dumps(child(kind, int(batch), int(n), int(tokens), int(seed))))
         return
     repeats = 1 if a.quick else a.repeats
-    configs = [("sample", 1, 4 if a.quick else 8), ("sample", a.batch, a.batch), ("reward_model", 0, 256),
-               ("vader", 0, 256), ("llm_judge", 0, 32)]
+    many = 4 * a.batch if not a.quick else a.batch  # four full batches of sequences
+    configs = [("sample:hf:float32", 1, 4 if a.quick else 8), ("sample:hf:float32", a.batch, many),
+               ("sample:ours:float32", a.batch, many), ("sample:ours:bfloat16", a.batch, many),
+               ("reward_model", 0, 256), ("vader", 0, 256), ("llm_judge", 0, 32)]
     results: dict[str, list[dict]] = {}
     for r in range(repeats):
         for kind, batch, n in configs:
-            proc = subprocess.run([sys.executable, __file__, "--child", kind, str(batch), str(n), str(a.new_tokens)],
+            # Each repeat another seed (the same for every configuration): the rewards pool over repeats.
+            proc = subprocess.run([sys.executable, __file__, "--child", kind, str(batch), str(n), str(a.new_tokens), str(r)],
                                   capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 sys.exit(f"{kind} failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -95,14 +157,31 @@ def main() -> None:
             results.setdefault(row["kind"], []).append(row)
             print(f"repeat {r + 1}: {row}", file=sys.stderr)
     med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
-    s1, sb = med(results["sample batch 1"], "tokens_per_s"), med(results[f"sample batch {a.batch}"], "tokens_per_s")
+    s1 = med(results["sample batch 1 hf float32"], "tokens_per_s")
+    runs = {"HF generate, float32": results[f"sample batch {a.batch} hf float32"],
+            "ours, float32": results[f"sample batch {a.batch} ours float32"],
+            "ours, bfloat16 (the default here)": results[f"sample batch {a.batch} ours bfloat16"]}
+    base = med(runs["HF generate, float32"], "tokens_per_s")
     lines = ["| measurement | median | unit |", "|---|---|---|",
-             f"| sampling, batch 1 | {s1:.1f} | tokens/s |",
-             f"| sampling, batch {a.batch} | {sb:.1f} | tokens/s |",
-             f"| speed-up, batch {a.batch} / batch 1 | {sb / s1:.1f}x | (target >= 8x) |"]
+             f"| sampling, batch 1, HF generate float32 | {s1:.1f} | tokens/s |"]
+    for name, rows in runs.items():
+        rate = med(rows, "tokens_per_s")
+        lines.append(f"| sampling, batch {a.batch}, {name} | {rate:.1f} ({rate / base:.2f}x) | tokens/s |")
+    lines.append(f"| speed-up, HF batch {a.batch} / batch 1 | {base / s1:.1f}x | (target >= 8x) |")
+    for name, rows in runs.items():
+        if "rewards" in rows[0]:
+            scores = [x for row in rows for x in row["rewards"]]
+            low, high = bootstrap_ci(scores, 0)
+            q = statistics.quantiles(scores, n=4)
+            lines.append(f"| samples' reward, {name}: mean [95% CI]; quartiles | {statistics.fmean(scores):.3f} "
+                         f"[{low:.3f}, {high:.3f}]; {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} "
+                         f"| reward_movies, {len(scores)} samples |")
     for kind, unit in (("reward_model", "texts/s"), ("vader", "texts/s"), ("llm_judge", "texts/s (pairs x 2 orders)")):
         lines.append(f"| annotator {kind} | {med(results[kind], 'texts_per_s'):.1f} | {unit} |")
     table = "\n".join(lines)
+    for rows in results.values():  # the pooled scores are in the table; keep the JSON small
+        for row in rows:
+            row.pop("rewards", None)
     out = ROOT / "benchmarks" / "results" / "sampling.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"repeats": repeats, "batch": a.batch, "results": results, "table": table}, indent=2))
