@@ -48,6 +48,7 @@ class SampleConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)  # transformers' sampling default, kept; 0: off
     batch_size: int = Field(32, ge=1)  # sequences per generate call (prompts x n)
     max_prompt_tokens: int = Field(64, ge=1)
     # The sampler's weights: bfloat16 halves the bytes each decoding step reads and, where the

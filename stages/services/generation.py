@@ -74,11 +74,18 @@ class NucleusSampler(LogitsProcessor):
 
     TIERS = (256, 4096)
 
-    def __init__(self, temperature: float, top_p: float):
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, temperature: float, top_p: float, top_k: int = 0):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(scores.float() / self.temperature, -1)
+        z = scores.float() / self.temperature
+        if self.top_k and self.top_k < z.shape[-1]:
+            # top-k first, renormalised, then top-p: the warpers' order. The draw indexes the k.
+            top, idx = z.topk(self.top_k)
+            logp = self._nucleus(torch.log_softmax(top, -1)) if self.top_p < 1 else torch.log_softmax(top, -1)
+            choice = idx.gather(1, self._gumbel_argmax(logp)[:, None])[:, 0]
+            return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
+        logp = torch.log_softmax(z, -1)
         if self.top_p >= 1:
             choice = self._gumbel_argmax(logp)
         else:
@@ -142,7 +149,7 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
     vocab = tokenizer.get_vocab()
     banned = sorted({vocab[t] for t in cfg.suppress_tokens if t in vocab}) or None  # not yet added: nothing to ban
     per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
-    sampler = NucleusSampler(cfg.temperature, cfg.top_p)
+    sampler = NucleusSampler(cfg.temperature, cfg.top_p, cfg.top_k)
     # Not the model's own generation defaults: its temperature and top-p would only warn.
     greedy = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                               pad_token_id=tokenizer.pad_token_id, suppress_tokens=banned)
@@ -194,7 +201,8 @@ def generate_vllm(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -
         raise BadInput("sample.backend: 'vllm' is not installed here (pip install vllm on a machine with a GPU), "
                        "or use backend: hf") from None
     llm = vllm.LLM(model=str(path), seed=seed, dtype="auto" if cfg.dtype == "auto" else cfg.dtype)
-    params = vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+    params = vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1,
+                                 max_tokens=cfg.max_new_tokens,
                                  seed=seed, logprobs=0, bad_words=list(cfg.suppress_tokens) or None)
     parts = [encode_prompt(llm.get_tokenizer(), p, cfg) for p in prompts]  # the same token rules as hf
     out = []

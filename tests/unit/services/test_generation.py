@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from stages.services.generation import NucleusSampler
 
@@ -22,12 +22,16 @@ def rows() -> torch.Tensor:
     return torch.stack([s[torch.randperm(V, generator=g)] for s in shapes])
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.7, 0.95), (1.3, 0.5), (1.0, 1.0)])
-def test_draws_follow_the_warpers_distribution_on_every_path(temperature, top_p):
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 0.9, 0), (0.7, 0.95, 0), (1.3, 0.5, 0), (1.0, 1.0, 0),
+                                                       (1.0, 0.9, 50), (1.0, 1.0, 50)])
+def test_draws_follow_the_warpers_distribution_on_every_path(temperature, top_p, top_k):
+    scores = TemperatureLogitsWarper(temperature)(None, rows().clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    want = TopPLogitsWarper(top_p)(None, scores).softmax(-1)
     scores = rows()
-    want = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, scores.clone())).softmax(-1)
     torch.manual_seed(1)
-    sampler = NucleusSampler(temperature, top_p)
+    sampler = NucleusSampler(temperature, top_p, top_k)
     out = sampler(None, scores.repeat_interleave(DRAWS, 0))
     assert torch.isfinite(out).sum(-1).eq(1).all()  # one finite score per row: greedy takes the draw
     draws = out.argmax(-1).view(3, DRAWS)
