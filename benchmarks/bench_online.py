@@ -206,11 +206,7 @@ def prompts_of_the_flow(work: Path, train_prompts: int, heldout: int) -> dict:
     cfg = load_config(path)
     store = ArtifactStore(str(work / "prompts"))
     result = run_stage(cfg, "load_prompts", 0, store)
-    rows = store.read_table(result.path).to_pylist() if hasattr(store, "read_table") else None
-    if rows is None:
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(Path(result.path) / "data.parquet").to_pylist()
+    rows = store.read_table(result.path).to_pylist()
     return {"train": [r["prompt"] for r in rows if r["split"] == "train"][:train_prompts],
             "heldout": [r["prompt"] for r in rows if r["split"] == "heldout"][:heldout]}
 

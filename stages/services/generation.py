@@ -82,28 +82,30 @@ class NucleusSampler(LogitsProcessor):
         if self.top_k and self.top_k < z.shape[-1]:
             # top-k first, renormalised, then top-p: the warpers' order. The draw indexes the k.
             top, idx = z.topk(self.top_k)
-            logp = self._nucleus(torch.log_softmax(top, -1)) if self.top_p < 1 else torch.log_softmax(top, -1)
+            logp = torch.log_softmax(top, -1)
+            logp = self._nucleus(logp) if self.top_p < 1 else logp
             choice = idx.gather(1, self._gumbel_argmax(logp)[:, None])[:, 0]
-            return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
-        logp = torch.log_softmax(z, -1)
-        if self.top_p >= 1:
-            choice = self._gumbel_argmax(logp)
+        elif self.top_p >= 1:
+            choice = self._gumbel_argmax(torch.log_softmax(z, -1))
         else:
-            choice = torch.empty(len(logp), dtype=torch.long, device=logp.device)
-            todo = torch.arange(len(logp), device=logp.device)
-            for k in self.TIERS:
-                if k >= logp.shape[-1] or not len(todo):
-                    break
-                top, idx = logp[todo].topk(k)  # sorted, likeliest first
-                covered = top.exp().sum(-1) >= self.top_p
-                rows = todo[covered]
-                choice[rows] = idx[covered].gather(1, self._gumbel_argmax(self._nucleus(top[covered]))[:, None])[:, 0]
-                todo = todo[~covered]
-            if len(todo):
-                ranked, order = logp[todo].sort(-1, descending=True)
-                choice[todo] = order.gather(1, self._gumbel_argmax(self._nucleus(ranked))[:, None])[:, 0]
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, choice[:, None], 0.0)
+            choice = self._draw_from_nucleus(torch.log_softmax(z, -1))
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
+
+    def _draw_from_nucleus(self, logp: torch.Tensor) -> torch.Tensor:
+        """One draw per row from its top-p nucleus, found in the smallest tier that holds it."""
+        choice = torch.empty(len(logp), dtype=torch.long, device=logp.device)
+        todo = torch.arange(len(logp), device=logp.device)
+        for k in self.TIERS:
+            if k >= logp.shape[-1] or not len(todo):
+                break
+            top, idx = logp[todo].topk(k)  # sorted, likeliest first
+            covered = top.exp().sum(-1) >= self.top_p
+            choice[todo[covered]] = idx[covered].gather(1, self._gumbel_argmax(self._nucleus(top[covered]))[:, None])[:, 0]
+            todo = todo[~covered]
+        if len(todo):
+            ranked, order = logp[todo].sort(-1, descending=True)
+            choice[todo] = order.gather(1, self._gumbel_argmax(self._nucleus(ranked))[:, None])[:, 0]
+        return choice
 
     def _nucleus(self, ranked_logp: torch.Tensor) -> torch.Tensor:
         """Log-probs sorted descending, -inf past the nucleus (the first token always stays)."""

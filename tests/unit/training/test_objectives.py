@@ -323,8 +323,13 @@ def test_simpo_and_orpo_objectives_use_mean_token_logprobs(tiny, objective):
 def test_gradient_matches_finite_differences_on_tiny_model(tiny, objective, opts):
     model, tok = tiny
     obj = make_objective(TrainConfig(objective=objective, max_length=32, max_prompt_length=8, **{objective: opts}))
+    assert_gradient_matches_finite_differences(obj, model, tok, ROWS)
+
+
+def assert_gradient_matches_finite_differences(obj, model, tok, rows):
+    """Central differences on the 3 largest gradient entries of one weight of the tiny model."""
     w = model.model.layers[1].self_attn.o_proj.weight
-    loss = weighted_loss(obj, model, tok, ROWS)
+    loss = weighted_loss(obj, model, tok, rows)
     (grad,) = torch.autograd.grad(loss, w)
     idx = torch.argsort(grad.abs().flatten(), descending=True)[:3]
     # Llama's RMSNorm computes in float32 even for a float64 model, so the loss is only accurate
@@ -335,9 +340,9 @@ def test_gradient_matches_finite_differences_on_tiny_model(tiny, objective, opts
             flat = w.view(-1)
             orig = flat[i].item()
             flat[i] = orig + h
-            up = weighted_loss(obj, model, tok, ROWS).item()
+            up = weighted_loss(obj, model, tok, rows).item()
             flat[i] = orig - h
-            down = weighted_loss(obj, model, tok, ROWS).item()
+            down = weighted_loss(obj, model, tok, rows).item()
             flat[i] = orig
             assert math.isclose((up - down) / (2 * h), grad.view(-1)[i].item(), rel_tol=1e-4, abs_tol=1e-8)
 
@@ -444,21 +449,7 @@ def test_grpo_gradient_matches_finite_differences_on_tiny_model(tiny):
     obj = grpo(beta=0.1)
     rows = [{**r, "generation1_logps": (alone_token_logps(model, tok, r) - 0.05).tolist()} for r in GRPO_ROWS]
     obj.ref_model = model  # the resident reference path (no cached columns)
-    w = model.model.layers[1].self_attn.o_proj.weight
-    loss = weighted_loss(obj, model, tok, rows)
-    (grad,) = torch.autograd.grad(loss, w)
-    idx = torch.argsort(grad.abs().flatten(), descending=True)[:3]
-    h = 1e-3  # see test_gradient_matches_finite_differences_on_tiny_model
-    with torch.no_grad():
-        for i in idx.tolist():
-            flat = w.view(-1)
-            orig = flat[i].item()
-            flat[i] = orig + h
-            up = weighted_loss(obj, model, tok, rows).item()
-            flat[i] = orig - h
-            down = weighted_loss(obj, model, tok, rows).item()
-            flat[i] = orig
-            assert math.isclose((up - down) / (2 * h), grad.view(-1)[i].item(), rel_tol=1e-4, abs_tol=1e-8)
+    assert_gradient_matches_finite_differences(obj, model, tok, rows)
 
 
 def test_grpo_options_are_checked():
