@@ -16,18 +16,20 @@ Four configurations, each in its own process, alternating (the starting one rota
 
 Common settings: SmolLM2-135M as policy and reference; the first P training openings of the movie
 split (6 words each, as every movie flow cuts them); 4 samples per prompt, at most 32 new tokens,
-temperature 1, top-p 1; generation batches of 32 sequences; 2 prompts (8 sequences) per micro-batch
-and 2 micro-batches per optimizer step, so P x 4 / 16 steps per round; one policy update per batch
+temperature 1, no top-p or top-k (pure sampling, TRL's default; ours is told top_k 0); generation
+batches of 32 sequences; 2 prompts (8 sequences) per micro-batch and 2 micro-batches per optimizer step, so P x 4 / 16 steps per round; one policy update per batch
 of samples (num_iterations 1); AdamW, lr 1e-5 constant, no warm-up, weight decay 0, max grad norm 1;
 KL coefficient 0.04 (GRPO: k3 per token; RLOO: in the reward); GRPO's loss per sequence token mean
-(TRL loss_type "grpo"), advantages scaled by the group's std; float32 training on both sides. Ours
+(TRL loss_type "grpo"), advantages scaled by the group's std; float32 training on both sides,
+without gradient checkpointing (TRL's default turns it on; it is told not to). Ours
 samples with its defaults (bfloat16 where the CPU has it, NucleusSampler) and reads the reference's
 log-probs from the reference stage; TRL generates with `generate` in float32 inside training and
 keeps the reference model resident. Both run on jemalloc when it is installed (as `align` does).
 
-Measured per configuration (median of the repeats): the round's wall time (ours: run_flow_locally
-over the round's stages, every model load included; TRL: loading the policy and the reward model,
-building the trainer, which loads the reference, and trainer.train()), split into sampling (ours:
+Measured per configuration (median of the repeats): the round's wall time from the process's start
+to the trained policy saved, imports included (ours: run_flow_locally over the round's stages, every
+model load included; TRL: importing trl, loading the policy and the reward model, building the
+trainer, which loads the reference, trainer.train() and save_pretrained), split into sampling (ours:
 the sample stage; TRL: time inside generate), scoring (annotate; TRL's reward function) and the
 rest (ours: build_pool, reference and train; TRL: everything else in train()), tokens generated per
 second of sampling, and the process's peak RSS.
@@ -41,6 +43,10 @@ base policy's.
 
 from __future__ import annotations
 
+import time
+
+T_START = time.perf_counter()  # each configuration's wall counts from its process's start: imports included
+
 import argparse
 import json
 import os
@@ -50,14 +56,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = ["ours_grpo", "trl_grpo", "ours_rloo", "trl_rloo"]
-N, NEW_TOKENS, TEMPERATURE, TOP_P, GEN_BATCH = 4, 32, 1.0, 1.0, 32
+N, NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, GEN_BATCH = 4, 32, 1.0, 1.0, 0, 32
 GROUPS_PER_MICRO, ACCUM, LR, KL = 2, 2, 1.0e-5, 0.04
 SEQS_PER_STEP = GROUPS_PER_MICRO * N * ACCUM
 
@@ -70,7 +75,8 @@ def flow_config(objective: str, prompts: int, rounds: int) -> str:
 experiment: bench_online_{objective}
 rounds: {rounds}
 stages: [load_prompts, sample, annotate, build_pool, reference, train]
-sample: {{n: {N}, max_new_tokens: {NEW_TOKENS}, temperature: {TEMPERATURE}, top_p: {TOP_P}, batch_size: {GEN_BATCH},
+sample: {{n: {N}, max_new_tokens: {NEW_TOKENS}, temperature: {TEMPERATURE}, top_p: {TOP_P}, top_k: {TOP_K},
+         batch_size: {GEN_BATCH},
          max_prompts: {prompts}}}
 build_pool: {{kind: rl}}
 reference: {{token_logps: {str(objective == 'grpo').lower()}}}
@@ -101,16 +107,16 @@ def child_ours(objective: str, prompts: int, rounds: int, work: Path) -> dict:
     reward_model = ROOT / "artifacts" / "reward_movies"
     (work / "artifacts").mkdir(exist_ok=True)
     os.symlink(reward_model, work / "artifacts" / "reward_movies")  # the annotator's default model
-    t0 = time.perf_counter()
     results = run_flow_locally(cfg, store)
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - T_START
     stage = {(r.round, r.stage): r for r in results}
     sampling = sum(r.wall_seconds for r in results if r.stage == "sample")
     scoring = sum(r.wall_seconds for r in results if r.stage == "annotate")
     tokens = sum(r.metrics["samples"] * r.metrics["mean_completion_tokens"] for r in results if r.stage == "sample")
     model = stage[(rounds - 1, "train")].path + "/model"
     return {"wall_s": wall, "sampling_s": sampling, "scoring_s": scoring, "rest_s": wall - sampling - scoring,
-            "tokens": tokens, "tokens_per_s": tokens / sampling, "peak_rss_gb": peak_rss_gb(), "model": model}
+            "tokens": tokens, "tokens_per_s": tokens / sampling, "peak_rss_gb": peak_rss_gb(), "model": model,
+            "stages_s": {f"{r.stage}@{r.round}": round(r.wall_seconds, 2) for r in results}}
 
 
 def child_trl(kind: str, prompts: list[str], rounds: int, work: Path) -> dict:
@@ -123,7 +129,6 @@ def child_trl(kind: str, prompts: list[str], rounds: int, work: Path) -> dict:
     from stages.pipeline.refs import ArtifactRef
     from stages.services.models import load_causal_lm, load_tokenizer, resolve_model
 
-    t0 = time.perf_counter()
     timers = {"sampling_s": 0.0, "scoring_s": 0.0, "tokens": 0}
     path = resolve_model("smollm2")
     model = load_causal_lm(path)  # float32, as ours trains
@@ -152,10 +157,11 @@ def child_trl(kind: str, prompts: list[str], rounds: int, work: Path) -> dict:
     steps = rounds * len(prompts) * N // SEQS_PER_STEP
     common = dict(output_dir=str(work / "trl"), per_device_train_batch_size=GROUPS_PER_MICRO * N,
                   gradient_accumulation_steps=ACCUM, generation_batch_size=GEN_BATCH, num_generations=N,
-                  max_completion_length=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, learning_rate=LR,
+                  max_completion_length=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=KL,
                   num_iterations=1, max_steps=steps, num_train_epochs=rounds, logging_steps=1, save_strategy="no",
                   report_to=[], use_cpu=True, seed=0, bf16=False, dataloader_num_workers=0,
+                  gradient_checkpointing=False,  # TRL's default is on; ours trains without it
                   model_init_kwargs={"dtype": torch.float32})  # the reference, loaded by the trainer
     dataset = Dataset.from_dict({"prompt": prompts})
     if kind == "grpo":
@@ -165,10 +171,10 @@ def child_trl(kind: str, prompts: list[str], rounds: int, work: Path) -> dict:
         trainer = RLOOTrainer(model=model, reward_funcs=reward, processing_class=tokenizer, train_dataset=dataset,
                               args=RLOOConfig(**common))
     trainer.train()
-    wall = time.perf_counter() - t0
     out = work / "trl-model"
-    trainer.model.save_pretrained(out)
+    trainer.model.save_pretrained(out)  # as our train stage saves its policy
     tokenizer.save_pretrained(out)
+    wall = time.perf_counter() - T_START
     rest = wall - timers["sampling_s"] - timers["scoring_s"]
     return {"wall_s": wall, **timers, "rest_s": rest, "tokens_per_s": timers["tokens"] / timers["sampling_s"],
             "peak_rss_gb": peak_rss_gb(), "model": str(out), "steps": steps}
@@ -185,7 +191,7 @@ def child_eval(model: str, prompts: list[str]) -> dict:
     from stages.services.sample_metrics import bootstrap_ci
 
     path = resolve_model(model) if model == "smollm2" else model
-    cfg = SampleConfig(n=1, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, batch_size=64,
+    cfg = SampleConfig(n=1, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, batch_size=64,
                        dtype="float32")
     samples = [g[0] for g in generate_hf(path, prompts, cfg, 12345, logging.getLogger("bench"))]
     scorer = RewardModel(annotator_step(kind="reward_model", model=ArtifactRef(
