@@ -244,6 +244,9 @@ class EvaluateConfig(Section):
     generation: SampleConfig | None = None
     annotate: AnnotateConfig | None = None
     max_prompts: int | None = Field(50, gt=0)
+    # Samples per held-out prompt: the intervals resample prompts, each with the mean of its samples,
+    # so more samples narrow them where the reward varies within a prompt more than between prompts.
+    samples_per_prompt: int = Field(1, ge=1)
     compare_base: bool = False  # round 0 also samples and scores the base model, for a baseline
     # Sample `controllability_prompts` held-out prompts with each conditioning in `controls` (best
     # first; filled from build_pool's quantile tokens or feedback phrases) and report the reward of each.

@@ -32,12 +32,15 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
     if not prompts:
         raise BadInput("evaluate: no held-out prompts (raise load_prompts.heldout_fraction)")
-    gen_cfg = cfg.generation.model_copy(update={"n": 1})
+    k = cfg.samples_per_prompt
+    gen_cfg = cfg.generation.model_copy(update={"n": k})
     texts = [r["prompt"] for r in prompts]
     steps = Steps(cfg.annotate.steps if cfg.annotate else [])
-    samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
-    rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], **g} for r, g in zip(prompts, samples)]
-    scores, _ = steps(texts, [r["completion"] for r in rows], "evaluate.annotate", feedback=False)
+    generated = generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)
+    rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "sample_index": i, **g}
+            for r, gens in zip(prompts, generated) for i, g in enumerate(gens)]
+    scores, _ = steps([r["prompt"] for r in rows], [r["completion"] for r in rows], "evaluate.annotate",
+                      feedback=False)
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
     # The reference sees the unconditioned prompt (the KL convention of Quark / NLF) and the sampled tokens.
     ref = sequence_logps(ref_path, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
@@ -57,20 +60,23 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         # never learnt the conditioning (it would read a Quark token as ordinary text).
         base_path = resolve_model(train_cfg.model, "train.model")
         base_cfg = gen_cfg.model_copy(update={"conditioning": "none", "suppress_tokens": []})
-        base = [g[0] for g in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log)]
-        base_scores, _ = steps(texts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
+        base = [g for gens in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log) for g in gens]
+        base_scores, _ = steps([r["prompt"] for r in rows], [g["completion"] for g in base], "evaluate.annotate",
+                               feedback=False)
+        base_scores = M.per_prompt_means(base_scores, k)
         metrics |= with_interval("base_mean_reward", base_scores, ctx.seed)
-        gain = M.paired_ci(scores, base_scores, ctx.seed)
+        gain = M.paired_ci(M.per_prompt_means(scores, k), base_scores, ctx.seed)
         if gain:
             metrics["reward_gain_ci_low"], metrics["reward_gain_ci_high"] = gain
     kls = [r["kl"] for r in rows]
-    metrics |= {**with_interval("mean_reward", scores, ctx.seed),
-                **{f"reward_{k}": v for k, v in M.quantiles(scores).items()},
-                **with_interval("kl_to_reference", kls, ctx.seed),
+    metrics |= {**with_interval("mean_reward", M.per_prompt_means(scores, k), ctx.seed),
+                **{f"reward_{q}": v for q, v in M.quantiles(scores).items()},
+                **with_interval("kl_to_reference", M.per_prompt_means(kls, k), ctx.seed),
                 "perplexity": M.perplexity(ref, [r["completion_tokens"] for r in rows]),
                 **{f"distinct_{n}": M.distinct_n([r["completion_ids"] for r in rows], n) for n in (1, 2, 3)},
                 "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / len(rows),
-                "truncated_fraction": sum(r["truncated"] for r in rows) / len(rows), "prompts": len(rows),
+                "truncated_fraction": sum(r["truncated"] for r in rows) / len(rows), "prompts": len(prompts),
+                "samples": len(rows),
                 "examples": [{"prompt": r["prompt"], "completion": r["completion"], "score": r["score"]}
                              for r in rows[: cfg.samples_to_show]]}
     if cfg.controllability:
@@ -79,7 +85,8 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
 
 
 def with_interval(name: str, values: list, seed: int) -> dict:
-    """{name: mean, name_ci_low, name_ci_high}: the bootstrap 95% interval over prompts."""
+    """{name: mean, name_ci_low, name_ci_high}: the bootstrap 95% interval over prompts (one value,
+    or the mean of its samples, each)."""
     out = {name: mean_known(values)}
     ci = M.bootstrap_ci(values, seed)
     if ci:
@@ -127,7 +134,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="6", inputs=("build_pool", "reference", "train", "load_prompts@0"))
+@stage("evaluate", version="7", inputs=("build_pool", "reference", "train", "load_prompts@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")

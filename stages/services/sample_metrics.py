@@ -19,6 +19,16 @@ def bootstrap_ci(values: list[float | None], seed: int, resamples: int = 2000) -
     return float(lo), float(hi)
 
 
+def per_prompt_means(values: list[float | None], k: int) -> list[float | None]:
+    """The mean of each prompt's k consecutive values (its samples), ignoring unknown ones: None
+    where a prompt has none. The unit the bootstrap resamples."""
+    out = []
+    for i in range(0, len(values), k):
+        known = [v for v in values[i:i + k] if v is not None and math.isfinite(v)]
+        out.append(sum(known) / len(known) if known else None)
+    return out
+
+
 def paired_ci(a: list[float | None], b: list[float | None], seed: int, resamples: int = 2000):
     """Interval of mean(a - b) over the prompts both scored (the same prompts and sampling seeds)."""
     diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]

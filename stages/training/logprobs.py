@@ -69,12 +69,12 @@ def shared_prompt_hidden(model, prompt_ids, prompt_mask, prompt_index, completio
     lengths = prompt_mask.sum(-1)
     out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
     last = out.last_hidden_state[torch.arange(len(prompt_ids), device=prompt_ids.device), lengths - 1][prompt_index]
-    cache = out.past_key_values
+    cache = out.cache
     cache.reorder_cache(prompt_index)  # index_select: differentiable, so every completion's gradient reaches its prompt
     positions = lengths[prompt_index, None] + torch.arange(completion_ids.shape[1], device=prompt_ids.device)
     attention = torch.cat([prompt_mask[prompt_index], completion_mask], 1)  # pads in the middle are masked out
     hidden = body(input_ids=completion_ids, attention_mask=attention, position_ids=positions,
-                  past_key_values=cache).last_hidden_state
+                  cache=cache).last_hidden_state
     hidden = torch.cat([last[:, None], hidden[:, :-1]], 1)
     mask = completion_mask.bool()
     return hidden[mask], completion_ids[mask], mask

@@ -45,3 +45,8 @@ def test_spearman_with_ties():
     # ranks of y with a tie: [1, 2.5, 2.5, 4] -> Pearson with [1, 2, 3, 4]
     assert M.spearman([0, 1, 2, 3], [1.0, 2.0, 2.0, 5.0]) == pytest.approx(4.5 / math.sqrt(5 * 4.5))
     assert M.spearman([0, 1], [1.0, 1.0]) is None
+
+
+def test_per_prompt_means_of_consecutive_samples():
+    assert M.per_prompt_means([1.0, 3.0, None, 4.0, None, float("nan")], 2) == [2.0, 4.0, None]
+    assert M.per_prompt_means([0.5, 0.25], 1) == [0.5, 0.25]

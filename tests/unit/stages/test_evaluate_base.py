@@ -44,3 +44,48 @@ def test_the_base_is_sampled_plainly_with_the_policys_seed(monkeypatch, dtype):
     assert metrics["mean_reward"] > metrics["base_mean_reward"]  # "good" beats "bad" under VADER
     assert metrics["reward_gain_ci_low"] > 0
     assert [r["kl"] for r in rows] == ([1.0] * 3 if dtype == "float32" else [0.5] * 3)
+
+
+def test_several_samples_per_prompt_are_one_unit_of_the_bootstrap(monkeypatch):
+    """samples_per_prompt 2: every prompt is sampled twice (policy and base, the same seed), the
+    means are over all samples, and the intervals resample prompts, each with its samples' mean."""
+    from stages.services import sample_metrics as M
+
+    def fake_generate(path, texts, cfg, seed, log):
+        assert cfg.n == 2
+        return [[{"completion": f"{path} {t} {j}", "prompt_ids": [1], "completion_ids": [2, 3 + j],
+                  "completion_tokens": 2, "policy_logprob": -1.0 - j, "truncated": False, "conditioning_ids": []}
+                 for j in range(cfg.n)] for t in texts]
+
+    class FakeSteps:
+        """Scores: the prompt's index + 0.1 x the sample's; the base's 0.5 lower."""
+
+        def __init__(self, steps):
+            self.steps = steps
+
+        def __call__(self, prompts, completions, field, feedback):
+            scores = []
+            for c in completions:
+                who, text, j = c.split()
+                scores.append("xyz".index(text) + 0.1 * int(j) - (0.5 if who == "base" else 0.0))
+            return scores, None
+
+    monkeypatch.setattr(evaluate, "generate_hf", fake_generate)
+    monkeypatch.setattr(evaluate, "Steps", FakeSteps)
+    monkeypatch.setattr(evaluate, "resolve_model", lambda name, field: "base")
+    monkeypatch.setattr(evaluate, "sequence_logps", lambda path, p, c: [-2.0] * len(p))
+    prompts = pa.table({"prompt_id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "split": ["heldout"] * 3})
+    ctx = SimpleNamespace(inputs={"load_prompts": SimpleNamespace(table=lambda: prompts)}, heldout_seed=17, seed=0,
+                          round=0, log=logging.getLogger("test"))
+    cfg = EvaluateConfig(generation=SampleConfig(dtype="float32"), compare_base=True, samples_per_prompt=2,
+                         annotate=AnnotateConfig(steps=[{"kind": "rule", "callable": "stages.annotators.vader_compound"}]))
+
+    rows, metrics = evaluate.generate_and_score(ctx, cfg, "policy", TrainConfig(model="base"))
+
+    assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(p, j) for p in "abc" for j in (0, 1)]
+    assert metrics["prompts"] == 3 and metrics["samples"] == 6
+    assert metrics["mean_reward"] == pytest.approx((0 + 0.1 + 1 + 1.1 + 2 + 2.1) / 6)
+    assert (metrics["mean_reward_ci_low"], metrics["mean_reward_ci_high"]) == M.bootstrap_ci([0.05, 1.05, 2.05], 0)
+    assert metrics["base_mean_reward"] == pytest.approx(metrics["mean_reward"] - 0.5)
+    assert metrics["reward_gain_ci_low"] == pytest.approx(0.5) and metrics["reward_gain_ci_high"] == pytest.approx(0.5)
+    assert metrics["kl_to_reference"] == pytest.approx((1.0 + 0.0) / 2)  # -1 - j against -2
