@@ -12,14 +12,13 @@ the manifest and the report.
 from __future__ import annotations
 
 import pyarrow as pa
-import torch
 
 from stages.services.annotation import Steps, mean_known
 from stages.config import EvaluateConfig, TrainConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
 from stages.services import sample_metrics as M
-from stages.services.generation import generate_hf, sampling_dtype
+from stages.services.generation import generate_hf
 from stages.services.models import load_model_for, load_tokenizer, resolve_model
 from stages.services.scoring import sequence_logps
 from stages.services.training_setup import attach_reference, pool_rows, prepare
@@ -33,7 +32,10 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     if not prompts:
         raise BadInput("evaluate: no held-out prompts (raise load_prompts.heldout_fraction)")
     k = cfg.samples_per_prompt
-    gen_cfg = cfg.generation.model_copy(update={"n": k})
+    # The policy samples in float32 whatever sample.dtype says: the KL needs its float32 log-probs
+    # (a bf16 sampler's are ~0.05 nats a sequence off, sd 0.3), and recording them while sampling
+    # costs less than a bf16 sampler and a float32 rescoring pass (SmolLM2, 400 samples: 47 s, 72 s).
+    gen_cfg = cfg.generation.model_copy(update={"n": k, "dtype": "float32"})
     texts = [r["prompt"] for r in prompts]
     steps = Steps(cfg.annotate.steps if cfg.annotate else [])
     generated = generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)
@@ -44,13 +46,6 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
     # The reference sees the unconditioned prompt (the KL convention of Quark / NLF) and the sampled tokens.
     ref = sequence_logps(ref_path, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
-    if sampling_dtype(gen_cfg.dtype) != torch.float32:
-        # A bf16 sampler's own log-probs are off the float32 reference's by ~0.05 nats a sequence
-        # (sd 0.3, SmolLM2, 32 tokens): the KL is measured with the policy in float32, as the reference.
-        policy = sequence_logps(model_path, [r["conditioning_ids"] + r["prompt_ids"] for r in rows],
-                                [r["completion_ids"] for r in rows])
-        for r, lp in zip(rows, policy):
-            r["policy_logprob"] = lp
     for r, sc, lr in zip(rows, scores, ref):
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     metrics = {}
@@ -59,7 +54,9 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         # and one baseline common to every flow on these prompts. Unconditioned, because the base
         # never learnt the conditioning (it would read a Quark token as ordinary text).
         base_path = resolve_model(train_cfg.model, "train.model")
-        base_cfg = gen_cfg.model_copy(update={"conditioning": "none", "suppress_tokens": []})
+        # The base needs no log-probs: it samples in the configured dtype.
+        base_cfg = gen_cfg.model_copy(update={"conditioning": "none", "suppress_tokens": [],
+                                              "dtype": cfg.generation.dtype})
         base = [g for gens in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log) for g in gens]
         base_scores, _ = steps([r["prompt"] for r in rows], [g["completion"] for g in base], "evaluate.annotate",
                                feedback=False)
@@ -134,7 +131,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="7", inputs=("build_pool", "reference", "train", "load_prompts@0"))
+@stage("evaluate", version="8", inputs=("build_pool", "reference", "train", "load_prompts@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")
