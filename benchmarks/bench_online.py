@@ -17,8 +17,8 @@ Four configurations, each in its own process, alternating (the starting one rota
 Common settings: SmolLM2-135M as policy and reference; the first P training openings of the movie
 split (6 words each, as every movie flow cuts them); 4 samples per prompt, at most 32 new tokens,
 temperature 1, no top-p or top-k (pure sampling, TRL's default; ours is told top_k 0); generation
-batches of 32 sequences; 2 prompts (8 sequences) per micro-batch and 2 micro-batches per optimizer step, so P x 4 / 16 steps per round; one policy update per batch
-of samples (num_iterations 1); AdamW, lr 1e-5 constant, no warm-up, weight decay 0, max grad norm 1;
+batches of 32 sequences; 2 prompts (8 sequences) per micro-batch and 2 micro-batches per optimizer
+step, so P x 4 / 16 steps per round; one policy update per batch of samples (num_iterations 1); AdamW, lr 1e-5 constant, no warm-up, weight decay 0, max grad norm 1;
 KL coefficient 0.04 (GRPO: k3 per token; RLOO: in the reward); GRPO's loss per sequence token mean
 (TRL loss_type "grpo"), advantages scaled by the group's std; float32 training on both sides,
 without gradient checkpointing (TRL's default turns it on; it is told not to). Ours

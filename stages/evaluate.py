@@ -41,8 +41,9 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     generated = generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)
     rows = [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "sample_index": i, **g}
             for r, gens in zip(prompts, generated) for i, g in enumerate(gens)]
-    scores, _ = steps([r["prompt"] for r in rows], [r["completion"] for r in rows], "evaluate.annotate",
-                      feedback=False)
+    row_prompts = [r["prompt"] for r in rows]
+    scores, _ = steps(row_prompts, [r["completion"] for r in rows], "evaluate.annotate", feedback=False)
+    prompt_scores = M.per_prompt_means(scores, k)  # the bootstrap's unit: a prompt
     ref_path = resolve_model(train_cfg.reference_model or train_cfg.model, "train.reference_model")
     # The reference sees the unconditioned prompt (the KL convention of Quark / NLF) and the sampled tokens.
     ref = sequence_logps(ref_path, [r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows])
@@ -58,15 +59,14 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
         base_cfg = gen_cfg.model_copy(update={"conditioning": "none", "suppress_tokens": [],
                                               "dtype": cfg.generation.dtype})
         base = [g for gens in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log) for g in gens]
-        base_scores, _ = steps([r["prompt"] for r in rows], [g["completion"] for g in base], "evaluate.annotate",
-                               feedback=False)
+        base_scores, _ = steps(row_prompts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
         base_scores = M.per_prompt_means(base_scores, k)
         metrics |= with_interval("base_mean_reward", base_scores, ctx.seed)
-        gain = M.paired_ci(M.per_prompt_means(scores, k), base_scores, ctx.seed)
+        gain = M.paired_ci(prompt_scores, base_scores, ctx.seed)
         if gain:
             metrics["reward_gain_ci_low"], metrics["reward_gain_ci_high"] = gain
     kls = [r["kl"] for r in rows]
-    metrics |= {**with_interval("mean_reward", M.per_prompt_means(scores, k), ctx.seed),
+    metrics |= {**with_interval("mean_reward", prompt_scores, ctx.seed),
                 **{f"reward_{q}": v for q, v in M.quantiles(scores).items()},
                 **with_interval("kl_to_reference", M.per_prompt_means(kls, k), ctx.seed),
                 "perplexity": M.perplexity(ref, [r["completion_tokens"] for r in rows]),

@@ -11,6 +11,7 @@ import pytest
 
 from stages import evaluate
 from stages.config import AnnotateConfig, EvaluateConfig, SampleConfig, TrainConfig
+from stages.services import sample_metrics as M
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -50,8 +51,6 @@ def test_the_base_is_sampled_plainly_with_the_policys_seed(monkeypatch, dtype):
 def test_several_samples_per_prompt_are_one_unit_of_the_bootstrap(monkeypatch):
     """samples_per_prompt 2: every prompt is sampled twice (policy and base, the same seed), the
     means are over all samples, and the intervals resample prompts, each with its samples' mean."""
-    from stages.services import sample_metrics as M
-
     def fake_generate(path, texts, cfg, seed, log):
         assert cfg.n == 2
         return [[{"completion": f"{path} {t} {j}", "prompt_ids": [1], "completion_ids": [2, 3 + j],
