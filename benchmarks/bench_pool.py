@@ -1,14 +1,16 @@
 """Building round k's data pool (drop policy, quantiles over the pool, the training draw) from 10k,
-100k and 1M pooled samples: ours (stages/data/pool.py, one DuckDB query over Arrow tables) beside
-a dict-and-list pool written the way the NLF project's data_pool.py keeps its pool (Python lists of
+100k and 1M pooled samples: ours (stages/data/pool.py: NumPy sorts over a narrow table of sample
+keys; the samples' texts and token ids are stored once, in the round that drew them) beside a
+dict-and-list pool written the way the NLF project's data_pool.py keeps its pool (Python lists of
 samples, sorted in Python, quantile index by position), extended here to the same policy so that
 both compute the same pool.
 
 Each configuration runs in its own process (fresh memory), the two alternate, and the table
 reports the median wall time of `repeats` runs and the peak RSS. Both get their input in memory
-in their own form (an Arrow table; a list of dicts) and return their output in that form; making
-the input is not timed. A check at the smallest size asserts both keep the same samples per
-(prompt, round) and give every reward the same quantile.
+in their own form (ours: the previous round's pool table and this round's sample table; theirs: a
+list of sample dicts) and return their output in that form; making the input is not timed. A check
+at the smallest size asserts both keep the same samples per (prompt, round) and give every reward
+the same quantile.
 
     .venv/bin/python benchmarks/bench_pool.py [--sizes 10000 100000 1000000] [--repeats 3]
 """
@@ -113,10 +115,11 @@ def child(kind: str, n: int) -> dict:
     if kind == "ours":
         import pyarrow as pa
 
-        from stages.data.pool import POOL, PoolPolicy, update
+        from stages.data.pool import ENTRY, SAMPLES, PoolPolicy, update
 
-        schema = POOL.remove(POOL.get_field_index("drawn")).remove(POOL.get_field_index("quantile"))
-        old_t, new_t = pa.Table.from_pylist(old, schema=schema), pa.Table.from_pylist(new, schema=schema)
+        # the previous round's pool is narrow (keys, rewards); this round's samples are whole
+        old_t = pa.Table.from_pylist(old, schema=SAMPLES).select(ENTRY.names).cast(ENTRY)
+        new_t = pa.Table.from_pylist(new, schema=SAMPLES)
         del old, new
         t0 = time.perf_counter()
         out = update(old_t, new_t, ROUNDS, PoolPolicy(**POLICY), seed=0)
@@ -136,11 +139,10 @@ def check(n: int) -> None:
     """Both implementations keep the same samples per (prompt, round) and bin every reward alike."""
     import pyarrow as pa
 
-    from stages.data.pool import POOL, PoolPolicy, update
+    from stages.data.pool import SAMPLES, PoolPolicy, update
 
     old, new = synthetic(n)
-    schema = POOL.remove(POOL.get_field_index("drawn")).remove(POOL.get_field_index("quantile"))
-    ours = update(pa.Table.from_pylist(old, schema=schema), pa.Table.from_pylist(new, schema=schema), ROUNDS,
+    ours = update(pa.Table.from_pylist(old, schema=SAMPLES), pa.Table.from_pylist(new, schema=SAMPLES), ROUNDS,
                   PoolPolicy(**{**POLICY, "max_per_prompt": None}), 0).to_pylist()
     theirs = DictPool([dict(s) for s in old]).update([dict(s) for s in new], ROUNDS,
                                                     {**POLICY, "max_per_prompt": None}, 0)
@@ -148,9 +150,9 @@ def check(n: int) -> None:
     assert count(ours) == count(theirs), "the two pools keep different samples"
     # which samples of a (prompt, round) the drop keeps is the seeded order's choice, so compare
     # the binning rule on one pool: ours' kept rewards binned by the dict pool give ours' quantiles
-    rebinned = DictPool([]).update([{**r, "round": ROUNDS} for r in ours], ROUNDS,
+    rebinned = DictPool([]).update([{**r, "drawn_in": r["round"], "round": ROUNDS} for r in ours], ROUNDS,
                                    {**POLICY, "drop": 0.0, "max_age": None, "max_per_prompt": None}, 0)
-    key = lambda r: (r["prompt_id"], r["sample_index"], r["completion"])  # noqa: E731
+    key = lambda r: (r["prompt_id"], r.get("drawn_in", r["round"]), r["sample_index"])  # noqa: E731
     assert {key(r): r["quantile"] for r in rebinned} == {key(r): r["quantile"] for r in ours}
 
 

@@ -28,6 +28,7 @@ import statistics
 import pyarrow as pa
 
 from stages.config import BuildPoolConfig
+from stages.data.pool import pool_samples
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
 from stages.data.schemas import by_prompt, check_columns, records_table
@@ -181,16 +182,20 @@ BUILDERS = {"sft": sft_records, "reward_pairs": reward_pairs, "pairs": preferenc
             "quark": quark, "nlf": nlf, "rl": rl}
 
 
-def _drawn_from_pool(table: pa.Table) -> pa.Table:
-    """The data pool's training draw, as sample rows (its reward is their score, its quantile their bin)."""
-    drawn = table.filter(pa.compute.field("drawn"))
+def _drawn_from_pool(ctx) -> pa.Table:
+    """The data pool's training draw, as sample rows (its reward is their score, its quantile their
+    bin), joined with the samples stored by the pool of the round that drew each."""
+    pool = ctx.inputs["data_pool"]
+    drawn = pool.table().filter(pa.compute.field("drawn"))
+    earlier = [u for k, u in sorted(ctx.inputs.items()) if k.startswith("data_pool@")]
+    drawn = pool_samples(drawn, [*earlier, pool])
     return drawn.rename_columns(["score" if c == "reward" else c for c in drawn.column_names])
 
 
-@stage("build_pool", version="4", inputs=("load_prompts@0", "annotate", "reweight", "data_pool"))
+@stage("build_pool", version="5", inputs=("load_prompts@0", "annotate", "reweight", "data_pool", "data_pool@earlier"))
 def run(ctx, cfg: BuildPoolConfig) -> StageOutput:
     if "data_pool" in ctx.inputs:
-        prompts = _drawn_from_pool(ctx.inputs["data_pool"].table())
+        prompts = _drawn_from_pool(ctx)
     else:
         source = ctx.inputs.get("reweight") or ctx.inputs.get("annotate") or ctx.inputs["load_prompts"]
         prompts = source.table()

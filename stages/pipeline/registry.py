@@ -14,12 +14,16 @@ def parse_input(ref: str) -> tuple[str, str]:
     return name, when
 
 
-def input_round(when: str, round_: int) -> int | None:
+def input_rounds(when: str, round_: int) -> list[int]:
+    """The rounds whose artifact an input names: "" this one, "prev" the one before (none in round
+    0), "0" round 0, "earlier" every round before this one."""
     if when == "prev":
-        return round_ - 1 if round_ > 0 else None
+        return [round_ - 1] if round_ > 0 else []
+    if when == "earlier":
+        return list(range(round_))
     if when == "0":
-        return 0
-    return round_
+        return [0]
+    return [round_]
 
 
 @functools.cache
@@ -36,6 +40,6 @@ def downstream_of(stage: str, flow: list[str]) -> list[str]:
     (Later rounds follow by themselves: their inputs' run ids change.)"""
     out = [stage]
     for name in flow[flow.index(stage) + 1:]:
-        if any(parse_input(i)[0] in out and parse_input(i)[1] != "prev" for i in stage_specs()[name].inputs):
+        if any(parse_input(i)[0] in out and parse_input(i)[1] not in ("prev", "earlier") for i in stage_specs()[name].inputs):
             out.append(name)
     return out

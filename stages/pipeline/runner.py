@@ -29,7 +29,7 @@ from stages.config import RunConfig
 from stages.pipeline.context import StageContext, StageOutput, Upstream
 from stages.pipeline.errors import BadInput
 from stages.pipeline.refs import resolve_refs
-from stages.pipeline.registry import downstream_of, input_round, parse_input, stage_specs
+from stages.pipeline.registry import downstream_of, input_rounds, parse_input, stage_specs
 from stages.pipeline.seeds import seed_everything
 from stages.pipeline.store import DATA, ArtifactStore
 
@@ -80,15 +80,16 @@ def resolve_inputs(config: RunConfig, stage: str, round_: int, store: ArtifactSt
     inputs = {}
     for ref in stage_specs()[stage].inputs:
         name, when = parse_input(ref)
-        k = input_round(when, round_)
-        if name not in config.stages or k is None:
+        if name not in config.stages:
             continue
-        path = store.stage_dir(config.experiment, k, name)
-        manifest = store.read_manifest(path)
-        problem = "no complete artifact" if manifest is None else store.verify(path, manifest)
-        if problem:
-            raise BadInput(f"stage {stage} needs {name} (round {k}) at {path}: {problem}; run {name} first")
-        inputs[name] = Upstream(name, path, manifest, store)
+        for k in input_rounds(when, round_):
+            path = store.stage_dir(config.experiment, k, name)
+            manifest = store.read_manifest(path)
+            problem = "no complete artifact" if manifest is None else store.verify(path, manifest)
+            if problem:
+                raise BadInput(f"stage {stage} needs {name} (round {k}) at {path}: {problem}; run {name} first")
+            # "name@earlier" gives one input per round, keyed "name@k"
+            inputs[f"{name}@{k}" if when == "earlier" else name] = Upstream(name, path, manifest, store)
     return inputs
 
 

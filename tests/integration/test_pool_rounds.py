@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conftest import ROOT, align, needs_prepared
 from stages.config import load_config
+from stages.data.pool import SAMPLES_FILE, with_samples
 from stages.pipeline.runner import run_flow_locally
 from stages.pipeline.store import ArtifactStore
 
@@ -25,6 +27,14 @@ NLF = ROOT / "configs" / "smoke_online_nlf.yaml"
 
 def rows(art, experiment, round_, stage):
     return pq.read_table(art / experiment / f"round-{round_}" / stage / "data.parquet").to_pylist()
+
+
+def pooled(art, experiment, round_):
+    """Round k's pool joined with the samples that the pools of rounds 0..k stored (as build_pool reads it)."""
+    pool = pq.read_table(art / experiment / f"round-{round_}" / "data_pool" / "data.parquet")
+    samples = pa.concat_tables(pq.read_table(art / experiment / f"round-{k}" / "data_pool" / SAMPLES_FILE)
+                               for k in range(round_ + 1))
+    return with_samples(pool, samples).to_pylist()
 
 
 def manifest(art, experiment, round_, stage):
@@ -75,7 +85,7 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
     assert {r["conditioning"] for r in rows(art, "smoke_online_quark", 1, "sample")} == {"<|quark_0|>"}
     # Round 1's pool is round 0's plus round 1's samples; round 0's pool file is untouched.
     assert sha(pool0) == pool0_sha
-    pool1 = rows(art, "smoke_online_quark", 1, "data_pool")
+    pool1 = pooled(art, "smoke_online_quark", 1)
     assert len(pool1) == 2 * len(rows(art, "smoke_online_quark", 0, "data_pool"))
     assert {r["round"] for r in pool1} == {0, 1}
     assert all(r["checkpoint"].endswith("round-0/train/model") for r in pool1 if r["round"] == 1)
@@ -115,10 +125,15 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
     import duckdb
 
     readme = (ROOT / "README.md").read_text()
-    sql = readme.split('duckdb.sql("""', 1)[1].split('""")', 1)[0]
-    got = duckdb.sql(sql.replace("artifacts/quark_movies", str(art / "smoke_online_quark"))).fetchall()
+    counts, texts = [q.split('""")', 1)[0].replace("artifacts/quark_movies", str(art / "smoke_online_quark"))
+                     for q in readme.split('duckdb.sql("""')[1:3]]
+    got = duckdb.sql(counts).fetchall()
     n0 = len(rows(art, "smoke_online_quark", 0, "data_pool"))
     assert [(g[0], g[1], g[2]) for g in got] == [("0", 0, n0), ("1", 0, n0), ("1", 1, n0)]
+    # and its join of round 2's pool (here round 1's, the last) with the samples' texts
+    joined = duckdb.sql(texts.replace("round-2/data_pool/data", "round-1/data_pool/data")).fetchall()
+    best = sorted((r["reward"], r["completion"]) for r in pool1 if r["drawn"] and r["quantile"] == 0)[::-1][:5]
+    assert [(g[1], g[3]) for g in joined] == best
 
 
 def test_nlf_rounds_keep_half_the_old_pool_and_condition_on_the_best_phrase(tmp_path):
@@ -126,7 +141,7 @@ def test_nlf_rounds_keep_half_the_old_pool_and_condition_on_the_best_phrase(tmp_
     results = {(r.round, r.stage): r for r in run_flow_locally(cfg, ArtifactStore(str(tmp_path)))}
     assert all(r.status == "ran" for r in results.values())
     n0 = len(rows(tmp_path, "smoke_online_nlf", 0, "data_pool"))
-    pool1 = rows(tmp_path, "smoke_online_nlf", 1, "data_pool")
+    pool1 = pooled(tmp_path, "smoke_online_nlf", 1)
     assert sum(r["round"] == 0 for r in pool1) == n0 // 2 and sum(r["round"] == 1 for r in pool1) == n0
     assert {r["conditioning"] for r in rows(tmp_path, "smoke_online_nlf", 0, "sample")} == {None}
     assert {r["conditioning"] for r in rows(tmp_path, "smoke_online_nlf", 1, "sample")} == {"Excellent."}

@@ -213,3 +213,61 @@ def test_the_cap_applies_to_this_rounds_samples_too():
     r0, r1 = run_rounds([prompt_rows("a", [0, 1]), prompt_rows("a", [2, 3, 4, 5], start=2)],
                         P.PoolPolicy(max_per_prompt=3))
     assert [r["round"] for r in r1] == [1, 1, 1]
+
+
+# -- the narrow pool and its samples ---------------------------------------------------------------
+
+def test_the_pool_is_narrow_and_joins_back_to_every_rounds_samples_in_its_order():
+    s0 = samples([{**r, "completion": f"r0-{r['sample_index']}"} for r in prompt_rows("a", [0, 1, 2])], 0)
+    s1 = samples([{**r, "completion": f"r1-{r['sample_index']}"} for r in prompt_rows("a", [3, 4], start=0)], 1)
+    pool = P.update(P.update(None, s0, 0, P.PoolPolicy(drop=0.5), 0), s1, 1, P.PoolPolicy(drop=0.5), 0)
+    assert pool.schema == P.POOL and "completion" not in pool.column_names
+    # samples given in another order (and with rows the pool dropped) join back in the pool's order
+    wide = P.with_samples(pool, pa.concat_tables([s1, s0]).take([4, 0, 2, 1, 3])).to_pylist()
+    assert [(r["round"], r["completion"]) for r in wide] == \
+        [(r["round"], f"r{r['round']}-{r['sample_index']}") for r in pool.to_pylist()]
+    assert [r["quantile"] for r in wide] == pool.column("quantile").to_pylist()  # the pool's own columns
+    assert pool.schema.field("prompt_id").type != pa.string()  # dictionary-encoded in the pool,
+    assert P.with_samples(pool, pa.concat_tables([s0, s1])).schema.field("prompt_id").type == pa.string()  # not here
+    with pytest.raises(LookupError, match="2 pooled samples have no sample row"):
+        P.with_samples(pool, s0)
+    with pytest.raises(LookupError, match="match more than one"):
+        P.with_samples(pool, pa.concat_tables([s0, s1, s1]))
+
+
+def test_duplicate_keys_are_found():
+    rows = prompt_rows("a", [0, 1]) + prompt_rows("b", [0])
+    assert P.duplicate_key(samples(rows, 0)) is None
+    assert P.duplicate_key(samples(rows + prompt_rows("b", [5]), 0)) == ("train", "b", 0, 0)
+
+
+def test_the_stage_refuses_samples_it_could_not_join_back(tmp_path):
+    from types import SimpleNamespace
+
+    from stages import data_pool
+    from stages.config import DataPoolConfig
+    from stages.pipeline.errors import BadInput
+
+    table = pa.Table.from_pylist([{"prompt_id": "a", "prompt": "p", "split": "train", "sample_index": 0,
+                                   "completion": c, "score": 1.0} for c in ("x", "y")])
+    ctx = SimpleNamespace(inputs={"annotate": SimpleNamespace(stage="annotate", table=lambda: table)}, round=0,
+                          seed=0, workdir=tmp_path, log=None)
+    with pytest.raises(BadInput, match=r"annotate has two samples with split, prompt_id, round, sample_index = \('train', 'a', 0, 0\)"):
+        data_pool.run(ctx, DataPoolConfig(quantiles=2, quantile_scope="global"))
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 3), st.booleans()), min_size=1, max_size=40),
+       st.integers(1, 3), st.integers(2, 4), st.sampled_from(["global", "per_prompt"]), st.integers(0, 5))
+def test_the_draw_takes_the_untruncated_first_up_to_its_count_per_prompt_and_quantile(rows, per, q, scope, seed):
+    table = [{"prompt_id": pid, "sample_index": i, "score": float(r), "truncated": t} for i, (pid, r, t) in enumerate(rows)]
+    (pool,) = run_rounds([table], P.PoolPolicy(quantiles=q, quantile_scope=scope, draw_per_quantile=per), seed)
+    cells = {}
+    for r in pool:
+        cells.setdefault((r["prompt_id"], r["quantile"]), []).append(r)
+    for cell in cells.values():
+        drawn = [r for r in cell if r["drawn"]]
+        assert len(drawn) == min(per, len(cell))
+        if any(r["truncated"] for r in drawn):  # a truncated one only when too few are untruncated
+            assert all(r["drawn"] for r in cell if not r["truncated"])
