@@ -98,3 +98,13 @@ def test_manifest_records_what_a_reader_needs(done):
     ds = datasets.load_dataset("parquet", data_files=str(done / "smoke" / "round-0" / "build_pool" / "data.parquet"),
                                split="train")
     assert set(ds.column_names) >= {"prompt", "generation1", "generation1_weight", "split"}
+
+
+def test_input_rounds_and_downstream_of_earlier_rounds():
+    from stages.pipeline.registry import downstream_of, input_rounds
+
+    assert [input_rounds(w, 3) for w in ("", "prev", "0", "earlier")] == [[3], [2], [0], [0, 1, 2]]
+    assert input_rounds("prev", 0) == input_rounds("earlier", 0) == []
+    # build_pool reads data_pool of this round and of every earlier one: only the first makes it downstream
+    flow = ["load_prompts", "sample", "annotate", "data_pool", "build_pool", "train"]
+    assert downstream_of("data_pool", flow) == ["data_pool", "build_pool", "train"]
