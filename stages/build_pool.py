@@ -187,7 +187,7 @@ def _drawn_from_pool(ctx) -> pa.Table:
     bin), joined with the samples stored by the pool of the round that drew each."""
     pool = ctx.inputs["data_pool"]
     drawn = pool.table().filter(pa.compute.field("drawn"))
-    earlier = [u for k, u in sorted(ctx.inputs.items()) if k.startswith("data_pool@")]
+    earlier = [u for k, u in ctx.inputs.items() if k.startswith("data_pool@")]
     drawn = pool_samples(drawn, [*earlier, pool])
     return drawn.rename_columns(["score" if c == "reward" else c for c in drawn.column_names])
 

@@ -8,7 +8,7 @@ policy reads and writes (reward, truncated, weight, quantile, drawn). The sample
 completion, token ids, checkpoint, feedback, conditioning) is stored once, in the round that drew
 it (`SAMPLES`, the data_pool artifact's samples.parquet), and joined back by key (`with_samples`).
 So a round copies no texts: under Quark's keep-everything policy the pools of k rounds would
-otherwise hold every sample k times over. Building a round is a few stable NumPy sorts over the
+otherwise hold every sample k times over. Building a round is three NumPy argsorts over the
 narrow columns (no Python loop over rows); 1M pooled samples take well under a second
 (benchmarks/bench_pool.py). Both tables are plain Parquet: README joins them with DuckDB.
 
@@ -195,7 +195,9 @@ def update(previous: pa.Table | None, new: pa.Table, round_: int, policy: PoolPo
     # What is kept, per prompt: samples in order of age (oldest first, the seeded order within a
     # round); this round's come last, so the first floor(n_old * drop) are the dropped old ones, and
     # a sample is among the newest `max_per_prompt` when its position from the end is.
-    alive = (rnd == round_) | ((rnd < round_) & ((round_ - rnd < policy.max_age) if policy.max_age else True))
+    alive = rnd <= round_
+    if policy.max_age:
+        alive &= (rnd == round_) | (round_ - rnd < policy.max_age)
     idx = np.flatnonzero(alive)
     g, r = group[idx], rnd[idx]
     n_groups = n_splits * n_prompts
