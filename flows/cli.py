@@ -166,23 +166,33 @@ def inspect(directory: str = typer.Argument(..., help="An experiment folder, or 
 
 @app.command()
 def report(
-    experiments: list[str] = typer.Argument(..., help="Experiment names under the artifact root."),
+    experiments: list[str] = typer.Argument(..., help="Experiment names under the artifact root; A+B+C names one "
+                                                      "method run with several seeds (one experiment each)."),
     artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL); default ./artifacts."),
     out: Optional[Path] = typer.Option(None, help="Where to write the reward-vs-KL picture (PNG); default "
                                                   "<artifacts>/report-<experiments>.png."),
 ):
-    """Every round's metrics of the experiments side by side, and one reward-vs-KL picture of them all."""
-    from stages.pipeline.report import COLUMNS, reward_vs_kl_png, rounds_table, with_interval, fmt
+    """Every round's metrics of the experiments side by side, and one reward-vs-KL picture of them all;
+    for A+B+C also the mean, spread and range over the seeds."""
+    from stages.pipeline.report import (COLUMNS, SEED_METRICS, across_seeds, fmt, reward_vs_kl_png, rounds_table,
+                                        seeds_series, with_interval, with_spread)
     from stages.pipeline.store import ArtifactStore
 
     root = artifacts or default_artifact_root()
     store = ArtifactStore(root)
+    groups: dict[str, list[str]] = {}
+    for arg in experiments:
+        names = [n for n in arg.split("+") if n]
+        if not names or len(set(names)) != len(names):
+            raise BadInput(f"report: '{arg}' must name distinct experiments joined by '+'")
+        groups[arg] = names
     series = {}
-    for exp in experiments:
-        rows = rounds_table(store, exp)
-        if not rows:
-            raise BadInput(f"report: experiment {exp} has no evaluated round under {root}")
-        series[exp] = rows
+    for names in groups.values():
+        for exp in names:
+            rows = rounds_table(store, exp)
+            if not rows:
+                raise BadInput(f"report: experiment {exp} has no evaluated round under {root}")
+            series[exp] = rows
     table = Table(title="held-out metrics per round (95% intervals over prompts)")
     for col in ("experiment", "round", *(h for _, h in COLUMNS)):
         table.add_column(col)
@@ -194,14 +204,27 @@ def report(
             table.add_row(exp, str(r["round"]), with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference"),
                           *(fmt(r.get(m)) for m, _ in COLUMNS[2:]))
     console.print(table)
-    png = reward_vs_kl_png(series)
+    seeded = {arg: names for arg, names in groups.items() if len(names) > 1}
+    if seeded:
+        spread = Table(title="across seeds: mean ± standard deviation [min, max]")
+        for col in ("method (seeds)", "round", *(h for _, h in SEED_METRICS)):
+            spread.add_column(col)
+        for names in seeded.values():
+            for r in across_seeds([series[n] for n in names]):
+                spread.add_row(f"{names[0]} ({r['seeds']})", str(r["round"]), *(with_spread(r, m) for m, _ in SEED_METRICS))
+        console.print(spread)
+    # The picture: one line per experiment, or per method over seeds (its mean, bars the seeds' range).
+    drawn = {(f"{names[0]} ({len(names)} seeds, range)" if len(names) > 1 else names[0]):
+             (seeds_series([series[n] for n in names]) if len(names) > 1 else series[names[0]])
+             for names in groups.values()}
+    png = reward_vs_kl_png(drawn)
     if out:
         if not out.parent.is_dir():
             raise BadInput(f"--out {out}: the folder {out.parent} does not exist")
         out.write_bytes(png)
         target = str(out)
     else:
-        path = f"{store.root.rstrip('/')}/report-{'-'.join(experiments)}.png"
+        path = f"{store.root.rstrip('/')}/report-{'-'.join(n for names in groups.values() for n in names[:1])}.png"
         store.fs.pipe_file(path, png)
         target = path if store.local else store.fs.unstrip_protocol(path)
     console.print(f"reward vs KL: {target}")

@@ -42,6 +42,52 @@ def rounds_table(store: ArtifactStore, experiment: str, upto: int | None = None)
     return rows
 
 
+SEED_METRICS = (  # (metric, heading) summarised across seeds; "gain" is the round's reward minus its seed's base
+    ("mean_reward", "reward"), ("gain", "gain over base"), ("kl_to_reference", "KL"), ("perplexity", "ppl (ref)"),
+    ("distinct_2", "distinct-2"), ("controllability", "control"),
+)
+
+
+def across_seeds(runs: list[list[dict]]) -> list[dict]:
+    """Per round that every run (one seed each, rows as rounds_table gives) evaluated: the mean, sample
+    standard deviation (n - 1), minimum and maximum over the runs of each of SEED_METRICS, as
+    `<metric>`, `<metric>_sd`, `<metric>_min`, `<metric>_max` (None where a run lacks the metric;
+    `_sd` None with one run). The spread over seeds, not the interval over prompts of one run."""
+    import statistics
+
+    def base(rows):
+        return next((r["base_mean_reward"] for r in rows if r.get("base_mean_reward") is not None), None)
+
+    bases = [base(rows) for rows in runs]
+    by_round = [{r["round"]: r for r in rows} for rows in runs]
+    common = sorted(set.intersection(*(set(b) for b in by_round))) if runs else []
+    out = []
+    for k in common:
+        row = {"round": k, "seeds": len(runs)}
+        for name, _ in SEED_METRICS:
+            if name == "gain":
+                values = [b[k].get("mean_reward") - b0 if b[k].get("mean_reward") is not None and b0 is not None else None
+                          for b, b0 in zip(by_round, bases)]
+            else:
+                values = [b[k].get(name) for b in by_round]
+            if any(v is None for v in values):
+                row.update({name: None, f"{name}_sd": None, f"{name}_min": None, f"{name}_max": None})
+                continue
+            row.update({name: statistics.fmean(values), f"{name}_sd": statistics.stdev(values) if len(values) > 1 else None,
+                        f"{name}_min": min(values), f"{name}_max": max(values)})
+        out.append(row)
+    return out
+
+
+def with_spread(row: dict, name: str) -> str:
+    """"mean ± sd [min, max]" of across_seeds' row."""
+    if row.get(name) is None:
+        return "-"
+    sd = row.get(f"{name}_sd")
+    return (f"{fmt(row[name])}" + (f" ± {fmt(sd)}" if sd is not None else "")
+            + f" [{fmt(row[f'{name}_min'])}, {fmt(row[f'{name}_max'])}]")
+
+
 def fmt(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
@@ -71,9 +117,23 @@ def _png(fig) -> bytes:
     return out.getvalue()
 
 
+def seeds_series(runs: list[list[dict]]) -> list[dict]:
+    """across_seeds' rows in the shape reward_vs_kl_png draws: the mean over seeds, with the bars
+    spanning the seeds' minimum to maximum reward, and the mean base (KL 0)."""
+    rows = [{"round": r["round"], "mean_reward": r["mean_reward"], "kl_to_reference": r["kl_to_reference"],
+             "mean_reward_ci_low": r["mean_reward_min"], "mean_reward_ci_high": r["mean_reward_max"]}
+            for r in across_seeds(runs)]
+    bases = [next((r["base_mean_reward"] for r in run if r.get("base_mean_reward") is not None), None) for run in runs]
+    if rows and bases and None not in bases:
+        rows[0].update({"base_mean_reward": sum(bases) / len(bases), "base_mean_reward_ci_low": min(bases),
+                        "base_mean_reward_ci_high": max(bases)})
+    return rows
+
+
 def reward_vs_kl_png(series: dict[str, list[dict]]) -> bytes:
-    """Mean held-out reward (with its 95% interval) against KL to the reference, a line per
-    experiment through its rounds; each starts at the base policy (KL 0) where it was measured."""
+    """Mean held-out reward (with its 95% interval, or for a series of several seeds the seeds'
+    range) against KL to the reference, a line per experiment through its rounds; each starts at
+    the base policy (KL 0) where it was measured."""
     fig, ax = _figure()
     for name, rows in series.items():
         pts = [(r.get("kl_to_reference"), r.get("mean_reward"), r.get("mean_reward_ci_low"), r.get("mean_reward_ci_high"),

@@ -5,6 +5,7 @@ unconditioned view, and a round killed mid-way that resumes at its first incompl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,13 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
     assert "smoke_online_quark" in shown.stdout and (art / "report-smoke_online_quark.png").read_bytes()[:4] == b"\x89PNG"
     missing = align("report", "no_such_experiment", "--artifacts", art)
     assert missing.returncode == 2 and "no_such_experiment has no evaluated round" in missing.stderr
+    # A+B names one method over several seeds: here a copy stands in for a second seed (spread 0).
+    shutil.copytree(art / "smoke_online_quark", art / "smoke_online_quark_copy")
+    seeds = align("report", "smoke_online_quark+smoke_online_quark_copy", "--artifacts", art, env={"COLUMNS": "250"})
+    assert seeds.returncode == 0, seeds.stderr
+    assert "across seeds" in seeds.stdout and "smoke_online_quark (2)" in seeds.stdout and "± 0.000" in seeds.stdout
+    twice = align("report", "smoke_online_quark+smoke_online_quark", "--artifacts", art)
+    assert twice.returncode == 2 and "distinct experiments" in twice.stderr
 
     # README's DuckDB query over every round's pool, as printed there, on these artifacts.
     import duckdb
