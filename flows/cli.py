@@ -174,8 +174,8 @@ def report(
 ):
     """Every round's metrics of the experiments side by side, and one reward-vs-KL picture of them all;
     for A+B+C also the mean, spread and range over the seeds."""
-    from stages.pipeline.report import (COLUMNS, SEED_METRICS, across_seeds, fmt, reward_vs_kl_png, rounds_table,
-                                        seeds_series, with_interval, with_spread)
+    from stages.pipeline.report import (COLUMNS, SEED_METRICS, across_seeds, base_row, fmt, reward_vs_kl_png,
+                                        rounds_table, seeds_series, with_interval, with_spread)
     from stages.pipeline.store import ArtifactStore
 
     root = artifacts or default_artifact_root()
@@ -197,19 +197,19 @@ def report(
     for col in ("experiment", "round", *(h for _, h in COLUMNS)):
         table.add_column(col)
     for exp, rows in series.items():
-        base = next((r for r in rows if r.get("base_mean_reward") is not None), None)
+        base = base_row(rows)
         if base:
             table.add_row(exp, "base", with_interval(base, "base_mean_reward"), "0", *["" for _ in COLUMNS[2:]])
         for r in rows:
             table.add_row(exp, str(r["round"]), with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference"),
                           *(fmt(r.get(m)) for m, _ in COLUMNS[2:]))
     console.print(table)
-    seeded = {arg: names for arg, names in groups.items() if len(names) > 1}
+    seeded = [names for names in groups.values() if len(names) > 1]
     if seeded:
         spread = Table(title="across seeds: mean ± standard deviation [min, max]")
         for col in ("method (seeds)", "round", *(h for _, h in SEED_METRICS)):
             spread.add_column(col)
-        for names in seeded.values():
+        for names in seeded:
             for r in across_seeds([series[n] for n in names]):
                 spread.add_row(f"{names[0]} ({r['seeds']})", str(r["round"]), *(with_spread(r, m) for m, _ in SEED_METRICS))
         console.print(spread)
@@ -224,7 +224,7 @@ def report(
         out.write_bytes(png)
         target = str(out)
     else:
-        path = f"{store.root.rstrip('/')}/report-{'-'.join(n for names in groups.values() for n in names[:1])}.png"
+        path = f"{store.root.rstrip('/')}/report-{'-'.join(names[0] for names in groups.values())}.png"
         store.fs.pipe_file(path, png)
         target = path if store.local else store.fs.unstrip_protocol(path)
     console.print(f"reward vs KL: {target}")

@@ -48,17 +48,27 @@ SEED_METRICS = (  # (metric, heading) summarised across seeds; "gain" is the rou
 )
 
 
+def base_row(rows: list[dict]) -> dict | None:
+    """The row (round 0's) that carries the base policy's reward, where evaluate measured it."""
+    return next((r for r in rows if r.get("base_mean_reward") is not None), None)
+
+
+def _spread(name: str, values: list) -> dict:
+    """`name`: mean, `name_sd` (n - 1; None with one value), `name_min`, `name_max`; all None where a value is."""
+    import statistics
+
+    if not values or any(v is None for v in values):
+        return {name: None, f"{name}_sd": None, f"{name}_min": None, f"{name}_max": None}
+    return {name: statistics.fmean(values), f"{name}_sd": statistics.stdev(values) if len(values) > 1 else None,
+            f"{name}_min": min(values), f"{name}_max": max(values)}
+
+
 def across_seeds(runs: list[list[dict]]) -> list[dict]:
     """Per round that every run (one seed each, rows as rounds_table gives) evaluated: the mean, sample
     standard deviation (n - 1), minimum and maximum over the runs of each of SEED_METRICS, as
     `<metric>`, `<metric>_sd`, `<metric>_min`, `<metric>_max` (None where a run lacks the metric;
     `_sd` None with one run). The spread over seeds, not the interval over prompts of one run."""
-    import statistics
-
-    def base(rows):
-        return next((r["base_mean_reward"] for r in rows if r.get("base_mean_reward") is not None), None)
-
-    bases = [base(rows) for rows in runs]
+    bases = [(b or {}).get("base_mean_reward") for b in map(base_row, runs)]
     by_round = [{r["round"]: r for r in rows} for rows in runs]
     common = sorted(set.intersection(*(set(b) for b in by_round))) if runs else []
     out = []
@@ -70,11 +80,7 @@ def across_seeds(runs: list[list[dict]]) -> list[dict]:
                           for b, b0 in zip(by_round, bases)]
             else:
                 values = [b[k].get(name) for b in by_round]
-            if any(v is None for v in values):
-                row.update({name: None, f"{name}_sd": None, f"{name}_min": None, f"{name}_max": None})
-                continue
-            row.update({name: statistics.fmean(values), f"{name}_sd": statistics.stdev(values) if len(values) > 1 else None,
-                        f"{name}_min": min(values), f"{name}_max": max(values)})
+            row |= _spread(name, values)
         out.append(row)
     return out
 
@@ -123,10 +129,10 @@ def seeds_series(runs: list[list[dict]]) -> list[dict]:
     rows = [{"round": r["round"], "mean_reward": r["mean_reward"], "kl_to_reference": r["kl_to_reference"],
              "mean_reward_ci_low": r["mean_reward_min"], "mean_reward_ci_high": r["mean_reward_max"]}
             for r in across_seeds(runs)]
-    bases = [next((r["base_mean_reward"] for r in run if r.get("base_mean_reward") is not None), None) for run in runs]
-    if rows and bases and None not in bases:
-        rows[0].update({"base_mean_reward": sum(bases) / len(bases), "base_mean_reward_ci_low": min(bases),
-                        "base_mean_reward_ci_high": max(bases)})
+    base = _spread("b", [(b or {}).get("base_mean_reward") for b in map(base_row, runs)])
+    if rows and base["b"] is not None:
+        rows[0].update({"base_mean_reward": base["b"], "base_mean_reward_ci_low": base["b_min"],
+                        "base_mean_reward_ci_high": base["b_max"]})
     return rows
 
 
@@ -138,7 +144,7 @@ def reward_vs_kl_png(series: dict[str, list[dict]]) -> bytes:
     for name, rows in series.items():
         pts = [(r.get("kl_to_reference"), r.get("mean_reward"), r.get("mean_reward_ci_low"), r.get("mean_reward_ci_high"),
                 str(r["round"])) for r in rows if r.get("mean_reward") is not None and r.get("kl_to_reference") is not None]
-        base = next((r for r in rows if r.get("base_mean_reward") is not None), None)
+        base = base_row(rows)
         if base:
             pts.insert(0, (0.0, base["base_mean_reward"], base.get("base_mean_reward_ci_low"),
                            base.get("base_mean_reward_ci_high"), "base"))
@@ -208,7 +214,7 @@ def round_report(store: ArtifactStore, experiment: str, round_: int) -> tuple[st
             cells = [with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference")]
             cells += [fmt(r.get(m)) for m, _ in COLUMNS[2:]]
             lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
-        base = next((r for r in rows if r.get("base_mean_reward") is not None), None)
+        base = base_row(rows)
         if base:
             lines += ["", f"Base policy on the same prompts and seeds: reward {with_interval(base, 'base_mean_reward')}; "
                           f"round {base['round']}'s gain over it [{fmt(base.get('reward_gain_ci_low'))}, "
