@@ -174,7 +174,7 @@ def report(
 ):
     """Every round's metrics of the experiments side by side, and one reward-vs-KL picture of them all;
     for A+B+C also the mean, spread and range over the seeds."""
-    from stages.pipeline.report import (COLUMNS, SEED_METRICS, across_seeds, base_row, fmt, reward_vs_kl_png,
+    from stages.pipeline.report import (COLUMNS, SEED_METRICS, across_seeds, base_row, reward_vs_kl_png,
                                         rounds_table, seeds_series, with_interval, with_spread)
     from stages.pipeline.store import ArtifactStore
 
@@ -199,10 +199,10 @@ def report(
     for exp, rows in series.items():
         base = base_row(rows)
         if base:
-            table.add_row(exp, "base", with_interval(base, "base_mean_reward"), "0", *["" for _ in COLUMNS[2:]])
+            cells = {"mean_reward": with_interval(base, "base_mean_reward"), "kl_to_reference": "0"}
+            table.add_row(exp, "base", *(cells.get(m, "") for m, _ in COLUMNS))
         for r in rows:
-            table.add_row(exp, str(r["round"]), with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference"),
-                          *(fmt(r.get(m)) for m, _ in COLUMNS[2:]))
+            table.add_row(exp, str(r["round"]), *(with_interval(r, m) for m, _ in COLUMNS))
     console.print(table)
     seeded = [names for names in groups.values() if len(names) > 1]
     if seeded:

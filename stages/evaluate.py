@@ -4,7 +4,9 @@
   token and perplexity against the base model's (sft), else the objective's loss and metrics (for
   DPO the implicit reward accuracy and margin; for KTO the rewards and z0).
 - With `generation` set (online flows fill it in; offline flows may set it): the trained policy's
-  samples on held-out prompts, scored like the round did, with the KL to the reference.
+  samples on held-out prompts, scored like the round did, with the KL to the reference; with
+  `compare_base`, round 0 also samples the base on the same prompts and seeds, and every round
+  reports its paired gain over those base samples (later rounds read them from round 0's table).
 The table holds the samples when there are any, else one row per held-out record; the metrics go to
 the manifest and the report.
 """
@@ -50,21 +52,13 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     for r, sc, lr in zip(rows, scores, ref):
         r.update({"score": sc, "reference_logprob": lr, "kl": r["policy_logprob"] - lr})
     metrics = {}
-    if cfg.compare_base and ctx.round == 0 and steps.steps:
-        # The plain base policy on the same prompts with the same sampling seeds: a paired comparison,
-        # and one baseline common to every flow on these prompts. Unconditioned, because the base
-        # never learnt the conditioning (it would read a Quark token as ordinary text).
-        base_path = resolve_model(train_cfg.model, "train.model")
-        # The base needs no log-probs: it samples in the configured dtype.
-        base_cfg = gen_cfg.model_copy(update={"conditioning": "none", "suppress_tokens": [],
-                                              "dtype": cfg.generation.dtype})
-        base = [g for gens in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log) for g in gens]
-        base_scores, _ = steps(row_prompts, [g["completion"] for g in base], "evaluate.annotate", feedback=False)
-        base_scores = M.per_prompt_means(base_scores, k)
-        metrics |= with_interval("base_mean_reward", base_scores, ctx.seed)
-        gain = M.paired_ci(prompt_scores, base_scores, ctx.seed)
-        if gain:
-            metrics["reward_gain_ci_low"], metrics["reward_gain_ci_high"] = gain
+    if cfg.compare_base and steps.steps:
+        if ctx.round == 0:
+            base_scores = sample_base(ctx, cfg, gen_cfg, train_cfg, texts, rows, steps)
+        else:
+            base_scores = round_0_base_scores(ctx, rows)
+        if base_scores is not None:
+            metrics |= base_comparison(prompt_scores, M.per_prompt_means(base_scores, k), ctx.seed)
     kls = [r["kl"] for r in rows]
     metrics |= {**with_interval("mean_reward", prompt_scores, ctx.seed),
                 **{f"reward_{q}": v for q, v in M.quantiles(scores).items()},
@@ -79,6 +73,53 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     if cfg.controllability:
         metrics |= controllability(ctx, cfg, model_path, texts[: cfg.controllability_prompts], steps)
     return rows, metrics
+
+
+def sample_base(ctx, cfg: EvaluateConfig, gen_cfg, train_cfg: TrainConfig, texts, rows, steps) -> list:
+    """Round 0: the plain base policy on the same prompts with the same sampling seeds (a paired
+    comparison, and one baseline common to every flow on these prompts), unconditioned because the
+    base never learnt the conditioning (it would read a Quark token as ordinary text). Its samples
+    and scores go into `rows` (base_completion, base_score) for later rounds to pair with."""
+    base_path = resolve_model(train_cfg.model, "train.model")
+    # The base needs no log-probs: it samples in the configured dtype.
+    base_cfg = gen_cfg.model_copy(update={"conditioning": "none", "suppress_tokens": [], "dtype": cfg.generation.dtype})
+    base = [g for gens in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log) for g in gens]
+    scores, _ = steps([r["prompt"] for r in rows], [g["completion"] for g in base], "evaluate.annotate", feedback=False)
+    for r, g, sc in zip(rows, base, scores):
+        r.update({"base_completion": g["completion"], "base_score": sc})
+    return scores
+
+
+def round_0_base_scores(ctx, rows: list[dict]) -> list | None:
+    """Later rounds: round 0's base samples of the same prompts and sample indices (the held-out
+    seed is every round's), copied into `rows`, and their scores in rows' order; None where round 0
+    sampled no base."""
+    first = ctx.inputs.get("evaluate")  # round 0's own artifact ("evaluate@0"; none in round 0)
+    if first is None:
+        return None
+    table = first.table()
+    if "base_score" not in table.column_names:
+        return None
+    keys = zip(table.column("prompt_id").to_pylist(), table.column("sample_index").to_pylist())
+    base = dict(zip(keys, zip(table.column("base_completion").to_pylist(), table.column("base_score").to_pylist())))
+    missing = [r for r in rows if (r["prompt_id"], r["sample_index"]) not in base]
+    if missing:
+        raise BadInput(f"evaluate: round 0's base samples lack held-out prompt {missing[0]['prompt_id']!r} "
+                       f"(sample {missing[0]['sample_index']}); re-run round 0's evaluate")
+    for r in rows:
+        r["base_completion"], r["base_score"] = base[(r["prompt_id"], r["sample_index"])]
+    return [r["base_score"] for r in rows]
+
+
+def base_comparison(prompt_scores: list, base_prompt_scores: list, seed: int) -> dict:
+    """The base's mean reward with its interval, and the policy's gain over it: the mean of the
+    per-prompt differences with their bootstrap interval (paired)."""
+    diffs = [a - b for a, b in zip(prompt_scores, base_prompt_scores) if a is not None and b is not None]
+    out = {**with_interval("base_mean_reward", base_prompt_scores, seed), "reward_gain": mean_known(diffs)}
+    gain = M.paired_ci(prompt_scores, base_prompt_scores, seed)
+    if gain:
+        out["reward_gain_ci_low"], out["reward_gain_ci_high"] = gain
+    return out
 
 
 def with_interval(name: str, values: list, seed: int) -> dict:
@@ -131,7 +172,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="8", inputs=("build_pool", "reference", "train", "load_prompts@0"))
+@stage("evaluate", version="9", inputs=("build_pool", "reference", "train", "load_prompts@0", "evaluate@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")

@@ -6,7 +6,8 @@ of ours, so stages, the runner and the registry can all depend on it.
 
 `inputs` names the upstream stages it reads when they are part of the flow: "name" (same round),
 "name@0" (round 0, for stages that run once), "name@prev" (the previous round; none in round 0) or
-"name@earlier" (every earlier round's, as inputs "name@0", "name@1", ...).
+"name@earlier" (every earlier round's, as inputs "name@0", "name@1", ...). A stage may name its own
+earlier rounds ("evaluate@0": round 0's evaluate, none in round 0 itself).
 Bump `version` when a change alters what the stage writes: it enters the fingerprint. The config
 section is the one named like the stage.
 """

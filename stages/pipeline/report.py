@@ -16,8 +16,8 @@ import math
 
 from stages.pipeline.store import ArtifactStore
 
-COLUMNS = (  # (metric, heading) of the per-round table
-    ("mean_reward", "reward"), ("kl_to_reference", "KL"), ("perplexity", "ppl (ref)"),
+COLUMNS = (  # (metric, heading) of the per-round table; each with its 95% interval where it has one
+    ("mean_reward", "reward"), ("reward_gain", "gain over base"), ("kl_to_reference", "KL"), ("perplexity", "ppl (ref)"),
     ("distinct_2", "distinct-2"), ("mean_completion_tokens", "tokens"), ("truncated_fraction", "truncated"),
     ("controllability", "control"),
 )
@@ -211,14 +211,11 @@ def round_report(store: ArtifactStore, experiment: str, round_: int) -> tuple[st
     if rows:
         lines += ["| round | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         for r in rows:
-            cells = [with_interval(r, "mean_reward"), with_interval(r, "kl_to_reference")]
-            cells += [fmt(r.get(m)) for m, _ in COLUMNS[2:]]
-            lines.append(f"| {r['round']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['round']} | " + " | ".join(with_interval(r, m) for m, _ in COLUMNS) + " |")
         base = base_row(rows)
         if base:
             lines += ["", f"Base policy on the same prompts and seeds: reward {with_interval(base, 'base_mean_reward')}; "
-                          f"round {base['round']}'s gain over it [{fmt(base.get('reward_gain_ci_low'))}, "
-                          f"{fmt(base.get('reward_gain_ci_high'))}] (95% CI, paired)."]
+                          "each round's gain over it is paired (the same prompts and samples' seeds)."]
         pool = rows[-1]
         if "pool_pool_samples" in pool:
             lines += ["", f"Data pool: {pool['pool_pool_samples']} samples ({pool.get('pool_new_samples')} new, oldest "

@@ -83,6 +83,8 @@ def resolve_inputs(config: RunConfig, stage: str, round_: int, store: ArtifactSt
         if name not in config.stages:
             continue
         for k in input_rounds(when, round_):
+            if name == stage and k >= round_:  # a stage's own "name@0" is round 0's from round 1 on
+                continue
             path = store.stage_dir(config.experiment, k, name)
             manifest = store.read_manifest(path)
             problem = "no complete artifact" if manifest is None else store.verify(path, manifest)

@@ -13,6 +13,7 @@ import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import ROOT, align, needs_prepared
 from stages.config import load_config
@@ -110,9 +111,16 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
     assert metrics["mean_reward_ci_low"] <= metrics["mean_reward"] <= metrics["mean_reward_ci_high"]
     assert {"perplexity", "distinct_1", "distinct_2", "distinct_3", "reward_p50", "kl_to_reference_ci_low"} <= set(metrics)
     assert all(f"reward_with_control_{k}" in metrics for k in range(5)) and "controllability" in metrics
+    # Round 1 pairs its samples with round 0's base samples (sampled once, in round 0).
+    base0 = rows(art, "smoke_online_quark", 0, "evaluate")
+    ev1 = rows(art, "smoke_online_quark", 1, "evaluate")
+    assert [r["base_completion"] for r in ev1] == [r["base_completion"] for r in base0]
+    gains = [r["score"] - r["base_score"] for r in ev1]
+    assert metrics["reward_gain"] == pytest.approx(sum(gains) / len(gains))
+    assert metrics["reward_gain_ci_low"] <= metrics["reward_gain"] <= metrics["reward_gain_ci_high"]
     # Each round's report: the per-round table with intervals, the pictures, a dozen samples.
     report = (art / "smoke_online_quark/round-1/report.md").read_text()
-    assert "| round | reward |" in report and "| 1 | " in report and "Data pool: 96 samples" in report
+    assert "| round | reward | gain over base |" in report and "| 1 | " in report and "Data pool: 96 samples" in report
     for name in ("report-reward-vs-kl.png", "report-rewards.png", "report-controls.png"):
         assert f"]({name})" in report and (art / "smoke_online_quark/round-1" / name).read_bytes()[:4] == b"\x89PNG"
     assert (art / "smoke_online_quark/round-0/report.md").exists()

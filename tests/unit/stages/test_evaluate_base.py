@@ -11,6 +11,7 @@ import pytest
 
 from stages import evaluate
 from stages.config import AnnotateConfig, EvaluateConfig, SampleConfig, TrainConfig
+from stages.pipeline.errors import BadInput
 from stages.services import sample_metrics as M
 
 
@@ -89,3 +90,71 @@ def test_several_samples_per_prompt_are_one_unit_of_the_bootstrap(monkeypatch):
     assert metrics["base_mean_reward"] == pytest.approx(metrics["mean_reward"] - 0.5)
     assert metrics["reward_gain_ci_low"] == pytest.approx(0.5) and metrics["reward_gain_ci_high"] == pytest.approx(0.5)
     assert metrics["kl_to_reference"] == pytest.approx((1.0 + 0.0) / 2)  # -1 - j against -2
+
+
+def _fixed_policy(monkeypatch, completions: dict[str, str]):
+    """generate_hf returns `completions[path]` + the prompt; the reference scores -2 a sample."""
+    def fake_generate(path, texts, cfg, seed, log):
+        return [[{"completion": f"{completions[path]} {t}", "prompt_ids": [1], "completion_ids": [2, 3],
+                  "completion_tokens": 2, "policy_logprob": -1.0, "truncated": False, "conditioning_ids": []}]
+                for t in texts]
+
+    monkeypatch.setattr(evaluate, "generate_hf", fake_generate)
+    monkeypatch.setattr(evaluate, "resolve_model", lambda name, field: "base")
+    monkeypatch.setattr(evaluate, "sequence_logps", lambda path, p, c: [-2.0] * len(p))
+
+
+def _ctx(round_, prompts, round_0=None):
+    inputs = {"load_prompts": SimpleNamespace(table=lambda: prompts)}
+    if round_0 is not None:
+        inputs["evaluate"] = SimpleNamespace(table=lambda: round_0)
+    return SimpleNamespace(inputs=inputs, heldout_seed=17, seed=0, round=round_, log=logging.getLogger("test"))
+
+
+VADER = AnnotateConfig(steps=[{"kind": "rule", "callable": "stages.annotators.vader_compound"}])
+
+
+def test_later_rounds_pair_with_round_0s_base_samples(monkeypatch):
+    """Round 0 keeps each base sample and its score beside the policy's; round 2 samples no base
+    but pairs its samples with round 0's (by prompt and sample index), so every round has a paired
+    gain, equal to the mean of the per-prompt differences."""
+    prompts = pa.table({"prompt_id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "split": ["heldout"] * 3})
+    cfg = EvaluateConfig(generation=SampleConfig(dtype="float32"), compare_base=True, annotate=VADER)
+    _fixed_policy(monkeypatch, {"policy": "good", "base": "bad"})
+    rows0, m0 = evaluate.generate_and_score(_ctx(0, prompts), cfg, "policy", TrainConfig(model="base"))
+    assert [r["base_completion"] for r in rows0] == ["bad x", "bad y", "bad z"]
+    assert all(r["base_score"] < 0 < r["score"] for r in rows0)
+
+    calls = []
+    _fixed_policy(monkeypatch, {"policy": "great"})  # a base call would raise KeyError
+    real = evaluate.generate_hf
+    monkeypatch.setattr(evaluate, "generate_hf", lambda path, *a: calls.append(path) or real(path, *a))
+    rows2, m2 = evaluate.generate_and_score(_ctx(2, prompts, pa.Table.from_pylist(rows0[::-1])), cfg, "policy",
+                                            TrainConfig(model="base"))
+    assert calls == ["policy"]
+    assert [r["base_completion"] for r in rows2] == ["bad x", "bad y", "bad z"]  # matched, not by position
+    assert m2["base_mean_reward"] == pytest.approx(m0["base_mean_reward"])
+    diffs = [r["score"] - r["base_score"] for r in rows2]
+    assert m2["reward_gain"] == pytest.approx(sum(diffs) / 3)
+    assert m2["reward_gain"] == pytest.approx(m2["mean_reward"] - m2["base_mean_reward"])
+    assert (m2["reward_gain_ci_low"], m2["reward_gain_ci_high"]) == M.bootstrap_ci(diffs, 0)
+    assert m2["reward_gain"] != pytest.approx(m0["reward_gain"])  # "great" and "good" score differently
+
+
+def test_a_round_0_without_these_prompts_is_a_one_line_error(monkeypatch):
+    prompts = pa.table({"prompt_id": ["a", "b"], "prompt": ["x", "y"], "split": ["heldout"] * 2})
+    round_0 = pa.table({"prompt_id": ["a"], "sample_index": [0], "base_completion": ["bad x"], "base_score": [-0.5]})
+    cfg = EvaluateConfig(generation=SampleConfig(dtype="float32"), compare_base=True, annotate=VADER)
+    _fixed_policy(monkeypatch, {"policy": "good"})
+    with pytest.raises(BadInput, match="round 0's base samples lack held-out prompt 'b'"):
+        evaluate.generate_and_score(_ctx(1, prompts, round_0), cfg, "policy", TrainConfig(model="base"))
+
+
+def test_no_base_in_round_0_means_no_gain_later(monkeypatch):
+    """A round 0 that sampled no base (compare_base was off, or it had no reward) leaves later rounds without one."""
+    prompts = pa.table({"prompt_id": ["a"], "prompt": ["x"], "split": ["heldout"]})
+    round_0 = pa.table({"prompt_id": ["a"], "sample_index": [0], "score": [0.3]})
+    cfg = EvaluateConfig(generation=SampleConfig(dtype="float32"), compare_base=True, annotate=VADER)
+    _fixed_policy(monkeypatch, {"policy": "good"})
+    rows, metrics = evaluate.generate_and_score(_ctx(1, prompts, round_0), cfg, "policy", TrainConfig(model="base"))
+    assert "base_mean_reward" not in metrics and "reward_gain" not in metrics and "base_score" not in rows[0]
