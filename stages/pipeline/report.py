@@ -38,7 +38,11 @@ def rounds_table(store: ArtifactStore, experiment: str, upto: int | None = None)
         if ev is None:
             continue
         pool = _manifest(store, experiment, k, "data_pool") or {}
-        rows.append({"round": k, **{f"pool_{n}": v for n, v in pool.get("metrics", {}).items()}, **ev.get("metrics", {})})
+        row = {"round": k, **{f"pool_{n}": v for n, v in pool.get("metrics", {}).items()}, **ev.get("metrics", {})}
+        old = "reward_gain" not in row and "reward_gain_ci_low" in row  # evaluate < 9 kept round 0's interval only
+        if old and None not in (row.get("mean_reward"), row.get("base_mean_reward")):
+            row["reward_gain"] = row["mean_reward"] - row["base_mean_reward"]
+        rows.append(row)
     return rows
 
 
