@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 ALIGN  := $(VENV)/bin/align
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast smoke clean-artifacts
+.PHONY: setup demo test test-fast smoke results clean-artifacts
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +36,14 @@ test-fast: setup
 
 smoke: setup
 	$(ALIGN) run configs/smoke.yaml
+
+# README's runs of record: each experiment's evaluate and data_pool manifests into docs/results
+# (what `align report --artifacts docs/results` reads), e.g. make results EXPERIMENTS="quark_movies".
+results:
+	@test -n "$(EXPERIMENTS)" || { echo "make results: set EXPERIMENTS=\"name ...\""; exit 2; }
+	for e in $(EXPERIMENTS); do for m in artifacts/$$e/round-*/evaluate/manifest.json \
+	    artifacts/$$e/round-*/data_pool/manifest.json; do test -f "$$m" || continue; \
+	    d="docs/results/$${m#artifacts/}"; mkdir -p "$$(dirname "$$d")"; cp "$$m" "$$d"; done; done
 
 clean-artifacts:
 	find artifacts -mindepth 1 -maxdepth 1 ! -name README.md ! -name _cache -exec rm -rf {} +
