@@ -29,10 +29,14 @@ def per_prompt_means(values: list[float | None], k: int) -> list[float | None]:
     return out
 
 
+def paired_differences(a: list[float | None], b: list[float | None]) -> list[float]:
+    """a - b over the prompts both scored (the same prompts and sampling seeds)."""
+    return [x - y for x, y in zip(a, b) if x is not None and y is not None]
+
+
 def paired_ci(a: list[float | None], b: list[float | None], seed: int, resamples: int = 2000):
-    """Interval of mean(a - b) over the prompts both scored (the same prompts and sampling seeds)."""
-    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-    return bootstrap_ci(diffs, seed, resamples)
+    """Interval of mean(a - b) over the prompts both scored."""
+    return bootstrap_ci(paired_differences(a, b), seed, resamples)
 
 
 def quantiles(values: list[float | None], qs=(0.1, 0.25, 0.5, 0.75, 0.9)) -> dict[str, float]:
