@@ -28,11 +28,17 @@ demo: setup
 	$(ALIGN) run configs/demo.yaml
 	$(ALIGN) report demo
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures start their servers once):
+# a serial run keeps one of two cores busy, most tests wait on servers and subprocesses.
+# TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not browser"
+	$(PYTEST) -m "not slow and not browser"
 
 smoke: setup
 	$(ALIGN) run configs/smoke.yaml

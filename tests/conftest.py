@@ -19,6 +19,12 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs two workers), each worker and the processes its tests start
+# get their share of the cores: torch threads beyond the cores spin against each other and run far
+# slower than half speed each.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
