@@ -2,6 +2,8 @@
 --artifacts docs/results` reads them, give README's rows (a re-run that updates README without
 `make results`, or the reverse, fails here)."""
 
+import pytest
+
 from conftest import ROOT
 from stages.pipeline.report import across_seeds, base_row, rounds_table, with_interval, with_spread
 from stages.pipeline.store import ArtifactStore
@@ -14,14 +16,15 @@ def cells(prefix: str) -> list[list[str]]:
             if line.startswith(prefix)]
 
 
-def test_quarks_seed_rows_and_seeds_table_are_the_manifests():
+@pytest.mark.parametrize("experiment, method", [("quark_movies", "Quark"), ("nlf_movies", "NLF")])
+def test_seed_rows_and_seeds_table_are_the_manifests(experiment, method):
     store = ArtifactStore(str(ROOT / "docs/results"))
-    seed0 = rounds_table(store, "quark_movies")
-    rows = cells("| `quark_movies`")  # its first row names the day: "`quark_movies` (2026-12-03)"
+    seed0 = rounds_table(store, experiment)
+    rows = cells(f"| `{experiment}`")  # its first row names the day: "`quark_movies` (2026-12-03)"
     assert rows[0][1] == "base, plain" and rows[0][2] == with_interval(base_row(seed0), "base_mean_reward")
     assert [(r[2], r[3]) for r in rows[1:]] == [(with_interval(m, "mean_reward"), with_interval(m, "kl_to_reference"))
                                                 for m in seed0]
-    seeds = across_seeds([rounds_table(store, e) for e in ("quark_movies", "quark_movies_seed1", "quark_movies_seed2")])
-    table = cells("| Quark |")
+    seeds = across_seeds([rounds_table(store, e) for e in (experiment, f"{experiment}_seed1", f"{experiment}_seed2")])
+    table = cells(f"| {method} |")
     assert len(table) == len(seeds) == 3
     assert [(r[2], r[3]) for r in table] == [(with_spread(s, "mean_reward"), with_spread(s, "gain")) for s in seeds]
