@@ -161,7 +161,7 @@ def reward_vs_kl_png(series: dict[str, list[dict]]) -> bytes:
         for x, y, p in zip(xs, ys, pts):
             ax.annotate(p[4], (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6)
     ax.set_xlabel("KL to the reference (nats per sample)", fontsize=8)
-    ax.set_ylabel("mean held-out reward (95% CI)", fontsize=8)
+    ax.set_ylabel("mean held-out reward (bars: 95% CI or seeds' range)", fontsize=7)
     if ax.get_legend_handles_labels()[0]:  # series without a sampled reward draw nothing
         ax.legend(fontsize=7, frameon=False)
     return _png(fig)
