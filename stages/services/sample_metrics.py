@@ -34,11 +34,6 @@ def paired_differences(a: list[float | None], b: list[float | None]) -> list[flo
     return [x - y for x, y in zip(a, b) if x is not None and y is not None]
 
 
-def paired_ci(a: list[float | None], b: list[float | None], seed: int, resamples: int = 2000):
-    """Interval of mean(a - b) over the prompts both scored."""
-    return bootstrap_ci(paired_differences(a, b), seed, resamples)
-
-
 def quantiles(values: list[float | None], qs=(0.1, 0.25, 0.5, 0.75, 0.9)) -> dict[str, float]:
     x = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if not len(x):

@@ -31,7 +31,8 @@ def test_bootstrap_interval_of_a_mean():
 
 def test_paired_interval_uses_prompts_both_scored():
     a, b = [1.0, 2.0, None, 4.0], [0.5, 1.5, 9.0, 3.5]
-    assert M.paired_ci(a, b, seed=0) == pytest.approx((0.5, 0.5))
+    assert M.paired_differences(a, b) == [0.5, 0.5, 0.5]
+    assert M.bootstrap_ci(M.paired_differences(a, b), seed=0) == pytest.approx((0.5, 0.5))
 
 
 def test_reward_quantiles():
