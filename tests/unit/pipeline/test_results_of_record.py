@@ -16,7 +16,8 @@ def cells(prefix: str) -> list[list[str]]:
             if line.startswith(prefix)]
 
 
-@pytest.mark.parametrize("experiment, method", [("quark_movies", "Quark"), ("nlf_movies", "NLF")])
+@pytest.mark.parametrize("experiment, method",
+                         [("online_dpo_movies", "online DPO"), ("quark_movies", "Quark"), ("nlf_movies", "NLF")])
 def test_seed_rows_and_seeds_table_are_the_manifests(experiment, method):
     store = ArtifactStore(str(ROOT / "docs/results"))
     seed0 = rounds_table(store, experiment)
