@@ -170,7 +170,10 @@ class TrainBase(Section):
     max_prompt_length: int = Field(64, ge=1)
     group_by_length: bool = True  # batch similar lengths together: less padding
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # bf16: bfloat16 weights, activations and gradients, float32 master weights and optimizer state
+    # (stages/training/precision.py); no: float32; auto: bf16 where the hardware runs it natively
+    # (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32. fp16 is refused (see below).
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     # Recompute each layer's activations in the backward pass: less memory, roughly 15-30% slower.
     gradient_checkpointing: bool = False
     # Experiment trackers (accelerate's) that also get every step's metrics; off by default.
@@ -197,6 +200,14 @@ class TrainBase(Section):
     reference: Literal["auto", "cached", "resident"] = "auto"
     reference_model: str | None = None  # default: the model being trained, before training
     lora: LoraOptions | None = None
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, value):
+        if value == "fp16":
+            raise ValueError("fp16 is not supported: it needs loss scaling to train at all; use bf16 (same memory, "
+                             "float32's range; Ampere+ GPUs and CPUs with AVX512-BF16/AMX) or no")
+        return value
 
     @model_validator(mode="after")
     def _lengths(self):
@@ -228,8 +239,9 @@ class ReferenceConfig(Section):
     batch_size: int = Field(8, ge=1)
     shards: int = Field(1, ge=1)  # records split over this many Ray tasks (as sample.shards)
     token_logps: bool = False  # also per-token log-probs of generation1 (quark/nlf kl: cached)
-    mixed_precision: Literal["no", "bf16"] = "no"
-    # Filled from train (model, max_length, max_prompt_length) so tokenisation matches training.
+    # Filled from train (model, max_length, max_prompt_length, mixed_precision) so tokenisation and
+    # arithmetic match training: cached log-probs equal what a resident reference would compute.
+    mixed_precision: Literal["auto", "no", "bf16"] | None = None
     model: str | None = None
     max_length: int | None = None
     max_prompt_length: int | None = None
@@ -308,6 +320,8 @@ class RunConfig(Section):
             ref.max_length = self.train.max_length
         if ref.max_prompt_length is None:
             ref.max_prompt_length = self.train.max_prompt_length
+        if ref.mixed_precision is None:
+            ref.mixed_precision = self.train.mixed_precision
         if self.sample.model is None:
             self.sample.model = self.train.model
         quark_tokens = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
@@ -364,7 +378,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise BadInput(f"--set {item!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_value(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -385,7 +399,24 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load with YAML 1.2's booleans: only true/false (any case) are booleans. PyYAML follows
+    YAML 1.1, where yes/no/on/off are too, so `mixed_precision: no` arrived as False and was refused."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML document under the config rules (YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
+
+
+class _UniqueKeyLoader(_ConfigLoader):
     """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one, so a
     second `train:` section would silently replace the first)."""
 

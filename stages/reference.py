@@ -11,7 +11,6 @@ records' token ids where they carry them.
 from __future__ import annotations
 
 import pyarrow as pa
-import torch
 
 from stages.config import ReferenceConfig
 from stages.pipeline.context import StageOutput, stage
@@ -19,6 +18,7 @@ from stages.services.models import load_causal_lm, load_tokenizer, model_identit
 from stages.data.schemas import REFERENCE_COLUMNS, check_columns
 from stages.services.scoring import score
 from stages.services.shards import map_shards
+from stages.training.precision import cast_for_compute, resolve
 from stages.data.tokens import of_record
 
 
@@ -46,7 +46,9 @@ def run(ctx, cfg: ReferenceConfig) -> StageOutput:
 def reference_shard(rows: list[dict], shard: int, path: str, cfg: ReferenceConfig) -> list[dict]:
     """One shard's reference columns, one dict per record (a Ray task when reference.shards > 1)."""
     tokenizer = load_tokenizer(path)
-    model = load_causal_lm(path).eval()
+    # The trainer's arithmetic (train.mixed_precision, filled in): these columns stand in for a
+    # resident reference, which computes in the policy's precision.
+    model = cast_for_compute(load_causal_lm(path).eval(), resolve(cfg.mixed_precision))
     # Every completion of every record in one list, so the ones of a prompt share its forward pass.
     wanted = [(out_col, gen_col, i) for out_col, gen_col in (("reference_logp1", "generation1"),
                                                             ("reference_logp2", "generation2"),
@@ -55,8 +57,7 @@ def reference_shard(rows: list[dict], shard: int, path: str, cfg: ReferenceConfi
     # The recorded token ids where the pool has them (sampled records), else the tokenised text.
     seqs = [of_record(tokenizer, rows[i], gen_col) for _, gen_col, i in wanted]
     sums, toks = score(model, seqs, tokenizer.pad_token_id, cfg.batch_size, (cfg.max_prompt_length, cfg.max_length),
-                       per_token=cfg.token_logps, dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None,
-                       desc="reference")
+                       per_token=cfg.token_logps, desc="reference")
     out = [{name: None for name in REFERENCE_COLUMNS.names} for _ in rows]
     for (out_col, gen_col, i), total, per_token in zip(wanted, sums, toks):
         out[i][out_col] = total

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict
 class Section(BaseModel):
     # Unknown keys are errors that name their path, not settings silently ignored; so are inf and
     # NaN (`--set train.learning_rate=.inf` would train to NaN and commit it).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # A number where text is expected (`hub_split: 2024`, `feedback: 5`) is that text, as YAML wrote it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, coerce_numbers_to_str=True)
 
 
 def conditioning_template(template: str) -> str:

@@ -23,6 +23,7 @@ from stages.config import SampleConfig
 from stages.pipeline.errors import BadInput
 from stages.services.models import load_causal_lm, load_tokenizer
 from stages.data.tokens import feedback_prefix, keep_last, text_ids
+from stages.training.precision import bf16_native
 
 
 def conditioning(cfg: SampleConfig) -> tuple[str | None, str | None]:
@@ -123,9 +124,7 @@ def sampling_dtype(choice: str) -> torch.dtype:
         return torch.float32
     if choice == "bfloat16":
         return torch.bfloat16
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if bf16_native() else torch.float32
 
 
 def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> tuple[list[int], list[int]]:

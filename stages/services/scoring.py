@@ -14,11 +14,12 @@ from stages.data.tokens import Sequence
 
 @torch.no_grad()
 def score(model, seqs: list[Sequence], pad_id: int, batch_size: int, limits: tuple[int, int] | None = None,
-          per_token: bool = False, dtype: torch.dtype | None = None, desc: str = "score"):
+          per_token: bool = False, desc: str = "score"):
     """Summed (and optionally per-token) completion log-probs, in the order of `seqs`.
 
     limits = (max_prompt, max_length) applies the trainer's length rules; None scores the
-    sequences whole (sampled ones, exactly as drawn). Sequences of one prompt are batched together
+    sequences whole (sampled ones, exactly as drawn). The model computes in its own parameters' dtype
+    (training.precision.cast_for_compute makes a bf16 one). Sequences of one prompt are batched together
     and share its forward pass (the trainer's shared prompts); longest groups first."""
     if limits is None:
         longest_prompt = max((len(s.prefix) + len(s.prompt) for s in seqs), default=0)
@@ -38,8 +39,7 @@ def score(model, seqs: list[Sequence], pad_id: int, batch_size: int, limits: tup
     for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=None):
         idx = order[k:k + batch_size]
         batch = sequences([seqs[i] for i in idx], pad_id, *limits, share_prompt=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logps, mask = batch_token_logps(model, batch)
+        logps, mask = batch_token_logps(model, batch)
         for j, i in enumerate(idx):
             sums[i] = float(logps[j].sum())
             if per_token:

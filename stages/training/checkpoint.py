@@ -1,6 +1,7 @@
 """Resumable training checkpoints without pickle: tensors in safetensors, the rest in JSON.
 
-    <dir>/model.safetensors      weights
+    <dir>/model.safetensors      weights (bf16 in bf16 mode: what the model computes with)
+    <dir>/master.safetensors     bf16 mode: the float32 master weights, keyed by parameter name
     <dir>/optimizer.safetensors  optimizer state tensors, keyed "<param index>.<name>"
     <dir>/rng.safetensors        torch RNG state(s) of process 0 (rng-<rank>.safetensors: the others')
     <dir>/state.json             step, position in the data, scheduler, param groups, Python/NumPy RNG
@@ -53,8 +54,12 @@ def _no_barrier() -> None:
     pass
 
 
+def _names(model) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict, rank: int = 0, world: int = 1,
-                    barrier: Callable[[], None] = _no_barrier) -> None:
+                    barrier: Callable[[], None] = _no_barrier, masters=None) -> None:
     """Write a complete checkpoint next to `path`, then swap it in (a kill never leaves half of one)."""
     tmp = path.with_name(path.name + ".tmp")
     if rank == 0:
@@ -68,6 +73,9 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict, ran
     save_file(rng, str(tmp / _rng_file(rank)))
     if rank == 0:
         save_model(model, str(tmp / "model.safetensors"))
+        if masters is not None:
+            save_file({k: v.contiguous() for k, v in masters.state_dict(_names(model)).items()},
+                      str(tmp / "master.safetensors"))
         opt = optimizer.state_dict()
         tensors, scalars = {}, {}
         for pid, state in opt["state"].items():
@@ -95,10 +103,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict, ran
     barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, masters=None) -> dict:
     """Restore everything saved by `save_checkpoint`; returns the saved progress dict."""
     state = json.loads((path / "state.json").read_text())
     load_model(model, str(path / "model.safetensors"))
+    if masters is not None:
+        if not (path / "master.safetensors").exists():
+            raise RuntimeError(f"{path}: a float32 checkpoint cannot resume a bf16 run (train.mixed_precision "
+                               "changed); delete it to start over")
+        masters.load_state_dict(load_file(str(path / "master.safetensors")), _names(model))
     tensors = load_file(str(path / "optimizer.safetensors"))
     per_param: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(state["optimizer_scalars"].items()):

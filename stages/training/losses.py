@@ -38,6 +38,7 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 
 def weighted_mean(per_example: torch.Tensor, weights: torch.Tensor, total_weight: torch.Tensor | None = None) -> torch.Tensor:
     """sum(w * loss) / sum(w); an all-zero-weight batch contributes 0 (not NaN). `total_weight`
     replaces sum(w) when these examples are one process's shard of a larger batch."""
+    per_example = upcast(per_example)  # a bf16 model's losses are reduced in float32
     weights = weights.to(per_example.dtype)
     total = weights.sum() if total_weight is None else total_weight.to(per_example.dtype)
     return (per_example * weights).sum() / total.clamp(min=torch.finfo(per_example.dtype).tiny)

@@ -6,6 +6,10 @@ AdamW and the LR schedule, logs one metrics row per optimizer step, and writes a
 checkpoint every `checkpoint_every` steps. A killed run resumes from its last checkpoint and ends
 with the same weights as an uninterrupted one (data order is a pure function of seed and epoch).
 
+Precision (train.mixed_precision, stages/training/precision.py): float32, or bf16 compute with
+float32 master weights; auto is bf16 where the hardware runs it natively. Sharded training (FSDP,
+DeepSpeed) hands the choice to accelerate's own mixed precision.
+
 Under torch.distributed (train.processes > 1, launched by services/training_run.py) every process
 builds the same micro-batches and takes its shard of each (whole groups for grouped objectives).
 Each shard's loss is sum(w * loss) over its examples divided by the weight of the whole
@@ -21,11 +25,11 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from stages.training import allocator
+from stages.training import allocator, precision
 from stages.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from stages.training.distributed_ops import all_reduce_gradients, idle
 from stages.training.lean_layers import make_lean, native_gqa
@@ -85,7 +89,10 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     `cfg.log_with` the steps also go to those experiment trackers (accelerate's), files under
     `tracking_dir` for the ones that write files (TensorBoard). With `save_to` the main process
     writes the trained model there (LoRA merged in), loadable with `from_pretrained`."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+    state = PartialState(cpu=not torch.cuda.is_available())
+    sharded = state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    mode = precision.resolve(cfg.mixed_precision, state.device.type)
+    accelerator = Accelerator(mixed_precision=mode if sharded else "no", cpu=not torch.cuda.is_available(),
                               log_with=list(cfg.log_with) or None,
                               project_dir=str(tracking_dir) if tracking_dir and cfg.log_with else None)
     if cfg.log_with:
@@ -100,7 +107,16 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
         model.config.use_cache = False
     if cfg.lean_layers:
         log.debug("train: lean layers %s", make_lean(model))
+    rank, world = accelerator.process_index, accelerator.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
+    masters = None
+    if not sharded:
+        # Replicated training places the model itself (no wrapper, see below); in bf16 mode the
+        # optimizer then updates float32 masters of the parameters the model computes with.
+        model.to(accelerator.device)
+        if mode == "bf16":
+            masters = precision.MasterWeights(model, params)
+            params = masters.params
     # fused: one kernel per step over all parameters, no temporary copies of the moment buffers.
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
     group_key = getattr(objective, "group_by", None)
@@ -111,18 +127,16 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if world > 1 and not sharded:
-        # Replicated data parallelism without the DDP wrapper: the objectives call the model's
-        # decoder and LM head separately (prompt sharing, the LM head at completion positions only),
-        # which a DDP forward would bypass; the gradients are summed across processes after each step's
-        # backward passes instead (all_reduce_gradients), the same sum DDP would compute.
-        model.to(accelerator.device)
-    else:
+    # Replicated data parallelism without the DDP wrapper: the objectives call the model's decoder
+    # and LM head separately (prompt sharing, the LM head at completion positions only), which a DDP
+    # forward would bypass; the gradients are summed across processes after each step's backward
+    # passes instead (all_reduce_gradients), the same sum DDP would compute.
+    if sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
     if isinstance(objective.ref_model, torch.nn.Module):
         objective.ref_model.to(accelerator.device)
+        if not sharded:  # the reference computes like the policy at step 0
+            precision.cast_for_compute(objective.ref_model, mode)
     model.train()
     if sharded:
         log.warning("train: %s shards the weights; resumable checkpoints are written for replicated (DDP) "
@@ -132,7 +146,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     history: list[dict] = []
     step = 0
     if has_checkpoint(ckpt):
-        progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank)
+        progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank, masters)
         step, history = progress["step"], progress["history"]
         log.info("train: resumed from checkpoint at step %d/%d", step, total)
 
@@ -165,6 +179,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 tokens += step_tokens if mine else 0.0
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), weights, total_weight)) / len(group)
+            if masters is not None:
+                masters.to_masters()  # summed and clipped in float32
             if world > 1 and not sharded:
                 all_reduce_gradients(params)
             if world > 1:  # each process holds its shards' parts of the step's sums
@@ -180,6 +196,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                                     f"nothing was committed (learning rate {cfg.learning_rate:g}: lower it, or check "
                                     "the records' weights and rewards)")
             optimizer.step()
+            if masters is not None:
+                masters.to_model()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -195,8 +213,10 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 log.info("train: step %d/%d loss %.4f, %.0f tokens/s", step, total, loss_total, row["tokens_per_s"] or 0)
             if step % cfg.checkpoint_every == 0 and step < total and not sharded:
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history},
-                                rank=rank, world=world, barrier=accelerator.wait_for_everyone)
+                                rank=rank, world=world, barrier=accelerator.wait_for_everyone, masters=masters)
     bar.close()
+    if masters is not None:
+        masters.restore()  # the float32 masters are the trained model
     if cfg.log_with:
         accelerator.end_training()
     if save_to is not None:

@@ -94,3 +94,28 @@ def test_a_config_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "latin.yaml").write_bytes("experiment: caf\xe9\n".encode("latin-1"))
     with pytest.raises(BadInput, match=r"latin\.yaml: not UTF-8 text"):
         load_config(tmp_path / "latin.yaml")
+
+
+@pytest.mark.parametrize("text, overrides", [
+    ("experiment: e\ntrain:\n  mixed_precision: no\n", []),  # YAML 1.1 would read `no` as false
+    ("experiment: e\n", ["train.mixed_precision=no"]),
+    ("experiment: e\ntrain:\n  mixed_precision: 'no'\n", []),
+])
+def test_mixed_precision_no_is_typed_as_users_write_it(tmp_path, text, overrides):
+    cfg = load_config(write(tmp_path, text), overrides)
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.reference.mixed_precision == "no"  # the reference stage computes like training
+
+
+def test_yaml_words_and_numbers_stay_text_where_text_is_expected(tmp_path):
+    """Only true/false are booleans (YAML 1.2); a number given for a text field is that text."""
+    cfg = load_config(write(tmp_path, "experiment: e\nsample:\n  feedback: yes\nload_prompts:\n  hub_split: 2024\n"
+                                      "train:\n  group_by_length: true\n  share_prompt: False\n"), ["sample.control_token=on"])
+    assert cfg.sample.feedback == "yes" and cfg.load_prompts.hub_split == "2024" and cfg.sample.control_token == "on"
+    assert cfg.train.group_by_length is True and cfg.train.share_prompt is False
+
+
+def test_fp16_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(BadInput, match=r"bad value for 'train.mixed_precision': .*fp16 is not supported: it needs loss "
+                                       r"scaling.*use bf16"):
+        load_config(write(tmp_path, "experiment: e\ntrain:\n  mixed_precision: fp16\n"))

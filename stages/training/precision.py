@@ -1,0 +1,153 @@
+"""Training precision: float32, or bfloat16 compute with float32 master weights.
+
+    resolve("auto")        "bf16" where the device runs bfloat16 natively (CUDA with bf16 support,
+                           CPUs with AVX512-BF16 or AMX), else "no" (float32); the one rule the
+                           trainer, the reference stage and the sampler share
+    MasterWeights(model)   bf16 mode: the model's parameters become bfloat16 (every matmul,
+                           activation and gradient is bf16: half the bytes, and on AMX about 4x the
+                           matmul rate); float32 copies of the trainable ones ("masters") are what
+                           the optimizer updates, its moments float32 too
+    cast_for_compute(m)    a model that is only run (the resident reference, the reference stage):
+                           its parameters in bf16 and, on CPU, the attention below
+
+Why master weights: a bf16 weight resolves about 3 significant digits (2^-8 relative), so an
+AdamW update of lr 5e-6 on a weight of 0.02 (2.5e-4 relative) rounds to nothing in pure bf16 and
+training silently stalls. The masters keep every update; the bf16 copy the model runs on is the
+masters rounded after each step. Gradients arrive in bf16 and are copied into float32 before
+they are summed across processes, clipped and applied.
+
+Why not autocast over float32 weights (accelerate's `mixed_precision="bf16"`): it re-casts every
+weight at every use, keeps the residual stream, norms and the elementwise ops of the backward pass in
+float32, and turned the lean layers off; on SmolLM2 it trained at 221 tokens/s where bf16 weights
+ran 247 and float32 148 (8 x 96 tokens, Xeon with AMX, benchmarks/bench_train.py has today's figures).
+
+Attention on CPU: PyTorch's CPU flash-attention kernel is about 2.5x slower in bf16 than in float32
+(fwd+bwd of [8, 9 heads, 96, 64]: 19.5 ms vs 7.6 ms a layer), so under bf16 on CPU the attention
+runs as sdpa on float32 copies of q, k, v (`sdpa_fp32`), its output cast back: the matmuls around
+it stay bf16. On CUDA sdpa's bf16 kernels are the fast ones and stay.
+
+Sharded training (FSDP, DeepSpeed) keeps its own mixed-precision machinery: there the choice goes to
+accelerate (`accelerator_precision`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("no", "bf16")
+FP32_ATTENTION = "sdpa_fp32"
+
+
+def bf16_native(device_type: str | None = None) -> bool:
+    """Whether bfloat16 runs natively here: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX
+    (oneDNN's check). Emulated bf16 is slower than float32."""
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve(choice: str, device_type: str | None = None) -> str:
+    """train.mixed_precision / reference.mixed_precision resolved on this machine: "no" or "bf16"."""
+    if choice == "auto":
+        return "bf16" if bf16_native(device_type) else "no"
+    if choice not in MODES:
+        raise ValueError(f"mixed precision {choice!r}: expected auto, no or bf16")
+    return choice
+
+
+def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FP32_ATTENTION, _sdpa_fp32)
+    AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)  # sdpa's mask format
+
+
+def _set_attention(model: nn.Module, implementation: str) -> str | None:
+    """Switch a transformers model's attention; returns the previous implementation (None: not one)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        return None
+    before = config._attn_implementation
+    if before != "sdpa" and implementation == FP32_ATTENTION:
+        return None  # eager or a custom kernel the user chose: leave it
+    _register_attention()
+    config._attn_implementation = implementation  # read by every attention layer at each call
+    for sub in model.modules():  # nested configs (a PEFT wrapper's base model shares this one)
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and cfg is not config and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = implementation
+    return before
+
+
+def _cast_params(model: nn.Module, dtype: torch.dtype, only=None) -> None:
+    """Parameters only: buffers (RoPE's inverse frequencies) keep their float32 values. Tied weights
+    are one Parameter, so they stay tied."""
+    for p in model.parameters() if only is None else only:
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def cast_for_compute(model: nn.Module, mode: str) -> nn.Module:
+    """A model that is only run forward (no optimizer): bf16 parameters and, on CPU, float32 attention."""
+    if mode == "bf16":
+        _cast_params(model, torch.bfloat16)
+        if next(model.parameters()).device.type == "cpu":
+            _set_attention(model, FP32_ATTENTION)
+    return model
+
+
+class MasterWeights:
+    """bf16 parameters for compute, float32 masters for the optimizer (see the module docstring).
+
+    Usage per optimizer step: backward on the bf16 model, `to_masters()` (gradients into the
+    masters' .grad, the model's freed), reduce / clip / step on `params`, then `to_model()`.
+    `restore()` at the end puts the masters back into the model as float32 parameters; frozen
+    parameters (a LoRA base) stay the bf16-rounded values they were trained against, upcast.
+    """
+
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter]):
+        self.model = model
+        self.compute = trainable
+        # Copied before the cast: the masters start from the exact float32 weights.
+        self.params = [nn.Parameter(p.detach().float().clone()) for p in trainable]
+        _cast_params(model, torch.bfloat16)
+        self._attention = None
+        if next(model.parameters()).device.type == "cpu":
+            self._attention = _set_attention(model, FP32_ATTENTION)
+
+    def to_masters(self) -> None:
+        for m, p in zip(self.params, self.compute):
+            m.grad = torch.zeros_like(m) if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def to_model(self) -> None:
+        torch._foreach_copy_(self.compute, self.params)  # rounds to bf16
+
+    def state_dict(self, names: dict[int, str]) -> dict[str, torch.Tensor]:
+        """The masters keyed by their parameters' names (`names`: id(param) -> name)."""
+        return {names[id(p)]: m.detach() for p, m in zip(self.compute, self.params)}
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], names: dict[int, str]) -> None:
+        for p, m in zip(self.compute, self.params):
+            m.copy_(tensors[names[id(p)]])
+        self.to_model()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        _cast_params(self.model, torch.float32)
+        for p, m in zip(self.compute, self.params):
+            p.data = m.detach()
+        if self._attention is not None:
+            _set_attention(self.model, self._attention)
