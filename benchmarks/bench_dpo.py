@@ -1,7 +1,10 @@
-"""DPO training speed and memory: our trainer vs TRL's DPOTrainer on SmolLM2-135M (fp32, CPU).
+"""DPO training speed and memory: our trainer vs TRL's DPOTrainer on SmolLM2-135M (CPU, fp32 or bf16).
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python benchmarks/bench_dpo.py [--repeats N] [--quick]
+    .venv/bin/python benchmarks/bench_dpo.py [--repeats N] [--quick] [--precision no|bf16]
+
+--precision bf16: ours with train.mixed_precision bf16 (bf16 weights, float32 masters; the cached
+reference computed in bf16 too), TRL with `bf16=True` (its autocast over float32 weights).
 
 Four configurations, each run in a fresh child process (this script with `--child NAME`), the
 configurations alternating within every repeat (the starting one rotates from repeat to repeat):
@@ -24,7 +27,7 @@ Each child wraps its collate function to count the non-padding tokens it actuall
 checks them against the expected count. Tokens = non-padding tokens of prompt+chosen and
 prompt+rejected over the timed steps (identical for all four configurations).
 
-Settings common to both: fp32, batch 4 pairs, no gradient accumulation, AdamW (fused, torch's
+Settings common to both: fp32 (or bf16 on both sides), batch 4 pairs, no gradient accumulation, AdamW (fused, torch's
 defaults, weight decay 0), lr 5e-6 constant, no warm-up, max_grad_norm 1.0, sigmoid loss, beta 0.1,
 dropout off (SmolLM2 has none), gradient checkpointing off (TRL defaults to on; `--gradient-checkpointing`
 turns it on for both), 1 dataloader worker (the main process). Ours runs with its defaults
@@ -181,7 +184,7 @@ def gb(kb: int | None) -> float | None:
 
 
 def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int | None = None,
-          ours_set: dict | None = None) -> dict:
+          ours_set: dict | None = None, precision: str = "no") -> dict:
     import torch
 
     if threads:
@@ -190,6 +193,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
     rows = load_pairs(pairs_path)
     want_tokens = expected_tokens(rows, steps)
     out: dict = {"config": name, "steps": steps, "tokens": want_tokens, "gradient_checkpointing": grad_ckpt,
+                 "precision": precision,
                  "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()[0]}
     seen = {"per_batch": [], "batches": []}
 
@@ -204,6 +208,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
         from stages.services.scoring import score
         from stages.data.tokens import of_record
         from stages.services.training_setup import attach_reference, prepare
+        from stages.training.precision import cast_for_compute
         from stages.training.trainer import fit
 
         mode = name.split("_")[1]
@@ -213,7 +218,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
             t0 = time.perf_counter()
             path = resolve_model("smollm2")
             tok = load_tokenizer(path)
-            base = load_causal_lm(path).eval()
+            base = cast_for_compute(load_causal_lm(path).eval(), precision)  # as the reference stage does
             t1 = time.perf_counter()
             rcfg = ReferenceConfig(model="smollm2", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT,
                                    batch_size=REF_BATCH)
@@ -230,7 +235,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
                           max_prompt_length=MAX_PROMPT, learning_rate=LR, max_steps=steps, epochs=100,
                           lr_scheduler="constant", checkpoint_every=10**6, reference=mode, dpo={"beta": BETA},
                           group_by_length=False, gradient_checkpointing=grad_ckpt, max_grad_norm=1.0,
-                          weight_decay=0.0, warmup_steps=0, grad_accum=1, mixed_precision="no",
+                          weight_decay=0.0, warmup_steps=0, grad_accum=1, mixed_precision=precision,
                           **(ours_set or {}))
         out["ours_set"] = ours_set or {}
         objective, model, tokenizer = prepare(cfg, rows, seed=SEED)
@@ -298,7 +303,7 @@ def child(name: str, pairs_path: Path, steps: int, grad_ckpt: bool, threads: int
             output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=BATCH,
             gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
             warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused", beta=BETA,
-            loss_type=["sigmoid"], max_length=MAX_LENGTH, truncation_mode="keep_start", bf16=False, fp16=False,
+            loss_type=["sigmoid"], max_length=MAX_LENGTH, truncation_mode="keep_start", bf16=precision == "bf16", fp16=False,
             gradient_checkpointing=grad_ckpt, precompute_ref_log_probs=precompute,
             precompute_ref_batch_size=REF_BATCH, train_sampling_strategy="sequential", report_to="none",
             dataloader_num_workers=0, save_strategy="no", logging_steps=1, use_cpu=True, seed=SEED,
@@ -469,6 +474,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in the ledger (<out>_runs.jsonl) with the same settings; run the rest")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default benchmarks/results/dpo.json)")
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no",
+                    help="no: float32 on both sides (default); bf16: ours mixed_precision bf16, TRL bf16=True")
     ap.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     ap.add_argument("--ours-set-json", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
@@ -478,7 +485,8 @@ def main() -> None:
         ap.error(f"--steps must be in 1..{N_PAIRS // BATCH} (one epoch of the {N_PAIRS} pairs)")
 
     if a.child:
-        res = child(a.child, a.pairs, steps, a.gradient_checkpointing, a.threads, json.loads(a.ours_set_json))
+        res = child(a.child, a.pairs, steps, a.gradient_checkpointing, a.threads, json.loads(a.ours_set_json),
+                    a.precision)
         print("BENCH_RESULT " + json.dumps(res), flush=True)
         return
 
@@ -487,7 +495,7 @@ def main() -> None:
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
         ap.error(f"unknown config(s): {bad}")
-    out = a.out or RESULTS / ("dpo_quick.json" if a.quick else "dpo.json")
+    out = a.out or RESULTS / (("dpo_quick" if a.quick else "dpo") + ("_bf16" if a.precision == "bf16" else "") + ".json")
     logs = RESULTS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     build_pairs(a.pairs)
@@ -512,7 +520,7 @@ def main() -> None:
     # run in progress; --resume picks up from there.
     ledger = out.with_name(out.stem + "_runs.jsonl")
     key = {"steps": steps, "gradient_checkpointing": a.gradient_checkpointing, "threads": a.threads,
-           "allocator": a.allocator, "ours_set": ours_set}
+           "allocator": a.allocator, "ours_set": ours_set, "precision": a.precision}
     runs = []
     if a.resume and ledger.exists():
         runs = [r for r in map(json.loads, ledger.read_text().splitlines())
@@ -529,7 +537,7 @@ def main() -> None:
                 continue
             began = datetime.now(timezone.utc).isoformat(timespec="seconds")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--pairs", str(a.pairs),
-                   "--steps", str(steps)] + (["--gradient-checkpointing"] if a.gradient_checkpointing else []) \
+                   "--steps", str(steps), "--precision", a.precision] + (["--gradient-checkpointing"] if a.gradient_checkpointing else []) \
                 + (["--threads", str(a.threads)] if a.threads else []) + (["--ours-set-json", json.dumps(ours_set)] if ours_set else [])
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -555,11 +563,12 @@ def main() -> None:
     runs.sort(key=lambda r: (r["repeat"], r.get("began", "")))
     result = {"benchmark": "dpo", "started": started.isoformat(timespec="seconds"),
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "settings": {"model": "smollm2 (SmolLM2-135M-Instruct, fp32)", "pairs": N_PAIRS, "batch_pairs": BATCH,
+              "settings": {"model": f"smollm2 (SmolLM2-135M-Instruct, {'bf16' if a.precision == 'bf16' else 'fp32'})", "pairs": N_PAIRS, "batch_pairs": BATCH,
                            "max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT, "steps": steps,
                            "repeats": repeats, "learning_rate": LR, "beta": BETA, "loss": "sigmoid",
                            "lr_scheduler": "constant", "warmup_steps": 0, "max_grad_norm": 1.0,
-                           "optimizer": "AdamW fused, weight_decay 0", "dtype": "float32",
+                           "optimizer": "AdamW fused, weight_decay 0",
+                           "dtype": "bfloat16" if a.precision == "bf16" else "float32",
                            "gradient_checkpointing": a.gradient_checkpointing, "reference_batch_size": REF_BATCH,
                            "threads": a.threads or "torch default", "allocator": a.allocator,
                            "ours_set": ours_set,

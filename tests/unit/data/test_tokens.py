@@ -235,8 +235,11 @@ def test_online_round_trains_the_sampled_token_ids(tmp_path, monkeypatch):
 
 @needs_prepared
 def test_reference_scores_the_sampled_ids(tmp_path):
-    """The cached reference sums equal a direct pass over the recorded ids."""
+    """The cached reference sums equal a direct pass over the recorded ids, in the precision the
+    stage computes in (train.mixed_precision's, bf16 where native)."""
     import pyarrow.parquet as pq
+
+    from stages.training.precision import cast_for_compute, resolve
 
     from stages.training.logprobs import completion_token_logps
     from stages.services.models import load_causal_lm, resolve_model
@@ -247,7 +250,7 @@ def test_reference_scores_the_sampled_ids(tmp_path):
                       ["rounds=1", "stages=[load_prompts, sample, annotate, reweight, build_pool, reference]"])
     run_flow_locally(cfg, ArtifactStore(str(tmp_path)))
     pool = pq.read_table(tmp_path / "smoke_online_dpo/round-0/reference/data.parquet").to_pylist()
-    model = load_causal_lm(resolve_model("tiny-llama")).eval()
+    model = cast_for_compute(load_causal_lm(resolve_model("tiny-llama")).eval(), resolve(cfg.reference.mixed_precision))
     for r in pool[:3]:
         seq = Sequence(r["prompt_ids"], r["generation1_ids"])
         batch = sequences([seq], 0, cfg.train.max_prompt_length, cfg.train.max_length)

@@ -189,6 +189,23 @@ def test_chunked_logprobs_match_full_logits(tiny, monkeypatch):
     torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10)
 
 
+def test_fused_head_log_probs_values_and_gradients():
+    """HeadLogProbs against log_softmax(h W^T)[y] by autograd, and gradcheck in float64 (h and W)."""
+    from stages.training.logprobs import HeadLogProbs
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.tensor([0, 3, 10, 3, 7, 1])
+    want = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None]).squeeze(-1)
+    torch.testing.assert_close(HeadLogProbs.apply(h, w, y), want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda hh, ww: HeadLogProbs.apply(hh, ww, y), (h, w))
+    # bf16 inputs: float32 log-probs, gradients in the inputs' dtype
+    out = HeadLogProbs.apply(h.detach().bfloat16().requires_grad_(), w.detach().bfloat16(), y)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want.detach(), rtol=0.05, atol=0.1)
+
+
 @needs_prepared
 @pytest.mark.parametrize("objective", ["dpo", "kto", "rl"])
 def test_shared_prompt_gives_the_joint_numbers_and_gradients(tiny, objective):
