@@ -4,6 +4,7 @@ beside ours at each precision.
 
     .venv/bin/pip install -e '.[bench]'          # TRL 1.16, for the DPO side by side
     .venv/bin/python benchmarks/bench_train.py [--quick] [--steps N] [--repeats R] [--no-trl]
+    .venv/bin/python benchmarks/bench_train.py --profile dpo [--precision bf16]   # where the time goes
 
 1. The peak: the best median rate of large matmuls (2048x576x1536, SmolLM2's MLP shape, and
    2048x2048x2048), each dtype, on every core torch uses.
@@ -128,7 +129,7 @@ def reference_columns(objective: str, rows: list[dict], precision: str) -> None:
     gc.collect()
 
 
-def child(objective: str, precision: str, pairs_path: Path, steps: int) -> dict:
+def child(objective: str, precision: str, pairs_path: Path, steps: int, profile: bool = False) -> dict:
     import torch
 
     from stages.config import TrainConfig
@@ -157,7 +158,15 @@ def child(objective: str, precision: str, pairs_path: Path, steps: int) -> dict:
     reset = bench_dpo.reset_peak()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        history = fit(model, tokenizer, objective_, rows, cfg, seed=0, resume_dir=Path(tmp))
+        if profile:  # every step by operator, self time: where a step's time goes
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as profiler
+
+            with profiler(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                history = fit(model, tokenizer, objective_, rows, cfg, seed=0, resume_dir=Path(tmp))
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        else:
+            history = fit(model, tokenizer, objective_, rows, cfg, seed=0, resume_dir=Path(tmp))
         wall = time.perf_counter() - t0
     seconds = [h["tokens"] / h["tokens_per_s"] for h in history]  # each step's own window
     rates = [n / s for n, s in zip(per_step, seconds)]
@@ -191,12 +200,19 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration (default 1)")
     ap.add_argument("--objectives", default=",".join(OBJECTIVES))
     ap.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
+    ap.add_argument("--profile", choices=OBJECTIVES, help="profile one objective's run by operator, in this process")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="with --profile (default bf16)")
     ap.add_argument("--child", nargs=2, metavar=("OBJECTIVE", "PRECISION"), help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
     a = ap.parse_args()
     steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
     if a.child:
         print("BENCH_RESULT " + json.dumps(child(a.child[0], a.child[1], a.pairs, steps)), flush=True)
+        return
+    if a.profile:
+        bench_dpo.build_pairs(a.pairs)
+        res = child(a.profile, a.precision, a.pairs, a.steps or 4, profile=True)
+        print(f"{a.profile} {a.precision}: {res['tokens_per_s']:.0f} tokens/s (profiled: slower than unprofiled)")
         return
 
     import torch
@@ -275,7 +291,8 @@ def main() -> None:
     ours = [r for r in rows.values() if r["side"] == "ours"]
     mfu = {p: bench_dpo.median([r["mfu_bf16_peak"] for r in ours if r["precision"] == p]) for p in PRECISIONS}
     speedup = bench_dpo.median(list(ratios.values()))
-    result = {"benchmark": "train", "started": started.isoformat(timespec="seconds"),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    result = {"benchmark": "train", "commit": commit, "started": started.isoformat(timespec="seconds"),
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": bench_dpo.machine(),
               "torch_threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "peaks": peaks,
               "n_params": N_PARAMS, "rows": rows, "bf16_speedup": ratios, "runs": runs}
