@@ -1,7 +1,7 @@
 """Online RL on the movie task, ours against TRL's GRPOTrainer and RLOOTrainer, side by side.
 
     .venv/bin/pip install -e '.[bench]'          # TRL 1.16
-    .venv/bin/python benchmarks/bench_online.py [--repeats 3] [--prompts 32] [--rounds 3] [--quick]
+    .venv/bin/python benchmarks/bench_online.py [--repeats 3] [--prompts 32] [--rounds 3] [--quick] [--precision bf16]
 
 Run reward_movies.yaml first: its MiniLM reward model scores every sample, ours through the
 reward_model annotator and TRL's as its reward function (the same class, the same weights).
@@ -20,8 +20,8 @@ temperature 1, no top-p or top-k (pure sampling, TRL's default; ours is told top
 batches of 32 sequences; 2 prompts (8 sequences) per micro-batch and 2 micro-batches per optimizer
 step, so P x 4 / 16 steps per round; one policy update per batch of samples (num_iterations 1); AdamW, lr 1e-5 constant, no warm-up, weight decay 0, max grad norm 1;
 KL coefficient 0.04 (GRPO: k3 per token; RLOO: in the reward); GRPO's loss per sequence token mean
-(TRL loss_type "grpo"), advantages scaled by the group's std; float32 training on both sides,
-without gradient checkpointing (TRL's default turns it on; it is told not to). Ours
+(TRL loss_type "grpo"), advantages scaled by the group's std; float32 training on both sides
+(--precision bf16: ours train.mixed_precision bf16, TRL bf16=True, on both sides), without gradient checkpointing (TRL's default turns it on; it is told not to). Ours
 samples with its defaults (bfloat16 where the CPU has it, NucleusSampler) and reads the reference's
 log-probs from the reference stage; TRL generates with `generate` in float32 inside training and
 keeps the reference model resident. Both run on jemalloc when it is installed (as `align` does).
@@ -50,7 +50,6 @@ T_START = time.perf_counter()  # each configuration's wall counts from its proce
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -65,6 +64,11 @@ CONFIGS = ["ours_grpo", "trl_grpo", "ours_rloo", "trl_rloo"]
 N, NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, GEN_BATCH = 4, 32, 1.0, 1.0, 0, 32
 GROUPS_PER_MICRO, ACCUM, LR, KL = 2, 2, 1.0e-5, 0.04
 SEQS_PER_STEP = GROUPS_PER_MICRO * N * ACCUM
+
+
+def precision() -> str:
+    """--precision, handed to the children in BENCH_ONLINE_PRECISION: no (float32) or bf16."""
+    return os.environ.get("BENCH_ONLINE_PRECISION", "no")
 
 
 def flow_config(objective: str, prompts: int, rounds: int) -> str:
@@ -87,6 +91,7 @@ train:
   batch_size: {GROUPS_PER_MICRO}
   grad_accum: {ACCUM}
   max_grad_norm: 1.0
+  mixed_precision: {precision()}
   {train}
 """
 
@@ -160,7 +165,7 @@ def child_trl(kind: str, prompts: list[str], rounds: int, work: Path) -> dict:
                   max_completion_length=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=KL,
                   num_iterations=1, max_steps=steps, num_train_epochs=rounds, logging_steps=1, save_strategy="no",
-                  report_to=[], use_cpu=True, seed=0, bf16=False, dataloader_num_workers=0,
+                  report_to=[], use_cpu=True, seed=0, bf16=precision() == "bf16", dataloader_num_workers=0,
                   gradient_checkpointing=False,  # TRL's default is on; ours trains without it
                   model_init_kwargs={"dtype": torch.float32})  # the reference, loaded by the trainer
     dataset = Dataset.from_dict({"prompt": prompts})
@@ -244,7 +249,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds for the held-out comparison (0: skip it)")
     ap.add_argument("--heldout", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="1 repeat, 8 prompts, 1 round, 32 held out")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "online.json")
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/online.json (online_bf16.json)")
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no",
+                    help="training precision on both sides (no: float32; bf16: ours mixed_precision bf16, TRL bf16=True)")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:
@@ -252,6 +259,8 @@ def main() -> None:
         return
     if a.quick:
         a.repeats, a.prompts, a.rounds, a.heldout = 1, 8, 1, 32
+    a.out = a.out or ROOT / "benchmarks" / "results" / ("online" + ("_bf16" if a.precision == "bf16" else "") +
+                                                         ("_quick" if a.quick else "") + ".json")
     if not (ROOT / "artifacts" / "reward_movies").exists():
         sys.exit("run reward_movies.yaml first: `align run configs/reward_movies.yaml` (its reward model scores the samples)")
     env = dict(os.environ)
@@ -260,6 +269,7 @@ def main() -> None:
     if jemalloc_library():
         env = preload_env(env, jemalloc_library())
     env["ALIGN_MALLOC"] = "system"  # already preloaded: no re-exec
+    env["BENCH_ONLINE_PRECISION"] = a.precision
     results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         tmp = Path(tmp)
@@ -306,8 +316,13 @@ def main() -> None:
             lines.append(f"| {name} | {q['mean_reward']:.3f} [{q['ci_low']:.3f}, {q['ci_high']:.3f}] | {wall} |")
     table = "\n".join(lines)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_dpo import machine
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    a.out.write_text(json.dumps({"machine": machine(), "commit": commit, "cores": os.cpu_count(),
                                  "load_before": load, "load_after": load_after, "repeats": a.repeats,
+                                 "precision": a.precision,
                                  "prompts": a.prompts, "rounds": a.rounds, "results": results, "quality": quality,
                                  "table": table}, indent=2))
     print(table)

@@ -24,11 +24,12 @@ Tokens: the non-padding tokens of every prompt+completion sequence a step trains
 batches hold). Model FLOPs: 6 x N x tokens, N = 134.5M parameters (embeddings included, as the
 LM head is a matmul over them); a resident reference's forward pass and recomputation are not
 counted. Rate: each step's tokens over its time (the trainer's per-step window), median over the
-steps after the first. MFU: that rate's FLOPs over the measured peak; reported against both
-peaks, headline against the bf16 one (the machine's limit). Peak memory: the child's VmHWM during
-training. Results: benchmarks/results/train.json (train_quick.json with --quick). The last line
-reads `MFU fp32 X% bf16 Y% speedup Zx`: medians over the four objectives, both against the bf16
-peak.
+steps after the first. MFU: that rate's FLOPs over the bf16 peak (the machine's limit; on AMX the
+big square GEMM runs about twice the model-shaped one), also over the model-shaped GEMM's rate and
+over its own dtype's peak. Peak memory: the child's VmHWM during training. Results:
+benchmarks/results/train.json (train_quick.json with --quick; `--report FILE` prints one again).
+The last line reads `MFU fp32 X% bf16 Y% speedup Zx`: medians over the four objectives, both
+against the bf16 peak.
 """
 
 from __future__ import annotations
@@ -202,12 +203,16 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
     ap.add_argument("--profile", choices=OBJECTIVES, help="profile one objective's run by operator, in this process")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="with --profile (default bf16)")
+    ap.add_argument("--report", type=Path, help="print the table of a results JSON (benchmarks/results/train.json)")
     ap.add_argument("--child", nargs=2, metavar=("OBJECTIVE", "PRECISION"), help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
     a = ap.parse_args()
     steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
     if a.child:
         print("BENCH_RESULT " + json.dumps(child(a.child[0], a.child[1], a.pairs, steps)), flush=True)
+        return
+    if a.report:
+        print(report(json.loads(a.report.read_text())))
         return
     if a.profile:
         bench_dpo.build_pairs(a.pairs)
@@ -259,49 +264,66 @@ def main() -> None:
                   f"{bench_dpo.fmt(res['train_peak_rss_gb'])} GB, losses {[round(x, 4) for x in res['losses'][:3]]}",
                   flush=True)
 
-    rows = {}
-    for side, objective, precision in jobs:
-        rs = [r for r in runs if (r["side"], r["objective"], r["precision"]) == (side, objective, precision)]
-        if not rs:
-            continue
-        rate = statistics.median(r["tokens_per_s"] for r in rs)
-        flops = 6 * N_PARAMS * rate / 1e9
-        rows[f"{side}_{objective}_{precision}"] = {
-            "side": side, "objective": objective, "precision": precision, "runs": len(rs), "reference": rs[0]["reference"],
-            "tokens_per_s": rate, "model_gflops": flops, "mfu_own_peak": flops / peaks[precision]["gflops"],
-            "mfu_bf16_peak": flops / peaks["bf16"]["gflops"],
-            "train_peak_rss_gb": bench_dpo.median([r["train_peak_rss_gb"] for r in rs])}
-    lines = [f"CPU: {bench_dpo.machine()['cpu']}, {os.cpu_count()} cores; peak float32 {peaks['no']['gflops']:.0f}, "
-             f"bfloat16 {peaks['bf16']['gflops']:.0f} GFLOP/s", "",
-             "| run | reference | tokens/s | model GFLOP/s | MFU (own dtype's peak) | MFU (bf16 peak) | peak RSS GB |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['reference']} | {r['tokens_per_s']:.0f} | {r['model_gflops']:.0f} | "
-                     f"{pct(r['mfu_own_peak'])} | {pct(r['mfu_bf16_peak'])} | {bench_dpo.fmt(r['train_peak_rss_gb'])} |")
-    ratios = {}
-    for objective in objectives:
-        fp, bf = rows.get(f"ours_{objective}_no"), rows.get(f"ours_{objective}_bf16")
-        if fp and bf:
-            ratios[objective] = bf["tokens_per_s"] / fp["tokens_per_s"]
-    for precision in PRECISIONS:
-        o, t = rows.get(f"ours_dpo_{precision}"), rows.get(f"trl_dpo_{precision}")
-        if o and t and o["train_peak_rss_gb"] and t["train_peak_rss_gb"]:
-            lines.append(f"\nours / TRL DPO at {precision}: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s, "
-                         f"{o['train_peak_rss_gb'] / t['train_peak_rss_gb']:.2f}x peak RSS")
-    ours = [r for r in rows.values() if r["side"] == "ours"]
-    mfu = {p: bench_dpo.median([r["mfu_bf16_peak"] for r in ours if r["precision"] == p]) for p in PRECISIONS}
-    speedup = bench_dpo.median(list(ratios.values()))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"benchmark": "train", "commit": commit, "started": started.isoformat(timespec="seconds"),
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": bench_dpo.machine(),
               "torch_threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "peaks": peaks,
-              "n_params": N_PARAMS, "rows": rows, "bf16_speedup": ratios, "runs": runs}
+              "n_params": N_PARAMS, "objectives": objectives, "runs": runs}
     out = RESULTS / ("train_quick.json" if a.quick else "train.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\n".join(lines))
-    print(f"\nwritten: {out}")
-    print(f"MFU fp32 {pct(mfu['no'])} bf16 {pct(mfu['bf16'])} speedup {speedup:.2f}x" if speedup else "MFU: incomplete")
+    print(report(result))
+    print(f"written: {out}")
 
+
+def summarise(result: dict) -> tuple[dict, dict]:
+    """Per configuration: median rate, model GFLOP/s, MFU against the best GEMM of each dtype and
+    against the model-shaped one (2048x576x1536), peak memory; and the bf16 / float32 ratios."""
+    peaks, runs = result["peaks"], result["runs"]
+    shaped = {p: peaks[p]["shapes"]["2048x576x1536"] for p in PRECISIONS}
+    rows = {}
+    for r in runs:
+        rows.setdefault(f"{r['side']}_{r['objective']}_{r['precision']}", []).append(r)
+    out = {}
+    for name, rs in rows.items():
+        rate = statistics.median(r["tokens_per_s"] for r in rs)
+        flops = 6 * result["n_params"] * rate / 1e9
+        out[name] = {"side": rs[0]["side"], "objective": rs[0]["objective"], "precision": rs[0]["precision"],
+                     "runs": len(rs), "reference": rs[0]["reference"], "tokens_per_s": rate, "model_gflops": flops,
+                     "mfu": flops / peaks["bf16"]["gflops"], "mfu_model_shape": flops / shaped["bf16"],
+                     "mfu_own_dtype": flops / peaks[rs[0]["precision"]]["gflops"],
+                     "train_peak_rss_gb": bench_dpo.median([r["train_peak_rss_gb"] for r in rs])}
+    ratios = {o: out[f"ours_{o}_bf16"]["tokens_per_s"] / out[f"ours_{o}_no"]["tokens_per_s"]
+              for o in result.get("objectives", OBJECTIVES) if f"ours_{o}_no" in out and f"ours_{o}_bf16" in out}
+    return out, ratios
+
+
+def report(result: dict) -> str:
+    """The results table; its last line `MFU fp32 X% bf16 Y% speedup Zx` (medians over the objectives,
+    MFU against the bf16 peak, the machine's limit)."""
+    rows, ratios = summarise(result)
+    peaks = result["peaks"]
+    lines = [f"CPU: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['torch_threads']} torch threads, "
+             f"commit {result.get('commit', '?')}, {result['steps']} steps",
+             f"peak: float32 {peaks['no']['gflops']:.0f} GFLOP/s, bfloat16 {peaks['bf16']['gflops']:.0f} GFLOP/s (best GEMM); "
+             f"at SmolLM2's MLP shape 2048x576x1536: float32 {peaks['no']['shapes']['2048x576x1536']:.0f}, "
+             f"bfloat16 {peaks['bf16']['shapes']['2048x576x1536']:.0f}", "",
+             "| run | reference | tokens/s | model GFLOP/s | MFU (bf16 peak) | MFU (bf16, model-shaped GEMM) | "
+             "MFU (own dtype's peak) | training peak RSS GB |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['reference']} | {r['tokens_per_s']:.0f} | {r['model_gflops']:.0f} | {pct(r['mfu'])} | "
+                     f"{pct(r['mfu_model_shape'])} | {pct(r['mfu_own_dtype'])} | {bench_dpo.fmt(r['train_peak_rss_gb'])} |")
+    lines.append("")
+    lines += [f"bf16 / float32 {o}: {x:.2f}x tokens/s" for o, x in ratios.items()]
+    for precision in PRECISIONS:
+        o, t = rows.get(f"ours_dpo_{precision}"), rows.get(f"trl_dpo_{precision}")
+        if o and t and o["train_peak_rss_gb"] and t["train_peak_rss_gb"]:
+            lines.append(f"ours / TRL DPO at {precision}: {o['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s, "
+                         f"{o['train_peak_rss_gb'] / t['train_peak_rss_gb']:.2f}x training peak RSS")
+    ours = [r for r in rows.values() if r["side"] == "ours"]
+    mfu = {p: bench_dpo.median([r["mfu"] for r in ours if r["precision"] == p]) for p in PRECISIONS}
+    speedup = bench_dpo.median(list(ratios.values()))
+    lines.append(f"MFU fp32 {pct(mfu['no'])} bf16 {pct(mfu['bf16'])} speedup {speedup:.2f}x" if speedup else "MFU: incomplete")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

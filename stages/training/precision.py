@@ -109,9 +109,13 @@ def cast_for_compute(model: nn.Module, mode: str) -> nn.Module:
 class MasterWeights:
     """bf16 parameters for compute, float32 masters for the optimizer (see the module docstring).
 
-    Usage per optimizer step: backward on the bf16 model, `to_masters()` (gradients into the
-    masters' .grad, the model's freed), reduce / clip / step on `params`, then `to_model()`.
-    `restore()` at the end puts the masters back into the model as float32 parameters; frozen
+    Usage per optimizer step: after each micro-batch's backward on the bf16 model, `accumulate()`
+    (its gradients summed into the masters' float32 .grad, the model's freed: accumulation over
+    micro-batches happens in float32); then reduce / clip / step on `params`, and `to_model()`.
+    The masters' .grad buffers live for the whole run (the first micro-batch of a step overwrites
+    them), so the optimizer's zero_grad is not needed.
+    `restore()` at the end (or leaving a `with masters:` block, an error included) puts the
+    masters back into the model as float32 parameters; frozen
     parameters (a LoRA base) stay the bf16-rounded values they were trained against, upcast.
     """
 
@@ -125,9 +129,17 @@ class MasterWeights:
         if next(model.parameters()).device.type == "cpu":
             self._attention = _set_attention(model, FP32_ATTENTION)
 
-    def to_masters(self) -> None:
-        for m, p in zip(self.params, self.compute):
-            m.grad = torch.zeros_like(m) if p.grad is None else p.grad.float()
+    @torch.no_grad()
+    def accumulate(self, first: bool) -> None:
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.compute]
+        if self.params[0].grad is None:
+            for m, g in zip(self.params, grads):
+                m.grad = g.float()
+        elif first:
+            torch._foreach_copy_([m.grad for m in self.params], grads)
+        else:
+            torch._foreach_add_([m.grad for m in self.params], [g.float() for g in grads])
+        for p in self.compute:
             p.grad = None
 
     @torch.no_grad()
@@ -143,6 +155,12 @@ class MasterWeights:
         for p, m in zip(self.compute, self.params):
             m.copy_(tensors[names[id(p)]])
         self.to_model()
+
+    def __enter__(self) -> "MasterWeights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -19,6 +19,7 @@ one-process gradient at the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -151,7 +152,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
         log.info("train: resumed from checkpoint at step %d/%d", step, total)
 
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=None if rank == 0 else True)
-    with native_gqa(cfg.lean_layers and accelerator.device.type == "cpu"):
+    # Leaving the block, by the end or by an error, puts the float32 masters back into the model.
+    with native_gqa(cfg.lean_layers and accelerator.device.type == "cpu"), masters or contextlib.nullcontext():
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             batches = epoch_batches(rows, cfg.batch_size, seed, epoch, cfg.group_by_length, group_key)
@@ -174,13 +176,13 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                     per_example, metrics = objective.per_example_loss(model, batch)
                     loss = weighted_mean(per_example, weights, total_weight) / len(group)
                 accelerator.backward(loss)
+                if masters is not None:
+                    masters.accumulate(first=i == 0)  # summed in float32
                 loss_total += loss.item()
                 step_tokens = float(metrics.pop("tokens").sum())  # popped on idle processes too: same keys
                 tokens += step_tokens if mine else 0.0
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), weights, total_weight)) / len(group)
-            if masters is not None:
-                masters.to_masters()  # summed and clipped in float32
             if world > 1 and not sharded:
                 all_reduce_gradients(params)
             if world > 1:  # each process holds its shards' parts of the step's sums
@@ -198,8 +200,9 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             optimizer.step()
             if masters is not None:
                 masters.to_model()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             row = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": scheduler.get_last_lr()[0],
@@ -215,8 +218,6 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history},
                                 rank=rank, world=world, barrier=accelerator.wait_for_everyone, masters=masters)
     bar.close()
-    if masters is not None:
-        masters.restore()  # the float32 masters are the trained model
     if cfg.log_with:
         accelerator.end_training()
     if save_to is not None:
