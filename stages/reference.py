@@ -23,7 +23,7 @@ from stages.data.tokens import of_record
 
 
 def identity(cfg: ReferenceConfig) -> dict:
-    return {"model": model_identity(cfg.model, "reference.model")}
+    return {"model": model_identity(cfg.model, "reference.model"), "precision": resolve(cfg.mixed_precision)}
 
 
 @stage("reference", version="2", inputs=("build_pool",), identity=identity)

@@ -16,10 +16,12 @@ from stages.pipeline.errors import BadInput
 from stages.services.models import model_identity
 from stages.services.training_run import TrainJob, launch, train_and_save
 from stages.services.training_setup import pool_rows
+from stages.training.precision import resolve
 
 
 def identity(cfg: TrainConfig) -> dict:
-    ident = {"model": model_identity(cfg.model, "train.model")}
+    # auto's choice is this machine's: a float32 artifact is not a bf16 one (a shared S3 root)
+    ident = {"model": model_identity(cfg.model, "train.model"), "precision": resolve(cfg.mixed_precision)}
     if cfg.reference_model:
         ident["reference_model"] = model_identity(cfg.reference_model, "train.reference_model")
     return ident

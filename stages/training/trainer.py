@@ -177,7 +177,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                     loss = weighted_mean(per_example, weights, total_weight) / len(group)
                 accelerator.backward(loss)
                 if masters is not None:
-                    masters.accumulate(first=i == 0)  # summed in float32
+                    masters.accumulate()  # summed in float32
                 loss_total += loss.item()
                 step_tokens = float(metrics.pop("tokens").sum())  # popped on idle processes too: same keys
                 tokens += step_tokens if mine else 0.0
@@ -200,9 +200,8 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             optimizer.step()
             if masters is not None:
                 masters.to_model()
-            else:
-                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             row = {"step": step, "epoch": epoch, "loss": loss_total, "learning_rate": scheduler.get_last_lr()[0],
