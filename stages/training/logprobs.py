@@ -4,8 +4,9 @@ The transformer body runs once; the LM head then runs only at completion positio
 positions at a time, each chunk upcast to float32 and recomputed in the backward pass, so peak
 memory holds one [chunk, vocab] block instead of the whole sequence's logits, their float32 copy
 and their log-softmax. A plain linear head (no bias, no adapter) goes through `HeadLogProbs`, which
-saves only the log-normaliser and writes the gradient of the logits in one pass; other heads, and
-the KL / entropy of Quark and NLF, through activation checkpointing of the autograd graph.
+saves only the log-normaliser and writes the gradient of the logits in one pass, and Quark's and
+NLF's log-probs, KL and entropy through `HeadStats`, likewise; other heads (a bias, an adapter,
+autocast) through activation checkpointing of the autograd graph.
 """
 
 from __future__ import annotations
@@ -51,6 +52,63 @@ class HeadLogProbs(torch.autograd.Function):
         grad_h = grad @ weight if ctx.needs_input_grad[0] else None
         grad_w = grad.T @ h if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None
+
+
+class HeadStats(torch.autograd.Function):
+    """Per row: log p(y), the exact KL to the reference and the entropy, from one LM-head matmul
+    each for the policy and the reference, saving only their inputs. The backward recomputes both
+    logits once and forms the gradient of the policy's logits z in closed form (p = softmax(z),
+    r the reference's):
+        d log p(y) / dz = onehot(y) - p
+        d H / dz        = -p (log p + H)
+        d KL(r||p) / dz = p - r                    (ref_policy)
+        d KL(p||r) / dz = p (log p - log r - KL)   (policy_ref)
+    The reference gets no gradient. Tokens the policy added (Quark's control tokens) get reference
+    logits of -1e4, as losses.token_kl pads them."""
+
+    @staticmethod
+    def _log_probs(h, weight, ref_h, ref_weight):
+        lp = torch.log_softmax(upcast(F.linear(h, weight)), -1)
+        if ref_h is None:
+            return lp, None
+        zr = upcast(F.linear(ref_h, ref_weight))
+        extra = weight.shape[0] - ref_weight.shape[0]
+        if extra > 0:
+            zr = F.pad(zr, (0, extra), value=-1e4)
+        return lp, torch.log_softmax(zr, -1)
+
+    @staticmethod
+    def forward(ctx, h, weight, y, ref_h, ref_weight, ref_policy: bool):
+        lp, lr = HeadStats._log_probs(h, weight, ref_h, ref_weight)
+        p = lp.exp()
+        ent = -(p * lp).sum(-1)
+        logp = lp.gather(-1, y[:, None]).squeeze(-1)
+        if lr is None:
+            kl = torch.zeros_like(logp)
+        elif ref_policy:
+            kl = (lr.exp() * (lr - lp)).sum(-1)
+        else:
+            kl = (p * (lp - lr)).sum(-1)
+        ctx.save_for_backward(h, weight, y, ref_h, ref_weight, ent, kl)
+        ctx.ref_policy = ref_policy
+        return logp, kl, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_kl, g_ent):
+        h, weight, y, ref_h, ref_weight, ent, kl = ctx.saved_tensors
+        lp, lr = HeadStats._log_probs(h, weight, ref_h, ref_weight)
+        p = lp.exp()
+        grad = (lp + ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
+        grad.scatter_add_(1, y[:, None], g_logp[:, None].to(grad.dtype))
+        if lr is not None:
+            if ctx.ref_policy:
+                grad.add_((p - lr.exp()).mul_(g_kl[:, None]))
+            else:
+                grad.add_((lp - lr).sub_(kl[:, None]).mul_(p).mul_(g_kl[:, None]))
+        grad = grad.to(h.dtype)
+        grad_h = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.T @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None, None, None
 
 
 def _fusable(head, h) -> bool:
@@ -154,6 +212,11 @@ def completion_token_stats(model, batch: dict, ref_model=None, ref_batch: dict |
         ref_head = ref_model.get_output_embeddings()
     head = model.get_output_embeddings()
     grad = torch.is_grad_enabled() and h.requires_grad
-    logp, kl, ent = _chunked(lambda hh, yy, rh: _label_logps_kl_entropy(head, ref_head, hh, yy, rh, direction),
-                             h, y, ref_h, grad=grad)
+    if _fusable(head, h) and (ref_head is None or _fusable(ref_head, ref_h)):
+        ref_w = ref_head.weight if ref_head is not None else None
+        logp, kl, ent = _chunked(lambda hh, yy, rh: HeadStats.apply(hh, head.weight, yy, rh, ref_w, direction == "ref_policy"),
+                                 h, y, ref_h, grad=False)
+    else:
+        logp, kl, ent = _chunked(lambda hh, yy, rh: _label_logps_kl_entropy(head, ref_head, hh, yy, rh, direction),
+                                 h, y, ref_h, grad=grad)
     return scatter(logp, mask), scatter(kl, mask), scatter(ent, mask), mask.float()

@@ -474,3 +474,68 @@ def test_grpo_options_are_checked():
         grpo(loss_type="dr_grpo")
     obj = grpo(num_iterations=3)
     assert obj.updates_per_batch() == 3
+
+
+@pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
+@pytest.mark.parametrize("extra", [0, 2])  # tokens the policy added (Quark's), absent from the reference
+def test_fused_head_stats_match_the_formulas_and_their_gradients(direction, extra):
+    """HeadStats (log p(y), exact KL, entropy) against losses.token_kl / entropy on the full logits:
+    values, gradients of a weighted sum by autograd, and gradcheck in float64."""
+    from stages.training.logprobs import HeadStats
+
+    g = torch.Generator().manual_seed(extra)
+    h = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9 + extra, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    rh, rw = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(9, 4, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 3, 8, 3, 1])
+    coef = torch.randn(3, 5, dtype=torch.float64, generator=g)
+
+    def fused(hh, ww):
+        return HeadStats.apply(hh, ww, y, rh, rw, direction == "ref_policy")
+
+    def plain(hh, ww):
+        z = hh @ ww.T
+        return (torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1), L.token_kl(z, rh @ rw.T, direction),
+                L.entropy(z))
+
+    for a, b in zip(fused(h, w), plain(h, w)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    loss = lambda f: sum((t * c).sum() for t, c in zip(f(h, w), coef))  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(fused), (h, w)), torch.autograd.grad(loss(plain), (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(fused, (h, w))
+    no_ref = HeadStats.apply(h, w, y, None, None, True)  # kl_coef 0: no reference, KL 0
+    assert torch.equal(no_ref[1], torch.zeros(5, dtype=torch.float64))
+
+
+@needs_prepared
+@pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
+def test_quark_through_the_fused_head_equals_the_checkpointed_graph(tiny, direction, monkeypatch):
+    """Quark's loss with a resident reference (exact KL, entropy): the same per-example losses and
+    gradients through HeadStats as through the checkpointed autograd graph, on the tiny model."""
+    import copy
+
+    import stages.training.logprobs as lp
+
+    model, tok = tiny
+    policy, ref = copy.deepcopy(model), copy.deepcopy(model).eval()
+    cfg = TrainConfig(objective="quark", model="tiny-llama", max_length=32, max_prompt_length=8,
+                      quark={"kl_direction": direction, "control_tokens": ["<|quark_0|>", "<|quark_1|>"]})
+    obj = make_objective(cfg)
+    rows = [{"prompt": r["prompt"], "generation1": r[g], "control": f"<|quark_{k}|>"}
+            for r in ROWS for k, g in enumerate(("generation1", "generation2"))]
+    tok = copy.deepcopy(tok)
+    obj.prepare_model(policy, tok, rows, 0)  # the policy gains the two control tokens; the reference does not
+    obj.ref_model = ref
+    batch = obj.collate(rows, tok)
+    weight = policy.model.layers[0].mlp.up_proj.weight
+
+    def run():
+        loss, _ = obj.per_example_loss(policy, batch)
+        return loss, torch.autograd.grad(loss.sum(), weight)[0]
+
+    fused = run()
+    monkeypatch.setattr(lp, "_fusable", lambda head, h: False)
+    plain = run()
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(fused[1], plain[1], rtol=1e-8, atol=1e-10)
