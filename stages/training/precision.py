@@ -90,20 +90,26 @@ def _set_attention(model: nn.Module, implementation: str) -> str | None:
     return before
 
 
-def _cast_params(model: nn.Module, dtype: torch.dtype, only=None) -> None:
+def _cast_params(model: nn.Module, dtype: torch.dtype) -> None:
     """Parameters only: buffers (RoPE's inverse frequencies) keep their float32 values. Tied weights
     are one Parameter, so they stay tied."""
-    for p in model.parameters() if only is None else only:
+    for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
 
 
+def _to_bf16(model: nn.Module) -> str | None:
+    """bf16 parameters and, on CPU, float32 attention; returns the attention to restore (None: unchanged)."""
+    _cast_params(model, torch.bfloat16)
+    if next(model.parameters()).device.type == "cpu":
+        return _set_attention(model, FP32_ATTENTION)
+    return None
+
+
 def cast_for_compute(model: nn.Module, mode: str) -> nn.Module:
-    """A model that is only run forward (no optimizer): bf16 parameters and, on CPU, float32 attention."""
+    """A model that is only run forward (no optimizer), computing in `mode`'s precision."""
     if mode == "bf16":
-        _cast_params(model, torch.bfloat16)
-        if next(model.parameters()).device.type == "cpu":
-            _set_attention(model, FP32_ATTENTION)
+        _to_bf16(model)
     return model
 
 
@@ -116,8 +122,8 @@ class MasterWeights:
     the optimizer's zero_grad(set_to_none=True): the float32 gradients then do not exist during
     the next step's first backward pass, the peak of memory (0.54 GB less for SmolLM2).
     `restore()` at the end (or leaving a `with masters:` block, an error included) puts the
-    masters back into the model as float32 parameters; frozen
-    parameters (a LoRA base) stay the bf16-rounded values they were trained against, upcast.
+    masters back into the model as float32 parameters; frozen parameters (a LoRA base) stay the
+    bf16-rounded values they were trained against, upcast.
     """
 
     def __init__(self, model: nn.Module, trainable: list[nn.Parameter]):
@@ -125,10 +131,7 @@ class MasterWeights:
         self.compute = trainable
         # Copied before the cast: the masters start from the exact float32 weights.
         self.params = [nn.Parameter(p.detach().float().clone()) for p in trainable]
-        _cast_params(model, torch.bfloat16)
-        self._attention = None
-        if next(model.parameters()).device.type == "cpu":
-            self._attention = _set_attention(model, FP32_ATTENTION)
+        self._attention = _to_bf16(model)
 
     @torch.no_grad()
     def accumulate(self) -> None:

@@ -239,9 +239,8 @@ def test_reference_scores_the_sampled_ids(tmp_path):
     stage computes in (train.mixed_precision's, bf16 where native)."""
     import pyarrow.parquet as pq
 
-    from stages.training.precision import cast_for_compute, resolve
-
     from stages.training.logprobs import completion_token_logps
+    from stages.training.precision import cast_for_compute, resolve
     from stages.services.models import load_causal_lm, resolve_model
     from stages.pipeline.runner import run_flow_locally
     from stages.pipeline.store import ArtifactStore
