@@ -14,13 +14,14 @@ from stages.data.tokens import Sequence
 
 @torch.no_grad()
 def score(model, seqs: list[Sequence], pad_id: int, batch_size: int, limits: tuple[int, int] | None = None,
-          per_token: bool = False, desc: str = "score"):
+          per_token: bool = False, desc: str = "score", vocab: int | None = None):
     """Summed (and optionally per-token) completion log-probs, in the order of `seqs`.
 
     limits = (max_prompt, max_length) applies the trainer's length rules; None scores the
     sequences whole (sampled ones, exactly as drawn). The model computes in its own parameters' dtype
     (training.precision.cast_for_compute makes a bf16 one). Sequences of one prompt are batched together
-    and share its forward pass (the trainer's shared prompts); longest groups first."""
+    and share its forward pass (the trainer's shared prompts); longest groups first. `vocab`
+    normalises over token ids below it (a Quark policy's original vocabulary)."""
     if limits is None:
         longest_prompt = max((len(s.prefix) + len(s.prompt) for s in seqs), default=0)
         limits = (max(1, longest_prompt), max(1, longest_prompt) + max((len(s.completion) for s in seqs), default=0))
@@ -39,7 +40,7 @@ def score(model, seqs: list[Sequence], pad_id: int, batch_size: int, limits: tup
     for k in tqdm(range(0, len(order), batch_size), desc=desc, disable=None):
         idx = order[k:k + batch_size]
         batch = sequences([seqs[i] for i in idx], pad_id, *limits, share_prompt=True)
-        logps, mask = batch_token_logps(model, batch)
+        logps, mask = batch_token_logps(model, batch, vocab)
         for j, i in enumerate(idx):
             sums[i] = float(logps[j].sum())
             if per_token:

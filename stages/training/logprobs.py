@@ -171,35 +171,48 @@ def shared_prompt_hidden(model, prompt_ids, prompt_mask, prompt_index, completio
     return hidden[mask], completion_ids[mask], mask
 
 
-def completion_token_logps(model, input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_token_logps(model, input_ids, attention_mask, completion_mask, vocab: int | None = None):
     """log p(token | prefix) at completion positions, [B, T-1] (0 elsewhere), and the float mask."""
-    return token_logps(model, *completion_hidden(model, input_ids, attention_mask, completion_mask))
+    return token_logps(model, *completion_hidden(model, input_ids, attention_mask, completion_mask), vocab)
 
 
-def shared_prompt_token_logps(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask):
+def shared_prompt_token_logps(model, prompt_ids, prompt_mask, prompt_index, completion_ids, completion_mask,
+                              vocab: int | None = None):
     """log p(token | prefix) of each completion token, [N, Tc], and the float mask (shared_prompt_hidden)."""
     return token_logps(model, *shared_prompt_hidden(model, prompt_ids, prompt_mask, prompt_index, completion_ids,
-                                                    completion_mask))
+                                                    completion_mask), vocab)
 
 
-def token_logps(model, h, y, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LM head's log-probs of labels y at hidden states h, a chunk at a time, scattered into mask's grid."""
+def _check_labels(y, vocab: int | None) -> None:
+    if vocab is not None and bool((y >= vocab).any()):
+        raise ValueError(f"a completion holds token id {int(y.max())}, outside the predicted vocabulary of {vocab}")
+
+
+def token_logps(model, h, y, mask, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head's log-probs of labels y at hidden states h, a chunk at a time, scattered into
+    mask's grid; with `vocab`, normalised over token ids below it (completion_token_stats says why)."""
     head = model.get_output_embeddings()
+    _check_labels(y, vocab)
     grad = torch.is_grad_enabled() and h.requires_grad
     if _fusable(head, h):
-        logp = _chunked(lambda hh, yy: HeadLogProbs.apply(hh, head.weight, yy), h, y, grad=False)
+        weight = head.weight[:vocab]
+        logp = _chunked(lambda hh, yy: HeadLogProbs.apply(hh, weight, yy), h, y, grad=False)
     else:
-        logp = _chunked(lambda hh, yy: _label_logps(head, hh, yy), h, y, grad=grad)
+        logits_of = head if vocab is None else (lambda x: head(x)[..., :vocab])
+        logp = _chunked(lambda hh, yy: _label_logps(logits_of, hh, yy), h, y, grad=grad)
     if logp is None:
         logp = h.new_zeros(0, dtype=torch.float32)
     return scatter(logp, mask), mask.float()
 
 
-def completion_token_stats(model, batch: dict, ref_model=None, ref_batch: dict | None = None, direction: str = "ref_policy"):
+def completion_token_stats(model, batch: dict, ref_model=None, ref_batch: dict | None = None, direction: str = "ref_policy",
+                           vocab: int | None = None):
     """Per-token log-probs, exact KL to the reference (when ref_model is given) and entropy, each [B, T-1].
 
     The reference sees `ref_batch` (the unconditioned prompt); both batches must hold the same
-    completion tokens in the same order, which the collate functions guarantee.
+    completion tokens in the same order, which the collate functions guarantee. `vocab` limits the
+    policy's distribution to token ids below it (Quark's control tokens, added last, are inputs
+    only: never predicted, sampled or part of the KL and entropy).
     """
     h, y, mask = completion_hidden(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     ref_h, ref_head = None, None
@@ -211,12 +224,16 @@ def completion_token_stats(model, batch: dict, ref_model=None, ref_batch: dict |
             raise RuntimeError("policy and reference batches hold different completion tokens")
         ref_head = ref_model.get_output_embeddings()
     head = model.get_output_embeddings()
+    _check_labels(y, vocab)
     grad = torch.is_grad_enabled() and h.requires_grad
     if _fusable(head, h) and (ref_head is None or _fusable(ref_head, ref_h)):
-        ref_w = ref_head.weight if ref_head is not None else None
-        logp, kl, ent = _chunked(lambda hh, yy, rh: HeadStats.apply(hh, head.weight, yy, rh, ref_w, direction == "ref_policy"),
+        weight = head.weight[:vocab]
+        ref_w = ref_head.weight[:vocab] if ref_head is not None else None
+        logp, kl, ent = _chunked(lambda hh, yy, rh: HeadStats.apply(hh, weight, yy, rh, ref_w, direction == "ref_policy"),
                                  h, y, ref_h, grad=False)
     else:
-        logp, kl, ent = _chunked(lambda hh, yy, rh: _label_logps_kl_entropy(head, ref_head, hh, yy, rh, direction),
+        policy_head = head if vocab is None else (lambda x: head(x)[..., :vocab])
+        ref_policy_head = ref_head if vocab is None or ref_head is None else (lambda x: ref_head(x)[..., :vocab])
+        logp, kl, ent = _chunked(lambda hh, yy, rh: _label_logps_kl_entropy(policy_head, ref_policy_head, hh, yy, rh, direction),
                                  h, y, ref_h, grad=grad)
     return scatter(logp, mask), scatter(kl, mask), scatter(ent, mask), mask.float()

@@ -56,14 +56,14 @@ def shared_prompt_batch(enc: list[tuple[list[int], list[int]]], pad_id: int) -> 
             "shared_completion_mask": pad([[1] * len(c) for _, c in split], 0)}
 
 
-def batch_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_token_logps(model, batch: dict, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token completion log-probs of a `sequences` batch and their mask, one row per sequence
-    (through the shared prompts when the batch has them)."""
+    (through the shared prompts when the batch has them); `vocab` as logprobs.token_logps."""
     if "shared_prompt_ids" in batch:
         return shared_prompt_token_logps(model, batch["shared_prompt_ids"], batch["shared_prompt_mask"],
                                          batch["shared_prompt_index"], batch["shared_completion_ids"],
-                                         batch["shared_completion_mask"])
-    return completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                                         batch["shared_completion_mask"], vocab)
+    return completion_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], vocab)
 
 
 def completion_positions(batch: dict) -> torch.Tensor:

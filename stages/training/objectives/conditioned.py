@@ -33,6 +33,7 @@ class ConditionedNLL(Objective):
     needs = ("prompt", "generation1")
     reference_columns = ("reference_token_logps1",)
     Options = ConditionedOptions
+    vocab: int | None = None  # the policy predicts token ids below this (None: all); Quark sets it
 
     def prefix(self, row, tokenizer) -> tuple[int, ...]:
         """The conditioning token ids put before the row's prompt (they count toward max_prompt_length)."""
@@ -58,7 +59,7 @@ class ConditionedNLL(Objective):
         ref_batch = {k[4:]: v for k, v in batch.items() if k.startswith("ref_") and k != "ref_token_logps"}
         exact = self.opt.kl == "exact" and self.opt.kl_coef > 0
         logp, kl, ent, mask = completion_token_stats(model, batch, self.ref_model if exact else None, ref_batch,
-                                                     self.opt.kl_direction)
+                                                     self.opt.kl_direction, self.vocab)
         if self.opt.kl == "cached" and self.opt.kl_coef > 0:
             if "ref_token_logps" not in batch:
                 raise RuntimeError(f"{self.name}: kl 'cached' needs the reference stage's per-token log-probs")

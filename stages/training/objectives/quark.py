@@ -28,6 +28,18 @@ class Quark(ConditionedNLL):
 
     def prepare_model(self, model, tokenizer, rows, seed):
         add_control_tokens(model, tokenizer, rows, seed, self.opt.control_tokens)
+        # The control tokens are conditions, never predictions: the policy's distribution (its
+        # log-probs, KL and entropy) covers the original vocabulary, as the sampler's does (it
+        # suppresses them), and the tokens' tied output rows get no gradient that would pull
+        # their embeddings away from what they mean as inputs.
+        ids = tokenizer.convert_tokens_to_ids(self.control_tokens(rows))
+        self.vocab = min(ids)
+        if sorted(ids) != list(range(self.vocab, self.vocab + len(ids))) or self.vocab + len(ids) != len(tokenizer):
+            raise ValueError(f"quark: the control tokens {self.control_tokens(rows)} must be the tokenizer's last "
+                             f"entries (ids {ids}, vocabulary {len(tokenizer)})")
+
+    def control_tokens(self, rows) -> list[str]:
+        return sorted(set(self.opt.control_tokens) | {r["control"] for r in rows if r.get("control")})
 
 
 def add_control_tokens(model, tokenizer, rows: list[dict], seed: int, tokens: list[str] = ()) -> list[str]:

@@ -1,0 +1,117 @@
+"""Quark / NLF recipes side by side: round 0 of configs/quark_movies.yaml (or nlf_movies.yaml) under
+each variant's overrides, on 100 held-out openings x 2, and what evaluate measured: the paired
+gain over the base, the held-out conditioning probe (does log p(y | best) - log p(y | worst) favour
+the better of two base samples of an unseen prompt), the match on the samples it trained on, the
+sampled control ladder's spread (best minus worst control), the KL and the wall time.
+
+Each variant is its own experiment (`abl_<method>_<name>`) under one artifact root, run by
+`align run --no-prefect` in its own process, one after the other; complete stages are reused, so a
+variant that changes only training reuses the samples of one that sampled alike. Run
+reward_movies.yaml into the same root first.
+
+    .venv/bin/python benchmarks/conditioning_ablation.py quark base many_samples ... [--out FILE]
+    .venv/bin/python benchmarks/conditioning_ablation.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_dpo  # noqa: E402  (machine facts)
+
+CONFIGS = {"quark": ROOT / "configs" / "quark_movies.yaml", "nlf": ROOT / "configs" / "nlf_movies.yaml"}
+COMMON = ["rounds=1", "evaluate.max_prompts=100"]
+# 1,600 samples: 16 of each of 100 openings, ranked against each other.
+MANY = ["sample.n=16", "sample.max_prompts=100", "sample.batch_size=64"]
+VARIANTS = {
+    "shipped": [],
+    "many_per_prompt": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
+                        "train.learning_rate=1e-4"],
+    "many_global": [*MANY, "build_pool.quantile_scope=global", "train.max_steps=400", "train.learning_rate=1e-4"],
+    "many_per_prompt_q3": [*MANY, "build_pool.quantile_scope=per_prompt", "build_pool.quantiles=3",
+                           "train.max_steps=400", "train.learning_rate=1e-4"],
+    "many_per_prompt_lora": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
+                             "train.learning_rate=1e-3", "train.lora={r: 16, alpha: 32}"],
+    "many_per_prompt_long": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=800",
+                             "train.learning_rate=1e-4"],
+}
+METRICS = ("reward_gain", "conditioning_pairwise", "conditioning_match", "control_spread", "kl_to_reference",
+           "controllability")
+
+
+def run(method: str, name: str, overrides: list[str], artifacts: str, log) -> dict:
+    experiment = f"abl_{method}_{name}"
+    sets = [a for o in [*COMMON, *overrides] for a in ("--set", o)]
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "flows.cli", "run", str(CONFIGS[method]), "--no-prefect", "--artifacts",
+                    artifacts, "--experiment", experiment, *sets], check=True, cwd=ROOT, stdout=log, stderr=log)
+    base = Path(artifacts) / experiment / "round-0"
+    metrics = json.loads((base / "evaluate" / "manifest.json").read_text())["metrics"]
+    walls = {p.parent.name: json.loads(p.read_text()).get("wall_seconds") for p in base.glob("*/manifest.json")}
+    keep = {k: v for k, v in metrics.items() if any(k.startswith(m) for m in METRICS) or k.startswith("reward_with_control")}
+    return {"method": method, "variant": name, "experiment": experiment, "command": command(method, overrides),
+            "metrics": keep, "stage_seconds": walls, "process_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def command(method: str, overrides: list[str]) -> str:
+    return " ".join(["align run", f"configs/{CONFIGS[method].name}", *(f"--set '{o}'" for o in [*COMMON, *overrides])])
+
+
+def fmt(m: dict, name: str) -> str:
+    v = m.get(name)
+    if v is None:
+        return "-"
+    lo, hi = m.get(f"{name}_ci_low"), m.get(f"{name}_ci_high")
+    return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{v:.3f}"
+
+
+def table(results: list[dict]) -> str:
+    head = ("| method | variant | gain over base | held-out probe | match (trained on) | ladder spread | KL | wall s |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in results:
+        m = r["metrics"]
+        lines.append(f"| {r['method']} | {r['variant']} | {fmt(m, 'reward_gain')} | {fmt(m, 'conditioning_pairwise')} "
+                     f"| {fmt(m, 'conditioning_match')} | {fmt(m, 'control_spread')} | {fmt(m, 'kl_to_reference')} "
+                     f"| {r['process_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("method", nargs="?", choices=sorted(CONFIGS))
+    ap.add_argument("variants", nargs="*")
+    ap.add_argument("--artifacts", default=str(ROOT / "artifacts"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "conditioning_ablation.json"))
+    ap.add_argument("--log", default="/tmp/conditioning_ablation.log")
+    ap.add_argument("--list", action="store_true", help="print the variants and their overrides")
+    args = ap.parse_args()
+    if args.list or not args.method:
+        for name, overrides in VARIANTS.items():
+            print(f"{name}: {' '.join(overrides) or '(the shipped config)'}")
+        return
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r} (see --list)")
+    out = Path(args.out)
+    results = json.loads(out.read_text())["runs"] if out.exists() else []
+    with open(args.log, "a") as log:
+        for name in args.variants or list(VARIANTS):
+            r = run(args.method, name, VARIANTS[name], args.artifacts, log)
+            results = [x for x in results if (x["method"], x["variant"]) != (args.method, name)] + [r]
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+            out.write_text(json.dumps({"machine": bench_dpo.machine(), "commit": commit,
+                                       "runs": results}, indent=1))
+            print(table([r]).splitlines()[-1], flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
