@@ -265,6 +265,11 @@ class EvaluateConfig(Section):
     controllability: bool = False
     controllability_prompts: int = Field(40, ge=2)
     controls: list[str] | None = None
+    # With controllability, the teacher-forced conditioning probe too: base samples of one held-out
+    # prompt whose rewards differ by at least `probe_min_gap` form its pairs; `probe_records`
+    # training records are scored under every control for the match on what the policy trained on.
+    probe_min_gap: float = Field(0.2, ge=0)
+    probe_records: int = Field(200, ge=1)
 
 
 StageName = Literal["load_prompts", "sample", "annotate", "reweight", "data_pool", "build_pool", "reference", "train",

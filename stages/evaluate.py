@@ -7,6 +7,8 @@
   samples on held-out prompts, scored like the round did, with the KL to the reference; with
   `compare_base`, round 0 also samples the base on the same prompts and seeds, and every round
   reports its paired gain over those base samples (later rounds read them from round 0's table).
+- With `controllability` (Quark, NLF): the reward of samples drawn under each control, and the
+  teacher-forced conditioning probe on the base samples and the pool (services/conditioning_probe).
 The table holds the samples when there are any, else one row per held-out record; the metrics go to
 the manifest and the report.
 """
@@ -19,11 +21,13 @@ from stages.services.annotation import Steps, mean_known
 from stages.config import EvaluateConfig, TrainConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
+from stages.services import conditioning_probe as P
 from stages.services import sample_metrics as M
 from stages.services.generation import generate_hf
-from stages.services.models import load_model_for, load_tokenizer, resolve_model
+from stages.services.models import load_causal_lm, load_model_for, load_tokenizer, resolve_model
 from stages.services.scoring import sequence_logps
 from stages.services.training_setup import attach_reference, pool_rows, prepare
+from stages.training.objectives import make_objective
 
 
 def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainConfig) -> tuple[list[dict], dict]:
@@ -72,6 +76,7 @@ def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
                              for r in rows[: cfg.samples_to_show]]}
     if cfg.controllability:
         metrics |= controllability(ctx, cfg, model_path, texts[: cfg.controllability_prompts], steps)
+        metrics |= conditioning_probe(ctx, cfg, model_path, train_cfg, rows)
     return rows, metrics
 
 
@@ -86,7 +91,7 @@ def sample_base(ctx, cfg: EvaluateConfig, gen_cfg, train_cfg: TrainConfig, texts
     base = [g for gens in generate_hf(base_path, texts, base_cfg, ctx.heldout_seed, ctx.log) for g in gens]
     scores, _ = steps([r["prompt"] for r in rows], [g["completion"] for g in base], "evaluate.annotate", feedback=False)
     for r, g, sc in zip(rows, base, scores):
-        r.update({"base_completion": g["completion"], "base_score": sc})
+        r.update({"base_completion": g["completion"], "base_completion_ids": g["completion_ids"], "base_score": sc})
     return scores
 
 
@@ -101,13 +106,15 @@ def round_0_base_scores(ctx, rows: list[dict]) -> list | None:
     if "base_score" not in table.column_names:
         return None
     keys = zip(table.column("prompt_id").to_pylist(), table.column("sample_index").to_pylist())
-    base = dict(zip(keys, zip(table.column("base_completion").to_pylist(), table.column("base_score").to_pylist())))
+    ids = (table.column("base_completion_ids").to_pylist() if "base_completion_ids" in table.column_names
+           else [None] * table.num_rows)
+    base = dict(zip(keys, zip(table.column("base_completion").to_pylist(), ids, table.column("base_score").to_pylist())))
     missing = [r for r in rows if (r["prompt_id"], r["sample_index"]) not in base]
     if missing:
         raise BadInput(f"evaluate: round 0's base samples lack held-out prompt {missing[0]['prompt_id']!r} "
                        f"(sample {missing[0]['sample_index']}); re-run round 0's evaluate")
     for r in rows:
-        r["base_completion"], r["base_score"] = base[(r["prompt_id"], r["sample_index"])]
+        r["base_completion"], r["base_completion_ids"], r["base_score"] = base[(r["prompt_id"], r["sample_index"])]
     return [r["base_score"] for r in rows]
 
 
@@ -131,20 +138,46 @@ def with_interval(name: str, values: list, seed: int) -> dict:
 def controllability(ctx, cfg: EvaluateConfig, model_path, texts: list[str], steps) -> dict:
     """The mean reward of samples drawn with each control (best first): a controllable policy's
     rewards fall in that order, which `controllability` (the rank correlation) measures: 1 is
-    perfectly ordered, 0 no control."""
+    perfectly ordered, 0 no control; and `control_spread`, best minus worst control, paired over
+    prompts (the same sampling seeds), with its interval."""
     key = "control_token" if cfg.generation.conditioning == "quark_best" else "feedback"
-    means = []
+    per_control = []
     for c in cfg.controls:
         gen_cfg = cfg.generation.model_copy(update={"n": 1, key: c})
         samples = [g[0] for g in generate_hf(model_path, texts, gen_cfg, ctx.heldout_seed, ctx.log)]
         scores, _ = steps(texts, [g["completion"] for g in samples], "evaluate.annotate", feedback=False)
-        means.append(mean_known(scores))
+        per_control.append(scores)
+    means = [mean_known(scores) for scores in per_control]
     out = {f"reward_with_control_{k}": m for k, m in enumerate(means)}
+    out |= with_interval("control_spread", M.paired_differences(per_control[0], per_control[-1]), ctx.seed)
     known = [(k, m) for k, m in enumerate(means) if m is not None]
     rho = M.spearman([-k for k, _ in known], [m for _, m in known])
     out["controllability"] = rho
     ctx.log.info("evaluate: reward by control (best first) %s; rank correlation %s",
                  ", ".join("-" if m is None else f"{m:.3f}" for m in means), "-" if rho is None else f"{rho:.2f}")
+    return out
+
+
+def conditioning_probe(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainConfig, rows: list[dict]) -> dict:
+    """The teacher-forced conditioning probe (services/conditioning_probe): on the base samples of
+    the held-out prompts, whether best-vs-worst control ranks pairs as the annotator does
+    (`conditioning_pairwise`, chance 0.5), and on the pool's training records whether a sample's
+    own control is its likeliest (`conditioning_match`, chance `conditioning_match_chance`)."""
+    objective = make_objective(train_cfg)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path).eval()
+    objective.prepare_model(model, tokenizer, [], ctx.seed)  # the Quark vocabulary: tokens already there
+    pairs, scored = P.heldout_probe(model, tokenizer, objective, P.base_records(tokenizer, rows), cfg.controls,
+                                    cfg.probe_min_gap, cfg.batch_size)
+    match, chance = P.pool_match(model, tokenizer, objective, pool_rows(ctx, "train"), cfg.controls,
+                                 cfg.probe_records, ctx.seed, cfg.batch_size)
+    out = {**with_interval("conditioning_pairwise", pairs, ctx.seed), "conditioning_pairs": len(pairs),
+           **with_interval("conditioning_match", match, ctx.seed), "conditioning_match_records": len(match),
+           "conditioning_match_chance": chance}
+    show = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    ctx.log.info("evaluate: conditioning probe: held-out pairs %s (%d pairs, %d samples scored), match on trained "
+                 "samples %s (chance %s)", show(out["conditioning_pairwise"]), len(pairs), scored,
+                 show(out["conditioning_match"]), show(chance))
     return out
 
 
@@ -168,7 +201,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="9", inputs=("build_pool", "reference", "train", "load_prompts@0", "evaluate@0"))
+@stage("evaluate", version="10", inputs=("build_pool", "reference", "train", "load_prompts@0", "evaluate@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")

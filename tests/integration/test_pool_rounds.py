@@ -111,6 +111,11 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
     assert metrics["mean_reward_ci_low"] <= metrics["mean_reward"] <= metrics["mean_reward_ci_high"]
     assert {"perplexity", "distinct_1", "distinct_2", "distinct_3", "reward_p50", "kl_to_reference_ci_low"} <= set(metrics)
     assert all(f"reward_with_control_{k}" in metrics for k in range(5)) and "controllability" in metrics
+    assert metrics["control_spread"] == pytest.approx(metrics["reward_with_control_0"] - metrics["reward_with_control_4"])
+    # The teacher-forced probe: held-out pairs of round 0's base samples (as many as the gap allows)
+    # and every training record scored under every control.
+    assert 0 <= metrics["conditioning_pairs"] <= 6 and metrics["conditioning_match_records"] == len(records)
+    assert 0 <= metrics["conditioning_match"] <= 1 and 0.2 <= metrics["conditioning_match_chance"] <= 1
     # Round 1 pairs its samples with round 0's base samples (sampled once, in round 0).
     base0 = rows(art, "smoke_online_quark", 0, "evaluate")
     ev1 = rows(art, "smoke_online_quark", 1, "evaluate")

@@ -3,7 +3,7 @@ of their quality. Not an objective itself; quark.py and nlf.py say what the cond
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -35,9 +35,14 @@ class ConditionedNLL(Objective):
     Options = ConditionedOptions
     vocab: int | None = None  # the policy predicts token ids below this (None: all); Quark sets it
 
-    def prefix(self, row, tokenizer) -> tuple[int, ...]:
-        """The conditioning token ids put before the row's prompt (they count toward max_prompt_length)."""
+    condition_key: ClassVar[str]  # the record column that holds a sample's condition
+
+    def condition_prefix(self, condition: str, tokenizer) -> tuple[int, ...]:
+        """The token ids a condition puts before the prompt (they count toward max_prompt_length)."""
         raise NotImplementedError
+
+    def prefix(self, row, tokenizer) -> tuple[int, ...]:
+        return self.condition_prefix(row[self.condition_key], tokenizer)
 
     def uses_reference(self):
         return self.opt.kl_coef > 0

@@ -21,5 +21,7 @@ class NLF(ConditionedNLL):
         feedback_template: str = "feedback: {feedback} input: {prompt}"
         _template = field_validator("feedback_template")(conditioning_template)
 
-    def prefix(self, row, tokenizer):
-        return tuple(text_ids(tokenizer, feedback_prefix(self.opt.feedback_template, row["feedback"])))
+    condition_key = "feedback"
+
+    def condition_prefix(self, condition, tokenizer):
+        return tuple(text_ids(tokenizer, feedback_prefix(self.opt.feedback_template, condition)))

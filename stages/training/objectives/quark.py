@@ -23,8 +23,10 @@ class Quark(ConditionedNLL):
     lora_modules_to_save = ["embed_tokens"]  # the new tokens' embeddings are trained under LoRA too
     Options = QuarkOptions
 
-    def prefix(self, row, tokenizer):
-        return (tokenizer.convert_tokens_to_ids(row["control"]),)
+    condition_key = "control"
+
+    def condition_prefix(self, condition, tokenizer):
+        return (tokenizer.convert_tokens_to_ids(condition),)
 
     def prepare_model(self, model, tokenizer, rows, seed):
         add_control_tokens(model, tokenizer, rows, seed, self.opt.control_tokens)

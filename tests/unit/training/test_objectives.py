@@ -11,7 +11,7 @@ from stages.training import losses as L
 from stages.config import TrainConfig
 from stages.training.logprobs import completion_token_logps
 from stages.training.objectives import make_objective, sequences
-from stages.data.tokens import from_text
+from stages.data.tokens import from_text, of_record
 
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
 logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
@@ -539,3 +539,45 @@ def test_quark_through_the_fused_head_equals_the_checkpointed_graph(tiny, direct
     plain = run()
     torch.testing.assert_close(fused[0], plain[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fused[1], plain[1], rtol=1e-8, atol=1e-10)
+
+
+@needs_prepared
+@pytest.mark.parametrize("fused", [True, False])
+def test_quark_predicts_the_original_vocabulary_only(tiny, fused, monkeypatch):
+    """Quark's control tokens are inputs only: its log-probs and entropy are those of the logits
+    without the control tokens' columns (as the sampler, which suppresses them, draws), and their
+    tied output rows get no gradient from being predicted; scoring with `vocab` agrees."""
+    import copy
+
+    import stages.training.logprobs as lp
+    from stages.services.scoring import score
+
+    if not fused:
+        monkeypatch.setattr(lp, "_fusable", lambda head, h: False)
+    model, tok = tiny
+    policy, tok = copy.deepcopy(model), copy.deepcopy(tok)
+    cfg = TrainConfig(objective="quark", model="tiny-llama", max_length=32, max_prompt_length=8,
+                      quark={"kl_coef": 0.0, "entropy_coef": 0.5, "control_tokens": ["<|quark_0|>", "<|quark_1|>"]})
+    obj = make_objective(cfg)
+    rows = [{"prompt": r["prompt"], "generation1": r["generation1"], "control": "<|quark_0|>"} for r in ROWS]
+    obj.prepare_model(policy, tok, rows, 0)
+    vocab = len(tok) - 2
+    assert obj.vocab == vocab
+    batch = obj.collate(rows, tok)
+    loss, metrics = obj.per_example_loss(policy, batch)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].double()
+    lp_full = torch.log_softmax(logits[..., :vocab], -1)
+    mask = batch["completion_mask"][:, 1:].bool()
+    token_lp = lp_full.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    ent = -(lp_full.exp() * lp_full).sum(-1)
+    n = mask.sum(-1)
+    nll = -(token_lp * mask).sum(-1) / n
+    torch.testing.assert_close(metrics["entropy"].double(), (ent * mask).sum(-1) / n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), nll - 0.5 * (ent * mask).sum(-1) / n, rtol=1e-5, atol=1e-5)
+    # The control rows of the tied embedding move only through their use as inputs: with every
+    # row conditioned on quark_0, quark_1's row gets no gradient at all.
+    grad = torch.autograd.grad(loss.sum(), policy.get_input_embeddings().weight)[0]
+    assert grad[vocab + 1].abs().max() == 0 and grad[vocab].abs().max() > 0
+    seqs = [of_record(tok, r, "generation1", obj.prefix(r, tok)) for r in rows]
+    sums, _ = score(policy, seqs, tok.pad_token_id, 4, (8, 32), vocab=vocab)
+    torch.testing.assert_close(torch.tensor(sums, dtype=torch.float64), (token_lp * mask).sum(-1), rtol=1e-5, atol=1e-4)
