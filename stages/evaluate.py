@@ -167,10 +167,11 @@ def conditioning_probe(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainCon
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path).eval()
     objective.prepare_model(model, tokenizer, [], ctx.seed)  # the Quark vocabulary: tokens already there
+    batch = max(cfg.batch_size, 32)  # scoring only: short sequences, no gradients
     pairs, scored = P.heldout_probe(model, tokenizer, objective, P.base_records(tokenizer, rows), cfg.controls,
-                                    cfg.probe_min_gap, cfg.batch_size)
+                                    cfg.probe_min_gap, batch)
     match, chance = P.pool_match(model, tokenizer, objective, pool_rows(ctx, "train"), cfg.controls,
-                                 cfg.probe_records, ctx.seed, cfg.batch_size)
+                                 cfg.probe_records, ctx.seed, batch)
     out = {**with_interval("conditioning_pairwise", pairs, ctx.seed), "conditioning_pairs": len(pairs),
            **with_interval("conditioning_match", match, ctx.seed), "conditioning_match_records": len(match),
            "conditioning_match_chance": chance}
