@@ -41,6 +41,12 @@ VARIANTS = {
                            "train.max_steps=400", "train.learning_rate=1e-4"],
     "many_per_prompt_lora": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                              "train.learning_rate=1e-3", "train.lora={r: 16, alpha: 32}"],
+    # Prompt tuning of the controls: only their embeddings train (no drift, no memorising).
+    "many_per_prompt_controls_only": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
+                                      "train.quark.controls_only=true", "train.quark.control_learning_rate=5e-3"],
+    # The body barely moves, the controls fast.
+    "many_per_prompt_control_lr": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
+                                   "train.learning_rate=1e-5", "train.quark.control_learning_rate=5e-3"],
     "many_per_prompt_kl02": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                              "train.learning_rate=1e-4", "train.quark.kl_coef=0.2"],
     "many_per_prompt_kl05": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",

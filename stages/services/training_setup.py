@@ -34,8 +34,7 @@ def prepare(cfg, rows: list[dict], seed: int, model_path=None, training: bool = 
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=cfg.lora.target_modules,
-                                                 modules_to_save=objective.lora_modules_to_save))
+                                                 target_modules=cfg.lora.target_modules))
     return objective, model, tokenizer
 
 

@@ -109,7 +109,10 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     if cfg.lean_layers:
         log.debug("train: lean layers %s", make_lean(model))
     rank, world = accelerator.process_index, accelerator.num_processes
-    params = [p for p in model.parameters() if p.requires_grad]
+    objective.prepare_training(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    learning_rates = [objective.learning_rate_of(n) or cfg.learning_rate for n, _ in named]
     masters = None
     if not sharded:
         # Replicated training places the model itself (no wrapper, see below); in bf16 mode the
@@ -119,7 +122,11 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             masters = precision.MasterWeights(model, params)
             params = masters.params
     # fused: one kernel per step over all parameters, no temporary copies of the moment buffers.
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True)
+    groups: dict[float, list] = {}
+    for p, lr in zip(params, learning_rates):
+        groups.setdefault(lr, []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, fused=True)
     group_key = getattr(objective, "group_by", None)
     micro_per_epoch = len(epoch_batches(rows, cfg.batch_size, seed, 0, False, group_key))
     repeats = objective.updates_per_batch()  # consecutive steps on the same micro-batches (GRPO)
@@ -217,6 +224,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history},
                                 rank=rank, world=world, barrier=accelerator.wait_for_everyone, masters=masters)
     bar.close()
+    objective.finish_training(accelerator.unwrap_model(model))
     if cfg.log_with:
         accelerator.end_training()
     if save_to is not None:

@@ -108,7 +108,6 @@ class Objective:
     needs: ClassVar[tuple[str, ...]] = ("prompt", "generation1")
     reference_columns: ClassVar[tuple[str, ...]] = ()  # cached reference columns it can use instead of ref_model
     group_by: ClassVar[str | None] = None  # rows sharing this key stay in one batch (a prompt's samples)
-    lora_modules_to_save: ClassVar[list[str] | None] = None  # trained in full under LoRA
 
     class Options(Section):
         pass
@@ -144,6 +143,17 @@ class Objective:
 
     def prepare_model(self, model, tokenizer, rows: list[dict], seed: int) -> None:
         """Adjust model and tokenizer to the records before training (Quark adds its tokens)."""
+
+    def prepare_training(self, model) -> None:
+        """Last changes to the model (after LoRA) before the trainer builds its optimizer (Quark
+        gives its control tokens' embeddings a parameter of their own); finish_training undoes them."""
+
+    def finish_training(self, model) -> None:
+        """Undo prepare_training on the trained model (LoRA merged) before it is saved."""
+
+    def learning_rate_of(self, name: str) -> float | None:
+        """A trainable parameter's own learning rate, by its name (None: train.learning_rate)."""
+        return None
 
     def heldout(self, model, tokenizer, rows: list[dict], batch_size: int) -> tuple[list[dict], dict]:
         """Per-record rows and metrics on held-out records: by default the objective's own loss and

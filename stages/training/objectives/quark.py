@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
+from torch import nn
 
 from stages.training.objectives.conditioned import ConditionedNLL, ConditionedOptions
 
@@ -11,6 +13,11 @@ class QuarkOptions(ConditionedOptions):
     # Every quantile's token, added before the first training whether or not the draw holds each
     # (a later round's pool may); filled from build_pool (control_token, quantiles).
     control_tokens: list[str] = []
+    # The control tokens' embeddings train as a parameter of their own, at this learning rate
+    # (None: train.learning_rate); with `controls_only` nothing else trains (prompt tuning of the
+    # controls: the policy cannot drift from the reference but through what the tokens mean).
+    control_learning_rate: float | None = Field(None, gt=0)
+    controls_only: bool = False
 
 
 class Quark(ConditionedNLL):
@@ -20,7 +27,6 @@ class Quark(ConditionedNLL):
 
     name = "quark"
     needs = ("prompt", "generation1", "control")
-    lora_modules_to_save = ["embed_tokens"]  # the new tokens' embeddings are trained under LoRA too
     Options = QuarkOptions
 
     condition_key = "control"
@@ -42,6 +48,53 @@ class Quark(ConditionedNLL):
 
     def control_tokens(self, rows) -> list[str]:
         return sorted(set(self.opt.control_tokens) | {r["control"] for r in rows if r.get("control")})
+
+    def prepare_training(self, model):
+        # Under LoRA too the control rows train (peft froze the embedding; this parameter is new).
+        base = _base(model)
+        base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.vocab))
+        if self.opt.controls_only:
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.endswith(ControlEmbedding.PARAM))
+
+    def finish_training(self, model):
+        base = _base(model)
+        embedding = base.get_input_embeddings()
+        if isinstance(embedding, ControlEmbedding):
+            base.set_input_embeddings(embedding.folded())
+
+    def learning_rate_of(self, name):
+        return self.opt.control_learning_rate if name.endswith(ControlEmbedding.PARAM) else None
+
+
+def _base(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ControlEmbedding(nn.Module):
+    """The input embedding with the rows of the control tokens (ids >= first) split off as a
+    parameter of their own, so that they can train at their own learning rate, or alone. The
+    shared (tied) matrix keeps serving the other ids and the LM head; `folded` writes the trained
+    rows back into it."""
+
+    PARAM = "embed_tokens.controls"
+
+    def __init__(self, embedding: nn.Embedding, first: int):
+        super().__init__()
+        self.embedding, self.first = embedding, first
+        self.controls = nn.Parameter(embedding.weight.detach()[first:].clone())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        control = ids >= self.first
+        out = self.embedding(ids.masked_fill(control, 0))
+        rows = self.controls[(ids - self.first).clamp(0, len(self.controls) - 1)].to(out.dtype)
+        return torch.where(control[..., None], rows, out)
+
+    def folded(self) -> nn.Embedding:
+        with torch.no_grad():
+            self.embedding.weight[self.first:] = self.controls.to(self.embedding.weight.dtype)
+        return self.embedding
 
 
 def add_control_tokens(model, tokenizer, rows: list[dict], seed: int, tokens: list[str] = ()) -> list[str]:

@@ -1,0 +1,106 @@
+"""Quark's control-token embeddings as a parameter of their own (objectives/quark.py): the split
+embedding computes what the plain one does, trains at its own learning rate or alone, and folds
+back into the saved model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import needs_prepared
+from stages.config import TrainConfig
+from stages.training.objectives import make_objective
+from stages.training.objectives.quark import ControlEmbedding
+from stages.training.trainer import fit
+
+CONTROLS = ["<|quark_0|>", "<|quark_1|>"]
+ROWS = [{"prompt_id": p, "prompt": p, "generation1": t, "control": c}
+        for p in ["The film was", "A quiet story"]
+        for t, c in (("a delight from start to end.", CONTROLS[0]), ("a chore.", CONTROLS[1]))]
+
+
+def test_the_split_embedding_is_the_plain_one_and_folds_back():
+    torch.manual_seed(0)
+    plain = torch.nn.Embedding(10, 4)
+    original = plain.weight.detach().clone()
+    split = ControlEmbedding(plain, 8)
+    ids = torch.tensor([[0, 8, 3, 9], [9, 9, 1, 2]])
+    torch.testing.assert_close(split(ids), original[ids], rtol=0, atol=0)
+    with torch.no_grad():
+        split.controls.add_(1.0)
+    out = split(ids)
+    assert torch.equal(out[0, 0], original[0]) and torch.equal(out[0, 1], original[8] + 1)
+    out.sum().backward()  # ids 8 once, 9 three times; the shared matrix is not touched for them
+    assert split.controls.grad.tolist() == [[1.0] * 4, [3.0] * 4] and plain.weight.grad[8:].abs().sum() == 0
+    folded = split.folded()
+    assert folded is plain and torch.equal(plain.weight[8:], original[8:] + 1) and torch.equal(plain.weight[:8], original[:8])
+
+
+def quark(tmp_path, steps=3, mode="no", **options):
+    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
+
+    path = build_tiny_llama()
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    cfg = TrainConfig(objective="quark", model=str(path), max_length=32, max_prompt_length=8, max_steps=steps,
+                      epochs=10, batch_size=2, learning_rate=1e-3, lr_scheduler="constant", mixed_precision=mode,
+                      quark={"control_tokens": CONTROLS, "kl_coef": 0.0, **options})
+    objective = make_objective(cfg)
+    objective.prepare_model(model, tokenizer, ROWS, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, tokenizer, objective, ROWS, cfg, 0, tmp_path / "ckpt", save_to=tmp_path / "model")
+    return model, tokenizer, objective, before
+
+
+@needs_prepared
+@pytest.mark.parametrize("mode", ["no", "bf16"])
+def test_controls_only_trains_the_control_rows_alone(tmp_path, mode):
+    model, tokenizer, objective, before = quark(tmp_path, mode=mode, controls_only=True, control_learning_rate=1e-2)
+    assert isinstance(model.get_input_embeddings(), torch.nn.Embedding)  # folded back after training
+    vocab = objective.vocab
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight"):
+            assert not torch.equal(p[vocab:], before[name][vocab:])  # the controls moved
+            p = p[:vocab]
+            before[name] = before[name][:vocab]
+        # bf16 mode: frozen parameters are the bf16 rounding they trained against (precision.py)
+        expected = before[name] if mode == "no" else before[name].to(torch.bfloat16).float()
+        assert torch.equal(p, expected), name
+    from stages.services.models import load_causal_lm
+
+    saved = load_causal_lm(tmp_path / "model")
+    assert torch.equal(saved.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
+@needs_prepared
+def test_the_controls_train_at_their_own_learning_rate(tmp_path, monkeypatch):
+    seen = {}
+    adamw = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen["groups"] = [(len(g["params"]), g["lr"]) for g in groups]
+        return adamw(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    model, *_ = quark(tmp_path, steps=1, control_learning_rate=5e-2)
+    trainable = sum(1 for _ in model.parameters())
+    assert sorted(seen["groups"]) == [(1, 5e-2), (trainable, 1e-3)]  # the tied matrix counts once, the controls once
+
+
+@needs_prepared
+def test_under_lora_the_adapters_and_the_control_rows_train(tmp_path):
+    """peft freezes the embedding; the control rows still train (their own parameter), the other
+    rows keep the base's values, and the saved model is plain (adapters merged, rows folded)."""
+    from stages.services.models import build_tiny_llama, load_causal_lm
+    from stages.services.training_setup import prepare
+
+    path = build_tiny_llama()
+    cfg = TrainConfig(objective="quark", model=str(path), max_length=32, max_prompt_length=8, max_steps=3, epochs=10,
+                      batch_size=2, learning_rate=1e-2, lr_scheduler="constant", mixed_precision="no",
+                      lora={"r": 4, "alpha": 8}, quark={"control_tokens": CONTROLS, "kl_coef": 0.0})
+    objective, model, tokenizer = prepare(cfg, ROWS, 0)
+    start = model.get_base_model().get_input_embeddings().weight.detach().clone()
+    fit(model, tokenizer, objective, ROWS, cfg, 0, tmp_path / "ckpt", save_to=tmp_path / "model")
+    saved = load_causal_lm(tmp_path / "model")
+    assert not any("lora" in n or "controls" in n for n, _ in saved.named_parameters())
+    weight, vocab = saved.get_input_embeddings().weight, objective.vocab
+    assert torch.equal(weight[:vocab], start[:vocab]) and not torch.equal(weight[vocab:], start[vocab:])
