@@ -437,14 +437,9 @@ def table(result: dict) -> str:
 def machine() -> dict:
     import torch
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from stages.pipeline.provenance import cpu_model
+
+    cpu = cpu_model()
     try:
         import trl
         trl_version = trl.__version__

@@ -29,6 +29,7 @@ from stages.config import RunConfig
 from stages.pipeline.context import StageContext, StageOutput, Upstream
 from stages.pipeline.errors import BadInput
 from stages.pipeline.refs import resolve_refs
+from stages.pipeline.provenance import provenance
 from stages.pipeline.registry import downstream_of, input_rounds, parse_input, stage_specs
 from stages.pipeline.seeds import seed_everything
 from stages.pipeline.store import DATA, ArtifactStore
@@ -179,6 +180,7 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
             "finished": _now(),
             "wall_seconds": round(wall, 3),
             "ran_on": placement(where),
+            "provenance": provenance(),
             "metrics": out.metrics,
         }
         store.commit(workdir, dest, manifest)

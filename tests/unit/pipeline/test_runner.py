@@ -94,6 +94,14 @@ def test_manifest_records_what_a_reader_needs(done):
                 "wall_seconds", "metrics"):
         assert key in m
     assert m["inputs"]["build_pool"]["fingerprint"]
+    # Provenance: this checkout's commit, the packages' versions, the machine.
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    p = m["provenance"]
+    assert p["commit"] == head.strip() and isinstance(p["dirty"], bool)
+    assert {"python", "torch", "transformers", "accelerate", "peft", "prefect", "align-workbench"} <= set(p["versions"])
+    assert p["versions"]["torch"] and p["cpu"] and p["cores"] >= 1 and p["threads"] >= 1 and "gpu" in p
     assert "model/model.safetensors" in m["files"]
     ds = datasets.load_dataset("parquet", data_files=str(done / "smoke" / "round-0" / "build_pool" / "data.parquet"),
                                split="train")
