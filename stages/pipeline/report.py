@@ -19,7 +19,7 @@ from stages.pipeline.store import ArtifactStore
 COLUMNS = (  # (metric, heading) of the per-round table; each with its 95% interval where it has one
     ("mean_reward", "reward"), ("reward_gain", "gain over base"), ("kl_to_reference", "KL"), ("perplexity", "ppl (ref)"),
     ("distinct_2", "distinct-2"), ("mean_completion_tokens", "tokens"), ("truncated_fraction", "truncated"),
-    ("controllability", "control"),
+    ("controllability", "control"), ("control_spread", "spread"), ("conditioning_pairwise", "probe"),
 )
 
 
@@ -48,7 +48,8 @@ def rounds_table(store: ArtifactStore, experiment: str, upto: int | None = None)
 
 SEED_METRICS = (  # (metric, heading) summarised across seeds; "gain" is the round's reward minus its seed's base
     ("mean_reward", "reward"), ("gain", "gain over base"), ("kl_to_reference", "KL"), ("perplexity", "ppl (ref)"),
-    ("distinct_2", "distinct-2"), ("controllability", "control"),
+    ("distinct_2", "distinct-2"), ("controllability", "control"), ("control_spread", "spread"),
+    ("conditioning_pairwise", "probe"),
 )
 
 
