@@ -12,6 +12,7 @@ are the last variant's; each variant's numbers are kept in --out. Run reward_mov
 same root first.
 
     .venv/bin/python benchmarks/conditioning_ablation.py quark base many_samples ... [--out FILE]
+    .venv/bin/python benchmarks/conditioning_ablation.py quark --recipe NAME --budgets 300,800,1600,3200
     .venv/bin/python benchmarks/conditioning_ablation.py --list
 """
 
@@ -47,6 +48,10 @@ VARIANTS = {
     # The body barely moves, the controls fast.
     "many_per_prompt_control_lr": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                                    "train.learning_rate=1e-5", "train.quark.control_learning_rate=5e-3"],
+    # No entropy bonus: on its own samples the NLL's expected gradient is zero but for what the
+    # controls tell apart, so the bonus is the one systematic push away from the reference.
+    "many_per_prompt_ent0": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
+                             "train.learning_rate=1e-4", "train.quark.entropy_coef=0"],
     "many_per_prompt_kl02": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                              "train.learning_rate=1e-4", "train.quark.kl_coef=0.2"],
     "many_per_prompt_kl05": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
@@ -129,11 +134,19 @@ def main() -> None:
                     help="the generated markdown page of every run in --out")
     ap.add_argument("--log", default="/tmp/conditioning_ablation.log")
     ap.add_argument("--list", action="store_true", help="print the variants and their overrides")
+    ap.add_argument("--recipe", default="many_per_prompt", help="the variant --budgets varies")
+    ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="samples per round to run --recipe at (100 openings, n = budget / 100 each), e.g. 300,800,1600")
     args = ap.parse_args()
     if args.list or not args.method:
         for name, overrides in VARIANTS.items():
             print(f"{name}: {' '.join(overrides) or '(the shipped config)'}")
         return
+    for budget in args.budgets:  # the recipe at another number of samples a round: one epoch over them
+        VARIANTS[f"{args.recipe}@{budget}"] = [
+            *[o for o in VARIANTS[args.recipe] if not o.startswith(("sample.n=", "sample.max_prompts=", "train.max_steps="))],
+            f"sample.n={max(1, budget // 100)}", "sample.max_prompts=100", f"train.max_steps={max(1, budget // 8)}"]
+        args.variants.append(f"{args.recipe}@{budget}")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant {unknown[0]!r} (see --list)")
