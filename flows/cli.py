@@ -230,6 +230,17 @@ def report(
     console.print(f"reward vs KL: {target}")
 
 
+@app.command()
+def docs():
+    """Regenerate the pages made from the code: docs/config-reference.md (from the config models)."""
+    from flows import config_reference
+
+    missing = config_reference.write()
+    console.print(f"wrote {config_reference.PAGE}")
+    if missing:
+        raise BadInput(f"docs: {len(missing)} config fields have no comment to explain them: {', '.join(missing)}")
+
+
 @models_app.command("prepare")
 def models_prepare():
     """Convert SmolLM2-135M-Instruct from its GGUF file, build the tiny test model, locate MiniLM."""

@@ -23,7 +23,7 @@ class LoadPromptsConfig(Section):
     # A built-in corpus ("movie_snippets", "tweets", "product_snippets", "editorial_snippets"),
     # a local/fsspec Parquet, JSONL or CSV file, or a hub dataset name (only where the hub is reachable).
     source: str | ArtifactRef = "movie_snippets"
-    hub_split: str = "train"
+    hub_split: str = "train"  # the split of a hub dataset to read
     # our column -> the source's column; `prompt` is required, `completion` and `score` optional;
     # `prompt_ids` and `completion_ids` (token ids, as sample records them) are read when present.
     columns: dict[str, str] = Field(default_factory=dict)
@@ -33,35 +33,36 @@ class LoadPromptsConfig(Section):
     # None keeps the whole text as the prompt (reward modelling on whole snippets).
     prompt_words: int | None = 6
     min_abs_score: float | None = None  # keep rows with |score| >= this (drops neutral snippets)
-    min_prompt_chars: int = 1
-    max_prompt_chars: int = 2000
-    min_completion_words: int = 0
-    dedupe: Literal["prompt", "row", "none"] = "prompt"
+    min_prompt_chars: int = 1  # rows whose prompt is shorter are dropped
+    max_prompt_chars: int = 2000  # rows whose prompt is longer are dropped
+    min_completion_words: int = 0  # rows whose completion has fewer words are dropped
+    dedupe: Literal["prompt", "row", "none"] = "prompt"  # keep the first row of each prompt, or of each identical row
+    # The share of prompts held out (by a hash of the prompt, so stable across runs): evaluate's prompts.
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_rows: int | None = Field(None, gt=0)  # applied after the split, per split, in hash order
 
 
 class SampleConfig(Section):
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"  # transformers' generate on any device, or vLLM on a GPU machine
     model: str | None = None  # round 0's policy; default: train.model. Later rounds: last round's model.
     n: int = Field(2, ge=1)  # generations per prompt
-    max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)  # a completion stops here if the policy has not ended it
+    temperature: float = Field(1.0, gt=0)  # the logits are divided by it before sampling
+    top_p: float = Field(0.9, gt=0, le=1)  # nucleus sampling: the smallest set of tokens with this much probability
     top_k: int = Field(50, ge=0)  # transformers' sampling default, kept; 0: off
     batch_size: int = Field(32, ge=1)  # sequences per generate call (prompts x n)
-    max_prompt_tokens: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(64, ge=1)  # a longer prompt keeps its last tokens (the conditioning counts)
     # The sampler's weights: bfloat16 halves the bytes each decoding step reads and, where the
     # hardware has bf16 units (CUDA, CPUs with AVX512-BF16 or AMX), about doubles tokens/s on CPU
     # (benchmarks/bench_sampling.py); the recorded log-probs are then the bf16 sampler's own.
     # auto: bfloat16 where the hardware has it, else float32 (emulated bf16 is slower).
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    split: Literal["train", "heldout", "all"] = "train"
-    max_prompts: int | None = Field(None, gt=0)
-    # none; quark_best: prefix the best reward token; feedback: condition on `feedback` (NLF).
+    split: Literal["train", "heldout", "all"] = "train"  # whose prompts are sampled
+    max_prompts: int | None = Field(None, gt=0)  # the first this many prompts of the split (hash order)
     # Split the prompts into this many shards, each a Ray task (stages/services/shards.py; RAY_ADDRESS
     # names the cluster, else a local one starts). 1: in this process, no Ray.
     shards: int = Field(1, ge=1)
+    # none; quark_best: prefix the best reward token; feedback: condition on `feedback` (NLF).
     conditioning: Literal["none", "quark_best", "feedback"] = "none"
     # Rounds before this one sample without conditioning: round 0's policy is the base model, which
     # has never seen a reward token or feedback (Quark's and NLF's initial pool). Evaluate always
@@ -71,8 +72,9 @@ class SampleConfig(Section):
     # sampler bans them): filled from train.quark. The base vocabulary lacks them, so a sampled one
     # could not even be scored by the reference.
     suppress_tokens: list[str] = []
-    control_token: str = "<|quark_0|>"
-    feedback: str = "Excellent."
+    control_token: str = "<|quark_0|>"  # conditioning quark_best: the token put before the prompt
+    feedback: str = "Excellent."  # conditioning feedback: the feedback the policy is asked for
+    # conditioning feedback: how feedback and prompt are joined; the text before {prompt} is the prefix.
     feedback_template: str = "feedback: {feedback} input: {prompt}"
     _template = field_validator("feedback_template")(conditioning_template)
 
@@ -94,6 +96,8 @@ def annotator_step(**options) -> BaseModel:
 
 
 class AnnotateConfig(Section):
+    # Annotators applied in order, each by its `kind` (options below): a later scoring step replaces
+    # the scores, a feedback step (template_feedback) words the scores so far.
     steps: list[AnnotatorStep] = Field(default_factory=lambda: [annotator_step()])
     shards: int = Field(1, ge=1)  # samples split over this many Ray tasks (as sample.shards)
 
@@ -103,15 +107,16 @@ class ReweightStrategy(Section):
     # total weight per class (score above / below the median) or per score quantile; importance:
     # pi_train(y) / pi_sample(y), self-normalised and clipped; callable: f(rows) -> weights.
     kind: Literal["uniform", "reward_softmax", "balance", "importance", "callable"] = "uniform"
-    temperature: float = Field(1.0, gt=0)
-    balance_by: Literal["median", "quantile"] = "median"
-    quantiles: int = Field(5, ge=2)
+    temperature: float = Field(1.0, gt=0)  # reward_softmax: lower is greedier
+    balance_by: Literal["median", "quantile"] = "median"  # balance: the classes to equalise
+    quantiles: int = Field(5, ge=2)  # balance_by quantile: how many
     clip: float = Field(5.0, gt=0)  # importance weights are clipped at this (after normalising to mean 1)
     policy: str | None = None  # importance: the policy being trained (default: this round's starting policy)
-    callable: str | None = None
+    callable: str | None = None  # kind callable: "package.module.function", f(rows) -> one weight per row
 
 
 class ReweightConfig(Section):
+    # Applied in order; the weights multiply (renormalised to mean 1).
     strategies: list[ReweightStrategy] = Field(default_factory=lambda: [ReweightStrategy()])
 
 
@@ -126,12 +131,14 @@ class BuildPoolConfig(Section):
     # pointwise from scores: desirable when score > threshold (a number, "mean" or "median").
     desirable_threshold: float | Literal["mean", "median"] = "median"
     quantiles: int = Field(5, ge=2)  # quark: equal-size reward bins; the best bin gets token 0
+    # quark / nlf: rank rewards over the whole pool, or among each prompt's own samples (a sample's
+    # bin then says how it compares with its siblings, not how positive its prompt is).
     quantile_scope: Literal["global", "per_prompt"] = "global"
-    control_token: str = "<|quark_{k}|>"
+    control_token: str = "<|quark_{k}|>"  # quark: the token of bin k, added to the policy's vocabulary
     # nlf without an annotator's feedback: one phrase per reward quantile, best first.
     feedback_phrases: list[str] = Field(default_factory=lambda: ["Excellent.", "Good.", "Okay.", "Poor.", "Terrible."])
     max_records: int | None = Field(None, gt=0)  # per split
-    heldout_max_records: int | None = Field(None, gt=0)
+    heldout_max_records: int | None = Field(None, gt=0)  # held-out split only; default max_records
 
 
 class DataPoolConfig(Section):
@@ -142,14 +149,14 @@ class DataPoolConfig(Section):
     draw_per_quantile: int | None = Field(None, ge=1)  # per prompt and quantile; None: train on all
     # Filled from build_pool (the quantiles it turns into tokens or feedback phrases).
     quantiles: int | None = Field(None, ge=2)
-    quantile_scope: Literal["global", "per_prompt"] | None = None
+    quantile_scope: Literal["global", "per_prompt"] | None = None  # filled from build_pool
 
 
 class LoraOptions(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = Field(16, ge=1)  # the adapters' rank
+    alpha: int = Field(32, ge=1)  # their scale is alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # layers that get adapters
 
 
 class TrainBase(Section):
@@ -158,18 +165,18 @@ class TrainBase(Section):
     objective: str = "sft"
     # "smollm2", "minilm", "tiny-llama", a local model folder, or a hub id (online only).
     model: str = "smollm2"
-    learning_rate: float = Field(2e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)  # AdamW's peak learning rate
+    weight_decay: float = Field(0.0, ge=0)  # AdamW's decoupled weight decay
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"  # the decay after warm-up (to 0 at the last step)
+    warmup_steps: int = Field(0, ge=0)  # steps of linear warm-up from 0
+    epochs: int = Field(1, ge=1)  # passes over the records (max_steps stops earlier)
     max_steps: int | None = Field(None, gt=0)  # caps the optimizer steps
     batch_size: int = Field(4, ge=1)  # records per micro-batch (a pair counts as one; rl: prompt groups)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     max_length: int = Field(128, ge=8)  # tokens: prompt (at most max_prompt_length) + completion
-    max_prompt_length: int = Field(64, ge=1)
+    max_prompt_length: int = Field(64, ge=1)  # a longer prompt keeps its last tokens
     group_by_length: bool = True  # batch similar lengths together: less padding
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # gradients are clipped to this norm; None: no clipping
     # bf16: bfloat16 weights, activations and gradients, float32 master weights and optimizer state
     # (stages/training/precision.py); no: float32; auto: bf16 where the hardware runs it natively
     # (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32. fp16 is refused (see below).
@@ -194,12 +201,12 @@ class TrainBase(Section):
     # the same global batch. `accelerate_config`: an accelerate config file for the launch instead
     # (multi-GPU DDP, FSDP, DeepSpeed ZeRO; configs/accelerate/).
     processes: int = Field(1, ge=1)
-    accelerate_config: str | None = None
+    accelerate_config: str | None = None  # see processes above
     # Where reference log-probs come from: the pool's cached columns (the reference stage), a
     # resident reference model, or auto (cached when the pool has them).
     reference: Literal["auto", "cached", "resident"] = "auto"
     reference_model: str | None = None  # default: the model being trained, before training
-    lora: LoraOptions | None = None
+    lora: LoraOptions | None = None  # train LoRA adapters (peft) instead of every weight; merged into the saved model
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -236,26 +243,26 @@ TrainConfig = _train_config()
 
 
 class ReferenceConfig(Section):
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # sequences per forward pass
     shards: int = Field(1, ge=1)  # records split over this many Ray tasks (as sample.shards)
     token_logps: bool = False  # also per-token log-probs of generation1 (quark/nlf kl: cached)
     # Filled from train (model, max_length, max_prompt_length, mixed_precision) so tokenisation and
     # arithmetic match training: cached log-probs equal what a resident reference would compute.
     mixed_precision: Literal["auto", "no", "bf16"] | None = None
-    model: str | None = None
-    max_length: int | None = None
-    max_prompt_length: int | None = None
+    model: str | None = None  # filled from train.reference_model, else train.model
+    max_length: int | None = None  # filled from train
+    max_prompt_length: int | None = None  # filled from train
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(8, ge=1)
-    max_records: int | None = Field(200, gt=0)
-    samples_to_show: int = Field(5, ge=0)
+    batch_size: int = Field(8, ge=1)  # records per forward pass on held-out records
+    max_records: int | None = Field(200, gt=0)  # held-out pool records scored by the objective's own metrics
+    samples_to_show: int = Field(5, ge=0)  # samples copied into the manifest and the report
     # Online flows (filled from sample / annotate): sample held-out prompts from the trained
     # policy, score them, and report the mean reward, KL to the reference and lengths.
     generation: SampleConfig | None = None
-    annotate: AnnotateConfig | None = None
-    max_prompts: int | None = Field(50, gt=0)
+    annotate: AnnotateConfig | None = None  # how evaluate scores its samples; online flows: filled from annotate
+    max_prompts: int | None = Field(50, gt=0)  # held-out prompts sampled
     # Samples per held-out prompt: the intervals resample prompts, each with the mean of its samples,
     # so more samples narrow them where the reward varies within a prompt more than between prompts.
     samples_per_prompt: int = Field(1, ge=1)
@@ -263,13 +270,13 @@ class EvaluateConfig(Section):
     # Sample `controllability_prompts` held-out prompts with each conditioning in `controls` (best
     # first; filled from build_pool's quantile tokens or feedback phrases) and report the reward of each.
     controllability: bool = False
-    controllability_prompts: int = Field(40, ge=2)
-    controls: list[str] | None = None
+    controllability_prompts: int = Field(40, ge=2)  # held-out prompts sampled under each control
+    controls: list[str] | None = None  # the conditionings, best first; filled from build_pool
     # With controllability, the teacher-forced conditioning probe too: base samples of one held-out
     # prompt whose rewards differ by at least `probe_min_gap` form its pairs; `probe_records`
     # training records are scored under every control for the match on what the policy trained on.
     probe_min_gap: float = Field(0.2, ge=0)
-    probe_records: int = Field(200, ge=1)
+    probe_records: int = Field(200, ge=1)  # see probe_min_gap
 
 
 StageName = Literal["load_prompts", "sample", "annotate", "reweight", "data_pool", "build_pool", "reference", "train",
@@ -283,10 +290,10 @@ NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 class RunConfig(Section):
     # A folder name, and part of lock and resume folder names: 100 characters at most.
     experiment: str = Field(pattern=f"^{NAME}$", max_length=100)
-    description: str = ""
-    seed: int = 0
+    description: str = ""  # free text, shown in the UI with the deployment
+    seed: int = 0  # every stage's random state derives from it (stages/pipeline/seeds.py)
     rounds: int = Field(1, ge=1)  # online flows: round k samples from round k-1's policy
-    stages: list[StageName] = Field(default_factory=lambda: ["load_prompts", "build_pool", "train", "evaluate"])
+    stages: list[StageName] = Field(default_factory=lambda: ["load_prompts", "build_pool", "train", "evaluate"])  # run in this order, each round
     load_prompts: LoadPromptsConfig = Field(default_factory=LoadPromptsConfig)
     build_pool: BuildPoolConfig = Field(default_factory=BuildPoolConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)

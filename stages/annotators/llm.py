@@ -21,7 +21,7 @@ FEEDBACK_TEMPLATE = ("Rate how positive this movie review continuation is, then 
 
 class LLMOptions(Section):
     model: str | None = None  # default smollm2
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # prompts per forward pass
     max_length: int = Field(128, ge=8)  # tokens of the task prompt shown (its start is cut)
 
 

@@ -17,8 +17,8 @@ class LLMFeedback(LocalLLM):
 
     class Options(LLMOptions):
         kind: Literal["llm_feedback"] = "llm_feedback"
-        feedback_template: str = FEEDBACK_TEMPLATE
-        max_feedback_tokens: int = Field(32, ge=4)
+        feedback_template: str = FEEDBACK_TEMPLATE  # the critic's request: {prompt} and {completion}
+        max_feedback_tokens: int = Field(32, ge=4)  # the feedback is cut here
 
     @torch.no_grad()
     def __call__(self, prompts, completions, scores=None):

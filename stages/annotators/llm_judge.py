@@ -18,7 +18,7 @@ class LLMJudge(LocalLLM):
 
     class Options(LLMOptions):
         kind: Literal["llm_judge"] = "llm_judge"
-        judge_template: str = JUDGE_TEMPLATE
+        judge_template: str = JUDGE_TEMPLATE  # the question: {prompt}, {a} and {b}; the judge answers A or B
 
     def __init__(self, step):
         super().__init__(step)

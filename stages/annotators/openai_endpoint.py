@@ -30,15 +30,15 @@ class OpenAIEndpoint(Annotator):
         kind: Literal["openai"] = "openai"
         base_url: str  # e.g. http://127.0.0.1:8000/v1
         model: str  # the model's name at the endpoint
-        mode: Literal["judge", "feedback"] = "judge"
+        mode: Literal["judge", "feedback"] = "judge"  # pairwise A/B preference, or NLF feedback text
         api_key_env: str = "OPENAI_API_KEY"  # the variable that holds the key; unset = no key (local servers)
-        judge_template: str = JUDGE_TEMPLATE
-        feedback_template: str = FEEDBACK_TEMPLATE
+        judge_template: str = JUDGE_TEMPLATE  # mode judge: as llm_judge's
+        feedback_template: str = FEEDBACK_TEMPLATE  # mode feedback: as llm_feedback's
         max_tokens: int = Field(32, ge=1)  # feedback mode; a judge asks for 4 (its first token decides)
         max_prompt_chars: int = Field(2000, ge=1)  # the task prompt shown keeps its last characters
         concurrency: int = Field(4, ge=1)  # requests in flight
-        timeout: float = Field(60.0, gt=0)
-        max_retries: int = Field(2, ge=0)
+        timeout: float = Field(60.0, gt=0)  # seconds per request
+        max_retries: int = Field(2, ge=0)  # the client's own retries of transient failures, with back-off
 
     def __init__(self, step):
         super().__init__(step)

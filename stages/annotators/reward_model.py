@@ -36,7 +36,7 @@ class RewardModel(Annotator):
     class Options(Section):
         kind: Literal["reward_model"] = "reward_model"
         model: str | ArtifactRef = DEFAULT_REWARD_MODEL  # default: the reward_movies flow's model
-        batch_size: int = Field(32, ge=1)
+        batch_size: int = Field(32, ge=1)  # texts per forward pass
         # tokens of prompt + completion; a longer one loses the prompt's start first, never the completion
         max_length: int = Field(128, ge=8)
 

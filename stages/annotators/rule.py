@@ -43,7 +43,7 @@ class Rule(Annotator):
 
     class Options(Section):
         kind: Literal["rule"] = "rule"
-        callable: str = "stages.annotators.vader_compound"
+        callable: str = "stages.annotators.vader_compound"  # "package.module.function", f(prompts, completions) -> scores
 
     def __init__(self, step):
         super().__init__(step)

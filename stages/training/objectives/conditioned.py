@@ -14,8 +14,8 @@ from stages.pipeline.sections import Section
 
 
 class ConditionedOptions(Section):
-    kl_coef: float = Field(0.05, ge=0)
-    entropy_coef: float = Field(0.06, ge=0)
+    kl_coef: float = Field(0.05, ge=0)  # weight of the per-token KL to the reference (Quark's beta)
+    entropy_coef: float = Field(0.06, ge=0)  # weight of the entropy bonus (subtracted from the loss)
     # exact: full-vocabulary KL from the reference model's logits (reference resident, as in the
     # Quark and NLF papers); cached: an estimate from the reference stage's per-token log-probs of
     # the pool's tokens (no second model; approximate, since the pool was sampled by an older policy).

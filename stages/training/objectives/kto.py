@@ -25,7 +25,7 @@ class KTO(Objective):
     reference_columns = ("reference_logp1", "reference_kl_logp")
 
     class Options(Section):
-        beta: float = Field(0.1, gt=0)
+        beta: float = Field(0.1, gt=0)  # the scale of the implied reward (KL strength)
         desirable_weight: float = Field(1.0, gt=0)  # lambda_D
         undesirable_weight: float = Field(1.0, gt=0)  # lambda_U; keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]
 

@@ -18,7 +18,7 @@ class NLF(ConditionedNLL):
     needs = ("prompt", "generation1", "feedback")
 
     class Options(ConditionedOptions):
-        feedback_template: str = "feedback: {feedback} input: {prompt}"
+        feedback_template: str = "feedback: {feedback} input: {prompt}"  # as sample.feedback_template
         _template = field_validator("feedback_template")(conditioning_template)
 
     condition_key = "feedback"

@@ -17,7 +17,7 @@ class QuarkOptions(ConditionedOptions):
     # (None: train.learning_rate); with `controls_only` nothing else trains (prompt tuning of the
     # controls: the policy cannot drift from the reference but through what the tokens mean).
     control_learning_rate: float | None = Field(None, gt=0)
-    controls_only: bool = False
+    controls_only: bool = False  # see control_learning_rate
 
 
 class Quark(ConditionedNLL):

@@ -27,7 +27,7 @@ class SimPO(Objective):
     class Options(Section):
         # The paper's recommended starting point: beta 2.0 with gamma / beta = 0.5 (gamma 1.0).
         beta: float = Field(2.0, gt=0)
-        gamma: float = Field(1.0, ge=0)
+        gamma: float = Field(1.0, ge=0)  # the target reward margin between chosen and rejected
 
     def collate(self, rows, tokenizer):
         return self.pair_batch(rows, tokenizer)
