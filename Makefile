@@ -43,7 +43,7 @@ test-fast: setup
 smoke: setup
 	$(ALIGN) run configs/smoke.yaml
 
-# README's runs of record: each experiment's evaluate and data_pool manifests into docs/results
+# The runs of record (docs/results.md, README's headline table): each experiment's evaluate and data_pool manifests into docs/results
 # (what `align report --artifacts docs/results` reads), e.g. make results EXPERIMENTS="quark_movies".
 results:
 	@test -n "$(EXPERIMENTS)" || { echo "make results: set EXPERIMENTS=\"name ...\""; exit 2; }

@@ -14,7 +14,7 @@ artifacts, and check that nothing is lost.
     .venv/bin/python benchmarks/fault_campaign.py [--kills 20] [--corruptions 10] [--seed 0] [--s3]
 
 --s3 runs the same against an S3 root (moto's server on 127.0.0.1). The test suite runs a short
-version (tests/integration/test_faults.py); README's Reliability section shows the long one.
+version (tests/integration/test_faults.py); docs/reliability.md shows the long one.
 """
 
 from __future__ import annotations

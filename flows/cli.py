@@ -269,7 +269,7 @@ def server(host: str = typer.Option("127.0.0.1", help="Address to listen on (loo
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] the Prefect server has no authentication: whoever reaches {host}:{port} "
                       "can run any config, and a config can name Python callables (set ALIGN_ALLOWED_CALLABLES "
-                      "where flows run; see README, Security)", highlight=False)
+                      "where flows run; see docs/reliability.md)", highlight=False)
     console.print(f"Prefect UI: {url}  (PREFECT_HOME={os.environ['PREFECT_HOME']})")
     console.print(f"then, in another shell: align serve [CONFIG ...]{'' if port == 4200 else f' --port {port}'}"
                   f"  (or PREFECT_API_URL={url}/api align run CONFIG)")

@@ -10,7 +10,7 @@ it (`SAMPLES`, the data_pool artifact's samples.parquet), and joined back by key
 So a round copies no texts: under Quark's keep-everything policy the pools of k rounds would
 otherwise hold every sample k times over. Building a round is three NumPy argsorts over the
 narrow columns (no Python loop over rows); 1M pooled samples take well under a second
-(benchmarks/bench_pool.py). Both tables are plain Parquet: README joins them with DuckDB.
+(benchmarks/bench_pool.py). Both tables are plain Parquet: docs/online-rounds.md joins them with DuckDB.
 
 The policy, per prompt and split:
 - `drop`: the fraction of the previous pool's samples dropped each round, oldest first (1.0 keeps

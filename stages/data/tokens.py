@@ -1,4 +1,4 @@
-"""The token rules every encoder follows (README, Conventions).
+"""The token rules every encoder follows (docs/artifacts.md, Conventions).
 
 - A prompt keeps its last `budget` tokens; a shorter prompt is kept whole. A conditioning prefix
   (Quark's control token, NLF's feedback) counts toward the budget and is never cut itself.

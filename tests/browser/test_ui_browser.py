@@ -7,7 +7,7 @@
 - a bad parameter is a failed run whose message is the CLI's one line; the server keeps serving;
 - runs of the scheduled rounds deployment queue on the experiment's lock, and each adds one round.
 
-Run alone with `pytest -m browser`. Set ALIGN_UI_SCREENSHOT=docs/ui-run.png to refresh the README's image.
+Run alone with `pytest -m browser`. Set ALIGN_UI_SCREENSHOT=docs/ui-run.png to refresh the image in docs/ui.md.
 """
 
 import json
@@ -289,7 +289,7 @@ def test_a_failed_stage_then_retry_in_the_ui_reruns_only_it_and_downstream(stack
     open_run(page, stack, run_id, "Task Runs")
     page.get_by_text("Skipped", exact=True).first.wait_for()
     page.wait_for_timeout(1500)  # let the run graph settle
-    shot = stack.tmp / "ui-run.png"  # the README's picture: the retried run, its graph and Skipped stages
+    shot = stack.tmp / "ui-run.png"  # docs/ui.md's picture: the retried run, its graph and Skipped stages
     page.screenshot(path=str(shot), clip={"x": 256, "y": 0, "width": 1024, "height": 960})
     if os.environ.get("ALIGN_UI_SCREENSHOT"):
         shutil.copy(shot, ROOT / os.environ["ALIGN_UI_SCREENSHOT"])

@@ -142,10 +142,10 @@ def test_quark_rounds_over_the_pool_killed_mid_round_resume_where_they_stopped(t
     twice = align("report", "smoke_online_quark+smoke_online_quark", "--artifacts", art)
     assert twice.returncode == 2 and "distinct experiments" in twice.stderr
 
-    # README's DuckDB query over every round's pool, as printed there, on these artifacts.
+    # The docs' DuckDB queries over every round's pool, as printed there, on these artifacts.
     import duckdb
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "online-rounds.md").read_text()
     counts, texts = [q.split('""")', 1)[0].replace("artifacts/quark_movies", str(art / "smoke_online_quark"))
                      for q in readme.split('duckdb.sql("""')[1:3]]
     got = duckdb.sql(counts).fetchall()

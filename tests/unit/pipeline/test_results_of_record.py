@@ -1,6 +1,6 @@
-"""README's numbers are the runs of record's: the manifests in docs/results, read as `align report
---artifacts docs/results` reads them, give README's rows (a re-run that updates README without
-`make results`, or the reverse, fails here)."""
+"""The reported numbers are the runs of record's: the manifests in docs/results, read as `align
+report --artifacts docs/results` reads them, give the rows of the results page and README's
+headline table (a re-run that updates a page without `make results`, or the reverse, fails here)."""
 
 import pytest
 
@@ -8,11 +8,12 @@ from conftest import ROOT
 from stages.pipeline.report import across_seeds, base_row, rounds_table, with_interval, with_spread
 from stages.pipeline.store import ArtifactStore
 
+RESULTS = (ROOT / "docs" / "results.md").read_text()
 README = (ROOT / "README.md").read_text()
 
 
-def cells(prefix: str) -> list[list[str]]:
-    return [[c.strip().replace("**", "") for c in line.strip("|").split("|")] for line in README.splitlines()
+def cells(prefix: str, text: str = RESULTS) -> list[list[str]]:
+    return [[c.strip().replace("**", "") for c in line.strip("|").split("|")] for line in text.splitlines()
             if line.startswith(prefix)]
 
 
@@ -29,3 +30,6 @@ def test_seed_rows_and_seeds_table_are_the_manifests(experiment, method):
     table = cells(f"| {method} |")
     assert len(table) == len(seeds) == 3
     assert [(r[2], r[3]) for r in table] == [(with_spread(s, "mean_reward"), with_spread(s, "gain")) for s in seeds]
+    # README's headline row: round 2's gain over the base and KL, over the seeds.
+    (headline,) = cells(f"| {method} (3 seeds) |", README)
+    assert headline[1:] == [with_spread(seeds[2], "gain"), with_spread(seeds[2], "kl_to_reference")]
