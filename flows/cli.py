@@ -93,12 +93,21 @@ def run(
         table.add_row(str(r["round"]), r["stage"], r["status"], str(r["rows"]), r["fingerprint"], f"{r['wall_seconds']:.1f}")
     console.print(table)
     evaluations = [r for r in results if r["stage"] == "evaluate"]
-    metrics = {k: v for k, v in (evaluations[-1]["metrics"] if evaluations else {}).items()
-               if isinstance(v, (int, float, str)) or v is None}
-    if metrics:
-        console.print(f"evaluate (round {evaluations[-1]['round']}): "
-                      + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    if evaluations:
+        console.print(f"evaluate (round {evaluations[-1]['round']}): {evaluation_summary(evaluations[-1]['metrics'])}"
+                      "; every metric: align report, or the stage's manifest.json")
     console.print(f"artifacts: {Path(root) / cfg.experiment if '://' not in root else root + '/' + cfg.experiment}")
+
+
+def evaluation_summary(metrics: dict) -> str:
+    """A round's headline metrics in one short line: each with its interval where it has one."""
+    from stages.pipeline.report import with_interval
+
+    names = [("mean_reward", "reward"), ("reward_gain", "gain over base"), ("kl_to_reference", "KL"),
+             ("conditioning_pairwise", "conditioning probe"), ("heldout_reward_accuracy", "held-out accuracy"),
+             ("heldout_nll", "held-out NLL per token"), ("heldout_loss", "held-out loss")]
+    shown = [f"{label} {with_interval(metrics, m)}" for m, label in names if isinstance(metrics.get(m), (int, float))]
+    return ", ".join(shown) or ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:4] if isinstance(v, float))
 
 
 @app.command()
@@ -171,11 +180,14 @@ def report(
     artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL); default ./artifacts."),
     out: Optional[Path] = typer.Option(None, help="Where to write the reward-vs-KL picture (PNG); default "
                                                   "<artifacts>/report-<experiments>.png."),
+    wide: bool = typer.Option(False, "--wide", help="Every column, whatever the terminal's width."),
+    format_: str = typer.Option("table", "--format", help="table (the terminal), md, csv or json (to stdout)."),
 ):
     """Every round's metrics of the experiments side by side, and one reward-vs-KL picture of them all;
-    for A+B+C also the mean, spread and range over the seeds."""
-    from stages.pipeline.report import (COLUMNS, SEED_METRICS, across_seeds, base_row, reward_vs_kl_png,
-                                        rounds_table, seeds_series, with_interval, with_spread)
+    for A+B+C also the mean, spread and range over the seeds. A terminal narrower than the full
+    table gets the main columns, each interval under its value (--wide for all)."""
+    from stages.pipeline.report import (COLUMNS, NARROW_COLUMNS, SEED_METRICS, across_seeds, base_row, export,
+                                        reward_vs_kl_png, rounds_table, seeds_series, with_interval, with_spread)
     from stages.pipeline.store import ArtifactStore
 
     root = artifacts or default_artifact_root()
@@ -193,25 +205,51 @@ def report(
             if not rows:
                 raise BadInput(f"report: experiment {exp} has no evaluated round under {root}")
             series[exp] = rows
-    table = Table(title="held-out metrics per round (95% intervals over prompts)")
-    for col in ("experiment", "round", *(h for _, h in COLUMNS)):
-        table.add_column(col)
-    for exp, rows in series.items():
-        base = base_row(rows)
-        if base:
-            cells = {"mean_reward": with_interval(base, "base_mean_reward"), "kl_to_reference": "0"}
-            table.add_row(exp, "base", *(cells.get(m, "") for m, _ in COLUMNS))
-        for r in rows:
-            table.add_row(exp, str(r["round"]), *(with_interval(r, m) for m, _ in COLUMNS))
-    console.print(table)
+    if format_ not in ("table", "md", "csv", "json"):
+        raise BadInput(f"report: --format {format_!r} is not one of table, md, csv, json")
+    if format_ != "table":
+        sys.stdout.write(export(series, {arg: [series[n] for n in names] for arg, names in groups.items()}, format_))
+        return
+    # A narrow terminal gets one table per experiment with the main columns, each interval under
+    # its value; a column no round has (the probe, outside Quark and NLF) is left out.
+    narrow = not wide and console.width < 160
+    measured = {k for rows in series.values() for r in rows for k, v in r.items() if v is not None}
+    columns = [(m, h) for m, h in NARROW_COLUMNS if m in measured] if narrow else list(COLUMNS)
+    cell = (lambda r, m: with_interval(r, m).replace(" [", "\n[")) if narrow else with_interval  # noqa: E731
+
+    def metrics_table(title: str, experiments: list[str]) -> Table:
+        table = Table(title=title)
+        for col in ([] if narrow else ["experiment"]) + ["round", *(h for _, h in columns)]:
+            table.add_column(col)
+        for exp in experiments:
+            rows, lead = series[exp], [] if narrow else [exp]
+            base = base_row(rows)
+            if base:
+                cells = {"mean_reward": cell(base, "base_mean_reward"), "kl_to_reference": "0"}
+                table.add_row(*lead, "base", *(cells.get(m, "") for m, _ in columns))
+            for r in rows:
+                table.add_row(*lead, str(r["round"]), *(cell(r, m) for m, _ in columns))
+        return table
+
+    title = "held-out metrics per round (95% intervals over prompts)"
+    if narrow:
+        console.print(f"{title}; --wide for every column")
+        for exp in series:
+            console.print(metrics_table(exp, [exp]))
+    else:
+        console.print(metrics_table(title, list(series)))
     seeded = [names for names in groups.values() if len(names) > 1]
     if seeded:
+        metrics = [(m, h) for m, h in SEED_METRICS
+                   if not narrow or m == "gain" or m in {c for c, _ in columns}]
         spread = Table(title="across seeds: mean ± standard deviation [min, max]")
-        for col in ("method (seeds)", "round", *(h for _, h in SEED_METRICS)):
-            spread.add_column(col)
+        for col in ("method (seeds)", "round", *(h for _, h in metrics)):
+            spread.add_column(col, overflow="fold")
         for names in seeded:
             for r in across_seeds([series[n] for n in names]):
-                spread.add_row(f"{names[0]} ({r['seeds']})", str(r["round"]), *(with_spread(r, m) for m, _ in SEED_METRICS))
+                values = [with_spread(r, m).replace(" [", "\n[") if narrow else with_spread(r, m) for m, _ in metrics]
+                spread.add_row(f"{names[0]}\n({r['seeds']} seeds)" if narrow else f"{names[0]} ({r['seeds']})",
+                               str(r["round"]), *values)
         console.print(spread)
     # The picture: one line per experiment, or per method over seeds (its mean, bars the seeds' range).
     drawn = {(f"{names[0]} ({len(names)} seeds, range)" if len(names) > 1 else names[0]):

@@ -46,6 +46,51 @@ def rounds_table(store: ArtifactStore, experiment: str, upto: int | None = None)
     return rows
 
 
+# What a terminal narrower than the full table shows (`align report --wide` for all of COLUMNS).
+NARROW_COLUMNS = (("mean_reward", "reward"), ("reward_gain", "gain"), ("kl_to_reference", "KL"),
+                  ("conditioning_pairwise", "probe"))
+
+
+def export(series: dict[str, list[dict]], groups: dict[str, list[list[dict]]], fmt_: str) -> str:
+    """`align report --format md|csv|json`: every round of every experiment (its base first, where
+    measured) with each of COLUMNS and its interval; md adds the across-seeds table of each A+B+C."""
+    import csv
+    import json
+
+    rows = []
+    for exp, rounds in series.items():
+        base = base_row(rounds)
+        if base:
+            rows.append({"experiment": exp, "round": "base", "mean_reward": base.get("base_mean_reward"),
+                         "mean_reward_ci_low": base.get("base_mean_reward_ci_low"),
+                         "mean_reward_ci_high": base.get("base_mean_reward_ci_high"), "kl_to_reference": 0.0})
+        for r in rounds:
+            rows.append({"experiment": exp, "round": r["round"],
+                         **{k: r.get(k) for m, _ in COLUMNS for k in (m, f"{m}_ci_low", f"{m}_ci_high")}})
+    if fmt_ == "json":
+        return json.dumps(rows, indent=1) + "\n"
+    if fmt_ == "csv":
+        out = io.StringIO()
+        names = ["experiment", "round", *(k for m, _ in COLUMNS for k in (m, f"{m}_ci_low", f"{m}_ci_high"))]
+        writer = csv.DictWriter(out, fieldnames=names, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    lines = ["| experiment | round | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for r in rows:
+        if r["round"] == "base":
+            lines.append(f"| `{r['experiment']}` | base | {with_interval(r, 'mean_reward')} | | 0 |" + " |" * (len(COLUMNS) - 3))
+        else:
+            lines.append(f"| `{r['experiment']}` | {r['round']} | " + " | ".join(with_interval(r, m) for m, _ in COLUMNS) + " |")
+    for label, runs in groups.items():
+        if len(runs) > 1:
+            lines += ["", f"{label}, across {len(runs)} seeds: mean ± standard deviation [min, max]", "",
+                      "| round | " + " | ".join(h for _, h in SEED_METRICS) + " |", "|---" * (len(SEED_METRICS) + 1) + "|"]
+            lines += [f"| {r['round']} | " + " | ".join(with_spread(r, m) for m, _ in SEED_METRICS) + " |"
+                      for r in across_seeds(runs)]
+    return "\n".join(lines) + "\n"
+
+
 SEED_METRICS = (  # (metric, heading) summarised across seeds; "gain" is the round's reward minus its seed's base
     ("mean_reward", "reward"), ("gain", "gain over base"), ("kl_to_reference", "KL"), ("perplexity", "ppl (ref)"),
     ("distinct_2", "distinct-2"), ("controllability", "control"), ("control_spread", "spread"),
