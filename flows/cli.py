@@ -270,11 +270,13 @@ def report(
 
 @app.command()
 def docs():
-    """Regenerate the pages made from the code: docs/config-reference.md (from the config models)."""
-    from flows import config_reference
+    """Regenerate the pages made from the code and the runs of record: docs/config-reference.md
+    (from the config models) and docs/results.md (from docs/results)."""
+    from flows import config_reference, results_page
 
     missing = config_reference.write()
-    console.print(f"wrote {config_reference.PAGE}")
+    results_page.write()
+    console.print(f"wrote {config_reference.PAGE} and {results_page.PAGE}")
     if missing:
         raise BadInput(f"docs: {len(missing)} config fields have no comment to explain them: {', '.join(missing)}")
 
