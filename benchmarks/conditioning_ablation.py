@@ -52,6 +52,9 @@ VARIANTS = {
     # controls tell apart, so the bonus is the one systematic push away from the reference.
     "many_per_prompt_ent0": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                              "train.learning_rate=1e-4", "train.quark.entropy_coef=0"],
+    # GeDi's discriminative loss beside the NLL: each sample likelier under its own token than another's.
+    "many_per_prompt_contrast": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
+                                 "train.learning_rate=1e-4", "train.quark.kl_coef=0.2", "train.quark.contrast_coef=1.0"],
     "many_per_prompt_kl02": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                              "train.learning_rate=1e-4", "train.quark.kl_coef=0.2"],
     "many_per_prompt_kl05": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",

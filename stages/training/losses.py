@@ -116,6 +116,13 @@ def conditioned_nll(token_logps: torch.Tensor, token_kl_: torch.Tensor, token_en
     return mean(-token_logps) + kl_coef * mean(token_kl_) - entropy_coef * mean(token_entropy)
 
 
+def condition_contrast(own_logp: torch.Tensor, other_logp: torch.Tensor) -> torch.Tensor:
+    """GeDi's discriminative loss (Krause et al., 2020) between two conditions: -log sigmoid(log
+    p(y | own condition) - log p(y | another condition)), the sequences' summed log-probs: the
+    log-likelihood of telling the sample's condition from the other by Bayes' rule, equal priors."""
+    return -F.logsigmoid(own_logp - other_logp)
+
+
 def rloo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, rewards: torch.Tensor, groups: torch.Tensor,
               kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE with a leave-one-out baseline (RLOO, Ahmadian et al., 2024) and a KL penalty.

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field
 
 from stages.training import losses as L
 from stages.training.logprobs import completion_token_stats
-from stages.training.objectives.base import Objective, column, token_grid
+from stages.training.objectives.base import Objective, batch_token_logps, column, token_grid
 from stages.pipeline.sections import Section
 
 
@@ -22,6 +23,20 @@ class ConditionedOptions(Section):
     kl: Literal["exact", "cached"] = "exact"
     # ref_policy = KL(reference || policy), the papers' direction; policy_ref = KL(policy || reference).
     kl_direction: Literal["ref_policy", "policy_ref"] = "ref_policy"
+    # Weight of GeDi's discriminative loss (Krause et al., 2020) added to the papers' objective:
+    # each sample's summed log-likelihood under its own condition against under another row's,
+    # -log sigmoid(log p(y | own) - log p(y | other)). On the policy's own samples the NLL's
+    # gradient is mostly noise the conditions share; this term keeps what tells them apart. One
+    # more forward and backward pass per batch. 0: off (the papers' Quark and NLF).
+    contrast_coef: float = Field(0.0, ge=0)
+
+
+def other_conditions(conditions: list[str]) -> list[str | None]:
+    """For each row, the condition of the next row (cyclically) whose condition differs; None when
+    every row of the batch has the same one."""
+    n = len(conditions)
+    return [next((conditions[(i + k) % n] for k in range(1, n) if conditions[(i + k) % n] != c), None)
+            for i, c in enumerate(conditions)]
 
 
 class ConditionedNLL(Objective):
@@ -58,6 +73,13 @@ class ConditionedNLL(Objective):
         cached = token_grid(out, rows, "reference_token_logps1") if self.opt.kl == "cached" else None
         if cached is not None:
             out["ref_token_logps"] = cached
+        if self.opt.contrast_coef > 0:
+            other = other_conditions([r[self.condition_key] for r in rows])
+            alt = self.seqs(tokenizer, rows, ["generation1"],
+                            [self.condition_prefix(o if o is not None else r[self.condition_key], tokenizer)
+                             for r, o in zip(rows, other)])
+            out.update({f"alt_{k}": v for k, v in alt.items()})
+            out["alt_valid"] = torch.tensor([o is not None for o in other], dtype=torch.float32)
         return out
 
     def per_example_loss(self, model, batch):
@@ -71,4 +93,11 @@ class ConditionedNLL(Objective):
             kl = L.sampled_kl(logp, batch["ref_token_logps"], self.opt.kl_direction) * mask
         loss = L.conditioned_nll(logp, kl, ent, mask, self.opt.kl_coef, self.opt.entropy_coef)
         n = mask.sum(-1).clamp(min=1)
-        return loss, {"kl": (kl * mask).sum(-1) / n, "entropy": (ent * mask).sum(-1) / n, "tokens": mask.sum(-1)}
+        metrics = {"kl": (kl * mask).sum(-1) / n, "entropy": (ent * mask).sum(-1) / n, "tokens": mask.sum(-1)}
+        if self.opt.contrast_coef > 0:
+            alt = {k[4:]: v for k, v in batch.items() if k.startswith("alt_") and k != "alt_valid"}
+            alt_logp, alt_mask = batch_token_logps(model, alt, self.vocab)
+            own, other = (logp * mask).sum(-1), (alt_logp * alt_mask).sum(-1)
+            loss = loss + self.opt.contrast_coef * L.condition_contrast(own, other) * batch["alt_valid"]
+            metrics["contrast_margin"] = (own - other).detach()
+        return loss, metrics

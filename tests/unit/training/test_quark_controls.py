@@ -4,6 +4,8 @@ back into the saved model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -104,3 +106,55 @@ def test_under_lora_the_adapters_and_the_control_rows_train(tmp_path):
     assert not any("lora" in n or "controls" in n for n, _ in saved.named_parameters())
     weight, vocab = saved.get_input_embeddings().weight, objective.vocab
     assert torch.equal(weight[:vocab], start[:vocab]) and not torch.equal(weight[vocab:], start[vocab:])
+
+
+def test_the_other_condition_is_the_next_different_one():
+    from stages.training.objectives.conditioned import other_conditions
+
+    assert other_conditions(["a", "a", "b", "c"]) == ["b", "b", "c", "a"]
+    assert other_conditions(["a", "a"]) == [None, None]
+    assert other_conditions(["a"]) == [None]
+
+
+def test_condition_contrast_is_the_two_class_bayes_log_loss():
+    from stages.training.losses import condition_contrast
+
+    own, other = torch.tensor([-10.0, -12.0, -7.0], dtype=torch.float64), torch.tensor([-11.0, -10.0, -7.0], dtype=torch.float64)
+    want = [math.log1p(math.exp(-(a - b))) for a, b in zip(own.tolist(), other.tolist())]  # -log p(own | y), priors equal
+    torch.testing.assert_close(condition_contrast(own, other), torch.tensor(want, dtype=torch.float64))
+
+
+@needs_prepared
+def test_the_contrast_term_adds_the_bayes_loss_of_each_samples_condition_and_its_gradient_is_right():
+    """Quark's loss with contrast_coef: the papers' loss plus coef * -log sigmoid(log p(y | own
+    token) - log p(y | the next row's other token)), each scored alone; gradients by differences."""
+    import copy
+
+    from test_objectives import assert_gradient_matches_finite_differences
+
+    from stages.data.tokens import of_record
+    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
+    from stages.services.scoring import score
+
+    path = build_tiny_llama()
+    model, tok = load_causal_lm(path).double(), copy.deepcopy(load_tokenizer(path))
+    opts = {"control_tokens": CONTROLS, "kl_coef": 0.0, "entropy_coef": 0.0}
+    plain = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8, quark=opts))
+    contrast = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8,
+                                          quark={**opts, "contrast_coef": 0.5}))
+    rows = ROWS + [{**ROWS[0], "control": CONTROLS[0]}]  # the last row's other is the first different one
+    plain.prepare_model(model, tok, rows, 0)
+    contrast.vocab = plain.vocab
+    base, _ = plain.per_example_loss(model, plain.collate(rows, tok))
+    got, metrics = contrast.per_example_loss(model, contrast.collate(rows, tok))
+    others = [CONTROLS[1], CONTROLS[0], CONTROLS[1], CONTROLS[0], CONTROLS[1]]
+    own = score(model, [of_record(tok, r, "generation1", plain.prefix(r, tok)) for r in rows], tok.pad_token_id, 8,
+                (8, 32), vocab=plain.vocab)[0]
+    other = score(model, [of_record(tok, r, "generation1", plain.condition_prefix(o, tok)) for r, o in zip(rows, others)],
+                  tok.pad_token_id, 8, (8, 32), vocab=plain.vocab)[0]
+    want = base + 0.5 * torch.tensor([math.log1p(math.exp(-(a - b))) for a, b in zip(own, other)], dtype=torch.float64)
+    # Llama's RMSNorm runs in float32 even in a float64 model: two scoring paths agree to ~1e-6 a token.
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    margin = torch.tensor(own, dtype=torch.float64) - torch.tensor(other, dtype=torch.float64)
+    torch.testing.assert_close(metrics["contrast_margin"], margin, rtol=0, atol=1e-4)
+    assert_gradient_matches_finite_differences(contrast, model, tok, rows)
