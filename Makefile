@@ -22,11 +22,13 @@ setup: $(STAMP)
 	$(ALIGN) models prepare
 	$(ALIGN) data prepare
 
-# The reward model, then two online DPO rounds that use it, then their per-round report.
+# The reward model, then two online DPO rounds that use it and one short Quark round, then their
+# per-round reports side by side (Quark's with the reward under each control and its probe).
 demo: setup
 	$(ALIGN) run configs/reward_movies.yaml
 	$(ALIGN) run configs/demo.yaml
-	$(ALIGN) report demo
+	$(ALIGN) run configs/demo_quark.yaml
+	$(ALIGN) report demo demo_quark
 
 # Two pytest-xdist workers, a test file each at a time (module fixtures start their servers once):
 # a serial run keeps one of two cores busy, most tests wait on servers and subprocesses.
