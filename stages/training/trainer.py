@@ -112,7 +112,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     objective.prepare_training(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    learning_rates = [objective.learning_rate_of(n) or cfg.learning_rate for n, _ in named]
+    learning_rates = [objective.learning_rate_of(n, p) or cfg.learning_rate for n, p in named]
     masters = None
     if not sharded:
         # Replicated training places the model itself (no wrapper, see below); in bf16 mode the

@@ -151,8 +151,8 @@ class Objective:
     def finish_training(self, model) -> None:
         """Undo prepare_training on the trained model (LoRA merged) before it is saved."""
 
-    def learning_rate_of(self, name: str) -> float | None:
-        """A trainable parameter's own learning rate, by its name (None: train.learning_rate)."""
+    def learning_rate_of(self, name: str, param) -> float | None:
+        """A trainable parameter's own learning rate (None: train.learning_rate)."""
         return None
 
     def heldout(self, model, tokenizer, rows: list[dict], batch_size: int) -> tuple[list[dict], dict]:

@@ -52,10 +52,12 @@ class Quark(ConditionedNLL):
     def prepare_training(self, model):
         # Under LoRA too the control rows train (peft froze the embedding; this parameter is new).
         base = _base(model)
-        base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.vocab))
+        split = ControlEmbedding(base.get_input_embeddings(), self.vocab)
+        base.set_input_embeddings(split)
+        self._controls = split.controls
         if self.opt.controls_only:
-            for name, p in model.named_parameters():
-                p.requires_grad_(name.endswith(ControlEmbedding.PARAM))
+            for p in model.parameters():
+                p.requires_grad_(p is split.controls)
 
     def finish_training(self, model):
         base = _base(model)
@@ -63,8 +65,8 @@ class Quark(ConditionedNLL):
         if isinstance(embedding, ControlEmbedding):
             base.set_input_embeddings(embedding.folded())
 
-    def learning_rate_of(self, name):
-        return self.opt.control_learning_rate if name.endswith(ControlEmbedding.PARAM) else None
+    def learning_rate_of(self, name, param):
+        return self.opt.control_learning_rate if param is getattr(self, "_controls", None) else None
 
 
 def _base(model):
@@ -77,8 +79,6 @@ class ControlEmbedding(nn.Module):
     parameter of their own, so that they can train at their own learning rate, or alone. The
     shared (tied) matrix keeps serving the other ids and the LM head; `folded` writes the trained
     rows back into it."""
-
-    PARAM = "embed_tokens.controls"
 
     def __init__(self, embedding: nn.Embedding, first: int):
         super().__init__()
