@@ -40,7 +40,8 @@ class LLMJudge(LocalLLM):
             texts = [self.render(*it) for it in items[k:k + self.step.batch_size]]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             pos = (enc.attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(**enc, position_ids=pos).logits[:, -1].float()
+            # Left padding: every row's answer is read at the last position, the only logits computed.
+            logits = self.model(**enc, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
             two = logits[:, self.answer_ids].log_softmax(-1)
             out.extend(two[:, 0].exp().tolist())
         return out

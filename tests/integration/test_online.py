@@ -69,6 +69,17 @@ def test_llm_judge_on_a_real_prompt_order_swap():
     out = judge(["The film", "The film"], ["was wonderful.", "was awful."])
     a, b = out["score"]
     assert a == pytest.approx(1 - b) and 0 < a < 1
+    # It computes the last position's logits only (logits_to_keep=1): the same P("A") as reading
+    # them off the full [batch, time, vocab] logits, on a batch whose left padding differs.
+    import torch
+
+    items = [("The film", "was wonderful.", "was awful."), ("A long and quiet film", "bored me.", "moved me deeply.")]
+    texts = [judge.render(*it) for it in items]
+    enc = judge.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        full = judge.model(**enc, position_ids=(enc.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+    want = full[:, judge.answer_ids].log_softmax(-1)[:, 0].exp().tolist()
+    assert judge.p_first(items) == pytest.approx(want, abs=1e-6)
 
 
 # -- flows ---------------------------------------------------------------------------------------
