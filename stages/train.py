@@ -1,7 +1,7 @@
 """train: fit the configured objective on the pool's training records.
 
 Writes `model/` (safetensors weights + tokenizer, loadable with `from_pretrained`; LoRA adapters
-are merged in) and `metrics.jsonl`; its table is the per-step metrics. Reads the reference stage's
+are merged in; a model card, README.md) and `metrics.jsonl`; its table is the per-step metrics. Reads the reference stage's
 table when the flow has one (the pool plus cached reference log-probs), else the pool itself.
 Checkpoints for resuming live in the runner's resume folder, outside the artifact.
 """
@@ -13,6 +13,7 @@ import pyarrow as pa
 from stages.config import TrainConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
+from stages.services.model_card import write_model_card
 from stages.services.models import model_identity
 from stages.services.training_run import TrainJob, launch, train_and_save
 from stages.services.training_setup import pool_rows
@@ -46,4 +47,6 @@ def run(ctx, cfg: TrainConfig) -> StageOutput:
                "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
                **{k: v for k, v in last.items() if k not in ("step", "epoch", "loss", "learning_rate", "grad_norm",
                                                              "tokens", "tokens_per_s")}}
+    write_model_card(ctx.workdir / "model", cfg, ctx.experiment, ctx.round, str(start) if start else None, len(rows),
+                     metrics)
     return StageOutput(pa.Table.from_pylist(history), metrics)

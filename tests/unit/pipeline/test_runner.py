@@ -102,7 +102,12 @@ def test_manifest_records_what_a_reader_needs(done):
     assert p["commit"] == head.strip() and isinstance(p["dirty"], bool)
     assert {"python", "torch", "transformers", "accelerate", "peft", "prefect", "align-workbench"} <= set(p["versions"])
     assert p["versions"]["torch"] and p["cpu"] and p["cores"] >= 1 and p["threads"] >= 1 and "gpu" in p
-    assert "model/model.safetensors" in m["files"]
+    assert "model/model.safetensors" in m["files"] and "model/README.md" in m["files"]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(done / "smoke" / "round-0" / "train" / "model" / "README.md")
+    assert card.data.library_name == "transformers" and "sft" in card.data.tags
+    assert "`train.objective: sft`" in card.text and f"on {m['metrics']['records']} training" in card.text
     ds = datasets.load_dataset("parquet", data_files=str(done / "smoke" / "round-0" / "build_pool" / "data.parquet"),
                                split="train")
     assert set(ds.column_names) >= {"prompt", "generation1", "generation1_weight", "split"}
