@@ -19,9 +19,11 @@ def configure_environment() -> None:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "align",
         # Stages also run outside flow runs (`align stage`, tests): their log lines stay local then.
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-        # Models and data come from the local cache; never reach for a hub unless the user opts in.
+        # Models and data come from the local cache; never reach for a hub unless the user opts in
+        # with HF_HUB_OFFLINE=0, which also lets datasets load (HF_DATASETS_OFFLINE follows it
+        # unless set itself).
         "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' per-load bars; our stages show their own
     }

@@ -115,6 +115,22 @@ def test_hub_source_is_refused_offline(tmp_path, monkeypatch):
         run_stage(config("stanfordnlp/imdb"), "load_prompts", 0, ArtifactStore(str(tmp_path)))
 
 
+@pytest.mark.parametrize("hub, datasets", [(None, "1"), ("1", "1"), ("0", "0")])
+def test_opting_into_the_hub_opens_it_for_datasets_too(hub, datasets):
+    """HF_HUB_OFFLINE=0, the one documented switch, lets hub datasets load as well as models;
+    unset, both stay offline."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    if hub is not None:
+        env["HF_HUB_OFFLINE"] = hub
+    out = subprocess.run([sys.executable, "-c", "import os, flows; print(os.environ['HF_DATASETS_OFFLINE'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == datasets
+
+
 @pytest.mark.parametrize("name", ["nlf_tldr", "quark_tldr"])
 def test_tldr_config_loader_on_a_local_file_of_its_schema(tmp_path, name):
     """nlf_tldr.yaml and quark_tldr.yaml read trl-lib/tldr from the hub; the same mapping works on a local file."""
