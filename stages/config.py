@@ -23,7 +23,18 @@ class LoadPromptsConfig(Section):
     # A built-in corpus ("movie_snippets", "tweets", "product_snippets", "editorial_snippets"),
     # a local/fsspec Parquet, JSONL or CSV file, or a hub dataset name (only where the hub is reachable).
     source: str | ArtifactRef = "movie_snippets"
-    hub_split: str = "train"  # the split of a hub dataset to read
+    hub_split: str = "train"  # the split of a hub dataset (or of a local dataset folder) to read
+    # Both also apply to a local dataset folder (the hub's layout, read by load_dataset):
+    name: str | None = None  # a dataset's configuration (load_dataset's `name`)
+    data_dir: str | None = None  # a folder inside the dataset (Anthropic/hh-rlhf: harmless-base, helpful-base, ...)
+    # A branch, tag or commit of a hub dataset. The commit it resolves to enters the stage's identity,
+    # so an updated hub dataset re-runs the stage instead of reusing the old artifact.
+    revision: str | None = None
+    # Conversational rows (formats hh_rlhf, ultrafeedback, conversational tldr_preference) rendered
+    # for the policy: auto uses its tokenizer's chat template with the generation prompt where it has
+    # one; none (or a tokenizer without a template) writes "User: ...\nAssistant:".
+    chat_template: Literal["auto", "none"] = "auto"
+    tokenizer: str | None = None  # whose chat template: filled from sample.model (round 0's policy)
     # our column -> the source's column; `prompt` is required, `completion` and `score` optional;
     # `prompt_ids` and `completion_ids` (token ids, as sample records them) are read when present.
     columns: dict[str, str] = Field(default_factory=dict)
@@ -336,6 +347,8 @@ class RunConfig(Section):
             ref.mixed_precision = self.train.mixed_precision
         if self.sample.model is None:
             self.sample.model = self.train.model
+        if self.load_prompts.tokenizer is None:
+            self.load_prompts.tokenizer = self.sample.model
         quark_tokens = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
         quark = getattr(self.train, "quark", None)
         if self.build_pool.kind == "quark" and quark is not None and not quark.control_tokens:

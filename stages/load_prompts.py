@@ -37,23 +37,61 @@ SCHEMA = pa.schema([
 ])
 
 
+def _is_dataset_folder(source: str) -> bool:
+    """A local folder in a hub dataset's layout (data files, optionally a README with configs):
+    read by `datasets.load_dataset` as the hub copy would be."""
+    return "://" not in source and Path(source).expanduser().is_dir()
+
+
 def _is_local_file(source: str) -> bool:
-    """A file path or URL; anything else that is not a built-in corpus is a hub dataset name ("org/name")."""
+    """A file path or URL; anything else that is not a built-in corpus or a folder is a hub dataset name ("org/name")."""
     return (source.endswith((".parquet", ".pq", ".jsonl", ".json", ".ndjson", ".csv")) or "://" in source
             or source.startswith(("/", ".", "~")) or Path(source).exists())
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "1") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
+def _hub_commit(cfg: LoadPromptsConfig) -> str | None:
+    """The commit `revision` (default: the main branch) of a hub dataset resolves to; None offline."""
+    if _hub_offline():
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(cfg.source, revision=cfg.revision).sha
+    except Exception as e:  # the hub's errors are long; keep the first line
+        raise BadInput(f"load_prompts.source: cannot resolve hub dataset '{cfg.source}' at revision "
+                       f"{cfg.revision or 'main'}: {str(e).splitlines()[0]}") from None
+
+
+def _chat_tokenizer(cfg: LoadPromptsConfig):
+    """The policy's tokenizer where conversational rows are rendered with its chat template, else None."""
+    if cfg.format == "plain" or cfg.chat_template == "none" or not cfg.tokenizer:
+        return None
+    from stages.services.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(cfg.tokenizer, "load_prompts.tokenizer"))
+    return tokenizer if getattr(tokenizer, "chat_template", None) else None
+
+
 def identity(cfg: LoadPromptsConfig) -> dict:
-    """The data itself enters the fingerprint: an edited source file re-runs the stage."""
+    """The data itself enters the fingerprint: an edited source file or folder, or a hub dataset
+    that moved to a new commit, re-runs the stage; so does the policy's chat template where it renders."""
+    tokenizer = _chat_tokenizer(cfg)
+    template = {"chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()} if tokenizer else {}
     if cfg.source in sources.CORPORA:
         path = sources.corpus_path(cfg.source)
         return {"corpus": cfg.source, "bytes": path.stat().st_size if path.exists() else None}
+    if _is_dataset_folder(cfg.source):
+        return {"folder_sha256": tables.folder_sha256(cfg.source), **template}
     if _is_local_file(cfg.source):
         digest = tables.file_sha256(cfg.source, "load_prompts.source")
         if digest is None:
             raise BadInput(f"load_prompts.source: file not found: {cfg.source}")
-        return {"file_sha256": digest}
-    return {"hub_dataset": cfg.source, "split": cfg.hub_split}
+        return {"file_sha256": digest, **template}
+    return {"hub_dataset": cfg.source, "commit": _hub_commit(cfg), **template}
 
 
 def _hash01(seed: int, text: str) -> float:
@@ -79,8 +117,9 @@ def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
     if cfg.format != "plain":
         from stages.data.preference_formats import to_pairs
 
+        pairs = to_pairs(table, cfg.format, cfg.source, tokenizer=_chat_tokenizer(cfg))
         return [{"prompt": r["prompt"], "completion": r["chosen"], "rejected": r["rejected"], "score": None,
-                 "prompt_ids": None, "completion_ids": None} for r in to_pairs(table, cfg.format, cfg.source)]
+                 "prompt_ids": None, "completion_ids": None} for r in pairs]
     unknown = set(cfg.columns) - set(OUR_COLUMNS)
     if unknown:
         raise BadInput(f"load_prompts.columns: unknown column '{sorted(unknown)[0]}' (ours: {', '.join(OUR_COLUMNS)})")
@@ -128,31 +167,40 @@ def _from_table(table: pa.Table, cfg: LoadPromptsConfig) -> list[dict]:
     return rows
 
 
-def _from_hub(cfg: LoadPromptsConfig) -> list[dict]:
-    if os.environ.get("HF_HUB_OFFLINE", "1") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise BadInput(f"load_prompts.source: '{cfg.source}' is neither a built-in corpus nor an existing file, "
-                       "and the hub is offline (set HF_HUB_OFFLINE=0 where it is reachable)")
+def _from_datasets(cfg: LoadPromptsConfig, commit: str | None = None) -> list[dict]:
+    """A hub dataset (at `commit`, as the identity resolved it) or a local dataset folder, through
+    `datasets.load_dataset` with the section's name, data_dir and split."""
     import datasets
 
+    local = _is_dataset_folder(cfg.source)
+    if not local and _hub_offline():
+        raise BadInput(f"load_prompts.source: '{cfg.source}' is neither a built-in corpus nor an existing file, "
+                       "and the hub is offline (set HF_HUB_OFFLINE=0 where it is reachable)")
+    what = "dataset folder" if local else "hub dataset"
     try:
-        ds = datasets.load_dataset(cfg.source, split=cfg.hub_split)
-    except Exception as e:  # the hub's errors are long; keep the first line
-        raise BadInput(f"load_prompts.source: cannot load hub dataset '{cfg.source}': {str(e).splitlines()[0]}") from None
-    return _from_table(ds.data.table, cfg)
+        ds = datasets.load_dataset(str(Path(cfg.source).expanduser()) if local else cfg.source, name=cfg.name,
+                                   data_dir=cfg.data_dir, split=cfg.hub_split,
+                                   revision=None if local else commit or cfg.revision)
+    except Exception as e:  # datasets' errors are long; keep the first line
+        raise BadInput(f"load_prompts.source: cannot load {what} '{cfg.source}': {str(e).splitlines()[0]}") from None
+    return _from_table(ds.with_format("arrow")[:], cfg)
 
 
-def read_source(cfg: LoadPromptsConfig) -> list[dict]:
+def read_source(cfg: LoadPromptsConfig, commit: str | None = None) -> list[dict]:
     if cfg.source in sources.CORPORA:
         return _from_corpus(cfg)
+    if _is_dataset_folder(cfg.source):
+        return _from_datasets(cfg)
     if _is_local_file(cfg.source):
         return _from_table(tables.read_table_file(cfg.source, field="load_prompts.source"), cfg)
-    return _from_hub(cfg)
+    return _from_datasets(cfg, commit)
 
 
 # once: later rounds read round 0's prompts
-@stage("load_prompts", version="2", identity=identity, once=True)
+@stage("load_prompts", version="3", identity=identity, once=True)
 def run(ctx, cfg: LoadPromptsConfig) -> StageOutput:
-    rows = read_source(cfg)
+    commit = ctx.identity.get("commit")
+    rows = read_source(cfg, commit)
     n_read = len(rows)
     kept, seen = [], set()
     for r in rows:
@@ -183,4 +231,5 @@ def run(ctx, cfg: LoadPromptsConfig) -> StageOutput:
     table = pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in out], schema=SCHEMA)
     counts = {s: sum(r["split"] == s for r in out) for s in ("train", "heldout")}
     ctx.log.info("load_prompts: %d read, %d kept, %d train / %d held out", n_read, len(kept), counts["train"], counts["heldout"])
-    return StageOutput(table, {"read": n_read, "kept": len(kept), **{f"rows_{k}": v for k, v in counts.items()}})
+    return StageOutput(table, {"read": n_read, "kept": len(kept), **{f"rows_{k}": v for k, v in counts.items()},
+                               **({"commit": commit} if commit else {})})

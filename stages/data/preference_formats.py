@@ -36,13 +36,16 @@ Conversational rows (ultrafeedback, conversational tldr_preference) are rendered
   renders as "User: Hi\\nAssistant: Hello!\\nUser: Name a fruit.\\nAssistant:". The answers then
   get a leading space where they have none, so prompt + answer reads "...Assistant: answer".
 - With `tokenizer=...`, the prompt is
-  `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`.
+  `tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` and the
+  answers are the messages' contents as they are. hh_rlhf transcripts are conversations too: with a
+  tokenizer their turns become user/assistant messages, each stripped, and the answers are stripped.
   The tokenizer is used for conversational rows only; string formats ignore it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import pyarrow as pa
 
@@ -104,8 +107,24 @@ def _hh_rlhf(table: pa.Table, fmt: str, source: str, tokenizer) -> list[dict]:
                                f"'\\n\\nAssistant:' turn ('{name}' goes on for more turns; format '{fmt}')")
         if _empty(answers[0]) or _empty(answers[1]):
             continue
-        out.append({"prompt": chosen[:end], "chosen": answers[0], "rejected": answers[1]})
+        if tokenizer is None:
+            out.append({"prompt": chosen[:end], "chosen": answers[0], "rejected": answers[1]})
+        else:
+            messages = _hh_turns(chosen[:end], i, fmt, source)
+            out.append({"prompt": render_prompt(messages, tokenizer, where=f"{source}: row {i}"),
+                        "chosen": answers[0].strip(), "rejected": answers[1].strip()})
     return out
+
+
+def _hh_turns(prompt: str, i: int, fmt: str, source: str) -> list[dict]:
+    """An hh-rlhf prompt ("\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nAssistant:") as messages, each
+    turn's text stripped (as TRL's hh-rlhf conversion does), the final empty assistant turn left out."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)
+    if parts[0].strip():
+        raise BadInput(f"{source}: row {i}: the transcript does not start with '\\n\\nHuman:' (format '{fmt}')")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return turns[:-1]  # the prompt ends with the answer's empty assistant turn
 
 
 # --- ultrafeedback / tldr_preference / pairs -----------------------------------------------------

@@ -74,6 +74,23 @@ def _read(source, kind: str) -> pa.Table:
     return pa_csv.read_csv(source, parse_options=pa_csv.ParseOptions(newlines_in_values=True))
 
 
+def folder_sha256(path: str | Path) -> str:
+    """One hash over a local folder's files (their relative paths and contents, hidden files
+    left out): a dataset folder's identity, as a hub dataset's is its commit."""
+    import hashlib
+
+    import fsspec
+
+    from stages.pipeline.store import sha256_file
+
+    root, fs = Path(path).expanduser(), fsspec.filesystem("file")
+    digest = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(root).parts)):
+        digest.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(fs, str(f))}\n".encode())
+    return digest.hexdigest()
+
+
 def file_sha256(path: str, field: str = "source") -> str | None:
     """Content hash of a local or fsspec file (None when it does not exist); enters fingerprints.
     A folder or a file that cannot be read is a one-line BadInput naming `field` and the path."""

@@ -82,6 +82,9 @@ class StageContext:
     resume_dir: Path  # survives a crash or kill of this stage (same fingerprint); removed on success
     inputs: dict[str, Upstream]
     log: logging.Logger
+    # What the stage's identity function resolved for the fingerprint (a hub dataset's commit): the
+    # stage reads exactly that, never a newer state of the outside world.
+    identity: dict = field(default_factory=dict)
 
     # The seeds a stage derives from the config's, in one place.
     @property

@@ -154,7 +154,8 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
         resume_dir = store.resume_dir(config.experiment, round_, stage, fp)
         for stale in store.sweep_resume(resume_dir):
             log.info("%s (round %d): removed the resume folder of an earlier configuration: %s", stage, round_, stale)
-        ctx = StageContext(stage, config.experiment, round_, config.seed, workdir, resume_dir, inputs, log)
+        ctx = StageContext(stage, config.experiment, round_, config.seed, workdir, resume_dir, inputs, log,
+                           payload["identity"])
         inject_fault(stage)
         seed_everything(ctx.round_seed)
         out = spec.fn(ctx, section)

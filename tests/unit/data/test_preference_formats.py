@@ -178,6 +178,23 @@ def test_ultrafeedback_with_tokenizer(tmp_path, kind):
     assert tok.calls[0] == ([msg("user", "Name three primary colors.")], False, True)
 
 
+def test_hh_rlhf_with_tokenizer_is_a_conversation(tmp_path, kind):
+    """With a tokenizer an hh-rlhf transcript becomes user/assistant messages (each turn stripped, the
+    answer's empty turn left out) rendered by the template; the answers are stripped too."""
+    table = round_trips(HH_ROWS, tmp_path, "hh")[kind]
+    tok = FakeTokenizer()
+    rows = to_pairs(table, "hh_rlhf", tokenizer=tok)
+    assert tok.calls[0] == ([msg("user", "What's a good way to keep basil alive indoors?"),
+                             msg("assistant", "Give it a sunny windowsill and water it when the top of the soil is dry."),
+                             msg("user", "How often should I pinch it back?")], False, True)
+    assert rows[1] == {"prompt": "<|user|>Tell me a joke about cats.</s><|assistant|>",
+                       "chosen": "Why did the cat sit on the computer? To keep an eye on the mouse.",
+                       "rejected": "I don't know any jokes."}
+    with pytest.raises(BadInput, match=r"row 0: the transcript does not start with"):
+        to_pairs(pa.table({"chosen": ["Intro\n\nHuman: Hi\n\nAssistant: Yes."],
+                           "rejected": ["Intro\n\nHuman: Hi\n\nAssistant: No."]}), "hh_rlhf", tokenizer=tok)
+
+
 def test_real_chat_template():
     """A transformers tokenizer built in place (no download) with a ChatML template."""
     tokenizers = pytest.importorskip("tokenizers")

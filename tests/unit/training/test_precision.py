@@ -81,6 +81,35 @@ def test_master_weights_keep_updates_bf16_cannot_hold():
     assert model.weight.dtype == torch.float32 and model.weight.item() == pytest.approx(1.01, abs=1e-5)
 
 
+def test_bf16_gradients_are_folded_into_float32_during_backward():
+    """Each bf16 gradient goes into its master as backward forms it: when the first layer's backward
+    runs (the last one of the pass), no later layer still holds a bf16 gradient, and the sum over two
+    micro-batches equals the float32 model's gradient within bf16's rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x = torch.randn(2, 4, 8)
+    masters = precision.MasterWeights(model, list(model.parameters()))
+    held = []
+    model[0].register_full_backward_hook(
+        lambda *_: held.append([p.grad is not None for p in list(model.parameters())[2:]]))
+    for micro in x:
+        model(micro.bfloat16()).sum().backward()
+        masters.accumulate()
+    assert held == [[False] * 4] * 2 and all(p.grad is None for p in model.parameters())
+
+    def fp32_forward(h):
+        w0, b0, w1, b1, w2, b2 = reference
+        h = torch.tanh(h @ w0.T + b0)
+        return (torch.tanh(h @ w1.T + b1) @ w2.T + b2).sum()
+
+    sum(fp32_forward(micro) for micro in x).backward()
+    for m, r in zip(masters.params, reference):
+        assert m.grad.dtype == torch.float32
+        torch.testing.assert_close(m.grad, r.grad, rtol=0.05, atol=0.02)
+    masters.restore()
+
+
 def test_auto_is_bf16_only_where_native(monkeypatch):
     monkeypatch.setattr(precision, "bf16_native", lambda device_type=None: False)
     assert precision.resolve("auto") == "no"
