@@ -102,6 +102,8 @@ def section_table(cls: type[BaseModel], skip: set[str] = frozenset()) -> tuple[l
         if not text.get(name):
             missing.append(name)
         what = text.get(name, "").replace("|", PIPE)
+        if isinstance(field.validation_alias, str):  # TRL's or peft's spelling, accepted too
+            what += f" (also `{field.validation_alias}`)"
         rows.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {what} |")
     return rows, missing
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
 from stages.pipeline.errors import BadInput
 from stages.pipeline.refs import ArtifactRef
@@ -164,10 +164,36 @@ class DataPoolConfig(Section):
 
 
 class LoraOptions(Section):
+    """peft's LoraConfig: ours are the usual four (peft's names lora_alpha and lora_dropout work too);
+    any other LoraConfig field (use_rslora, bias, modules_to_save, init_lora_weights, use_dora, ...)
+    passes through to it, and a key LoraConfig does not have is refused."""
+
+    model_config = ConfigDict(extra="allow")
     r: int = Field(16, ge=1)  # the adapters' rank
-    alpha: int = Field(32, ge=1)  # their scale is alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
+    alpha: int = Field(32, ge=1, validation_alias="lora_alpha")  # their scale is alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1, validation_alias="lora_dropout")  # dropout on the adapters' input
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # layers that get adapters
+
+    @model_validator(mode="after")
+    def _peft_fields(self):
+        if not self.model_extra:
+            return self
+        import dataclasses
+
+        from peft import LoraConfig
+
+        known = {f.name for f in dataclasses.fields(LoraConfig)} - {"r", "lora_alpha", "lora_dropout", "target_modules"}
+        for key in self.model_extra or {}:
+            if key not in known:
+                raise ValueError(f"{key}: not a field of peft's LoraConfig")
+        return self
+
+    def lora_config(self, **defaults):
+        """peft's LoraConfig of these options (`defaults`, e.g. task_type, unless the section sets them)."""
+        from peft import LoraConfig
+
+        return LoraConfig(**{**defaults, "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                             "target_modules": self.target_modules, **(self.model_extra or {})})
 
 
 class TrainBase(Section):
@@ -178,12 +204,12 @@ class TrainBase(Section):
     model: str = "smollm2"
     learning_rate: float = Field(2e-5, gt=0)  # AdamW's peak learning rate
     weight_decay: float = Field(0.0, ge=0)  # AdamW's decoupled weight decay
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"  # the decay after warm-up (to 0 at the last step)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", validation_alias="lr_scheduler_type")  # the decay after warm-up (to 0 at the last step)
     warmup_steps: int = Field(0, ge=0)  # steps of linear warm-up from 0
-    epochs: int = Field(1, ge=1)  # passes over the records (max_steps stops earlier)
+    epochs: int = Field(1, ge=1, validation_alias="num_train_epochs")  # passes over the records (max_steps stops earlier)
     max_steps: int | None = Field(None, gt=0)  # caps the optimizer steps
-    batch_size: int = Field(4, ge=1)  # records per micro-batch (a pair counts as one; rl: prompt groups)
-    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    batch_size: int = Field(4, ge=1, validation_alias="per_device_train_batch_size")  # records per micro-batch (a pair counts as one; rl: prompt groups)
+    grad_accum: int = Field(1, ge=1, validation_alias="gradient_accumulation_steps")  # micro-batches per optimizer step
     max_length: int = Field(128, ge=8)  # tokens: prompt (at most max_prompt_length) + completion
     max_prompt_length: int = Field(64, ge=1)  # a longer prompt keeps its last tokens
     group_by_length: bool = True  # batch similar lengths together: less padding
@@ -197,7 +223,7 @@ class TrainBase(Section):
     # Experiment trackers (accelerate's) that also get every step's metrics; off by default.
     # TensorBoard writes under the train artifact's tracking/; the others log where their own
     # settings say (MLFLOW_TRACKING_URI, WANDB_MODE, ...).
-    log_with: list[Literal["tensorboard", "trackio", "mlflow", "wandb"]] = []
+    log_with: list[Literal["tensorboard", "trackio", "mlflow", "wandb"]] = Field([], validation_alias="report_to")
     # Llama-style SwiGLU MLPs and RMSNorms that recompute cheap elementwise intermediates in the
     # backward pass instead of saving them, and (on CPU) sdpa's own GQA instead of expanded KV
     # copies: about 40% less activation memory, same numbers (stages/training/lean_layers.py).
@@ -206,7 +232,7 @@ class TrainBase(Section):
     # (gradients flow through the cache), instead of the prompt once per completion. Same numbers;
     # fewer tokens through the model. Off under gradient checkpointing (HF turns the cache off there).
     share_prompt: bool = True
-    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
+    checkpoint_every: int = Field(50, ge=1, validation_alias="save_steps")  # optimizer steps between resumable checkpoints
     # Data-parallel training on this many processes (torch.distributed through `accelerate launch`;
     # gloo on CPU): each takes its shard of every micro-batch, and the losses match one process at
     # the same global batch. `accelerate_config`: an accelerate config file for the launch instead
@@ -218,6 +244,14 @@ class TrainBase(Section):
     reference: Literal["auto", "cached", "resident"] = "auto"
     reference_model: str | None = None  # default: the model being trained, before training
     lora: LoraOptions | None = None  # train LoRA adapters (peft) instead of every weight; merged into the saved model
+
+    @field_validator("log_with", mode="before")
+    @classmethod
+    def _report_to(cls, value):
+        """TRL's report_to spellings: one name as a string, "none" for none."""
+        if isinstance(value, str):
+            value = [value]
+        return [v for v in value if v != "none"] if isinstance(value, list) else value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

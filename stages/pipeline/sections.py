@@ -10,7 +10,10 @@ class Section(BaseModel):
     # Unknown keys are errors that name their path, not settings silently ignored; so are inf and
     # NaN (`--set train.learning_rate=.inf` would train to NaN and commit it).
     # A number where text is expected (`hub_split: 2024`, `feedback: 5`) is that text, as YAML wrote it.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, coerce_numbers_to_str=True)
+    # A field's validation_alias is another library's spelling of it (TRL's per_device_train_batch_size
+    # for batch_size, peft's lora_alpha for alpha), accepted beside ours; dumps use our names.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, coerce_numbers_to_str=True,
+                              validate_by_name=True, validate_by_alias=True)
 
 
 def conditioning_template(template: str) -> str:

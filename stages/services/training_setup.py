@@ -31,10 +31,9 @@ def prepare(cfg, rows: list[dict], seed: int, model_path=None, training: bool = 
     model = load_model_for(objective.model_kind, path, tokenizer)
     objective.prepare_model(model, tokenizer, rows, seed)
     if cfg.lora is not None and training:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                                 target_modules=cfg.lora.target_modules))
+        model = get_peft_model(model, cfg.lora.lora_config())
     return objective, model, tokenizer
 
 

@@ -23,7 +23,7 @@ class DPO(Objective):
 
     class Options(Section):
         # sigmoid: DPO (Rafailov et al., 2023); ipo: IPO (Azar et al., 2023); hinge: SLiC-style.
-        loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+        loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", validation_alias="loss_type")
         beta: float = Field(0.1, gt=0)  # the strength of the KL constraint (IPO: its regulariser tau)
         label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # > 0: conservative DPO (sigmoid only)
         # Average log-probs over completion tokens instead of summing. The reference DPO code sums;

@@ -119,3 +119,41 @@ def test_fp16_is_refused_with_the_reason(tmp_path):
     with pytest.raises(BadInput, match=r"bad value for 'train.mixed_precision': .*fp16 is not supported: it needs loss "
                                        r"scaling.*use bf16"):
         load_config(write(tmp_path, "experiment: e\ntrain:\n  mixed_precision: fp16\n"))
+
+
+def test_trls_and_pefts_names_are_accepted_beside_ours(tmp_path):
+    """A TRL user's keys work as they write them (in YAML and in --set), and dump as ours."""
+    path = tmp_path / "trl.yaml"
+    path.write_text("experiment: trl\ntrain:\n  objective: dpo\n  per_device_train_batch_size: 8\n"
+                    "  gradient_accumulation_steps: 2\n  num_train_epochs: 3\n  lr_scheduler_type: cosine\n"
+                    "  save_steps: 10\n  report_to: none\n  dpo: {loss_type: ipo}\n"
+                    "  lora: {r: 4, lora_alpha: 8, lora_dropout: 0.1}\n")
+    train = load_config(path, ["train.report_to=tensorboard"]).train
+    assert (train.batch_size, train.grad_accum, train.epochs, train.lr_scheduler, train.checkpoint_every,
+            train.dpo.loss, train.lora.alpha, train.lora.dropout) == (8, 2, 3, "cosine", 10, "ipo", 8, 0.1)
+    assert train.log_with == ["tensorboard"]
+    assert load_config(path).train.log_with == []  # report_to: none
+    dumped = train.model_dump()
+    assert dumped["batch_size"] == 8 and "per_device_train_batch_size" not in dumped
+    with pytest.raises(BadInput, match="train.per_device_batch_size"):  # a misspelling is still an error
+        validate_config({"experiment": "x", "train": {"per_device_batch_size": 8}})
+
+
+def test_the_whole_lora_section_reaches_peft():
+    """Any LoraConfig field passes through (use_rslora scales by alpha / sqrt(r)); others are refused."""
+    import math
+
+    cfg = validate_config({"experiment": "x", "train": {"lora": {"r": 4, "alpha": 8, "use_rslora": True,
+                                                                  "bias": "lora_only"}}})
+    lora = cfg.train.lora.lora_config()
+    assert (lora.r, lora.lora_alpha, lora.use_rslora, lora.bias) == (4, 8, True, "lora_only")
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
+    peft_model = get_peft_model(tiny, lora)
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+    with pytest.raises(BadInput, match="rank_dropout: not a field of peft's LoraConfig"):
+        validate_config({"experiment": "x", "train": {"lora": {"rank_dropout": 0.1}}})
