@@ -202,7 +202,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="10", inputs=("build_pool", "reference", "train", "load_prompts@0", "evaluate@0"))
+@stage("evaluate", version="11", inputs=("build_pool", "reference", "train", "load_prompts@0", "evaluate@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")

@@ -25,10 +25,10 @@ def score(model, seqs: list[Sequence], pad_id: int, batch_size: int, limits: tup
     if limits is None:
         longest_prompt = max((len(s.prefix) + len(s.prompt) for s in seqs), default=0)
         limits = (max(1, longest_prompt), max(1, longest_prompt) + max((len(s.completion) for s in seqs), default=0))
-    vocab = model.get_input_embeddings().weight.shape[0]
+    embedded = model.get_input_embeddings().weight.shape[0]
     top = max((max((*s.prefix, *s.prompt, *s.completion), default=-1) for s in seqs), default=-1)
-    if top >= vocab:  # an embedding lookup would fail with a bare IndexError
-        raise ValueError(f"{desc}: token id {top} is outside the model's vocabulary of {vocab} (a token added to "
+    if top >= embedded:  # an embedding lookup would fail with a bare IndexError
+        raise ValueError(f"{desc}: token id {top} is outside the model's vocabulary of {embedded} (a token added to "
                          f"the policy, such as a Quark control token, that this model does not have)")
     keys = [(s.prefix, tuple(s.prompt)) for s in seqs]  # a sequence's prompt group, built once
     longest: dict[tuple, int] = {}

@@ -55,3 +55,44 @@ def test_seeded_draws_repeat():
     a = sampler(None, scores).argmax(-1)
     torch.manual_seed(3)
     assert torch.equal(a, sampler(None, scores).argmax(-1))
+
+
+@pytest.mark.skipif(not __import__("conftest").tiny_ready(), reason="needs `align models prepare`")
+def test_a_quark_samplers_log_probs_are_what_training_scores(tmp_path):
+    """The sampler suppresses Quark's control tokens, so the log-probs it records are normalised over
+    the original vocabulary; training and scoring use that vocabulary too (`vocab`), so the two agree
+    token for token. Including the suppressed tokens in either would make GRPO's ratio and
+    importance weights wrong by their probability mass."""
+    import logging
+
+    from stages.config import SampleConfig, TrainConfig
+    from stages.data.tokens import Sequence
+    from stages.services.generation import generate_hf
+    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
+    from stages.services.scoring import score
+    from stages.training.objectives import make_objective
+
+    controls = ["<|quark_0|>", "<|quark_1|>"]
+    path = build_tiny_llama()
+    model, tok = load_causal_lm(path), load_tokenizer(path)
+    quark = make_objective(TrainConfig(objective="quark", model="tiny-llama", quark={"control_tokens": controls}))
+    quark.prepare_model(model, tok, [{"control": c} for c in controls], 0)
+    with torch.no_grad():  # make the control tokens likely (their rows along the mean final hidden state)
+        ids = torch.tensor([tok("The film was a delight. I left the cinema happy.").input_ids])
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1][0]
+        direction = hidden.mean(0)
+        model.get_output_embeddings().weight[-2:] = 40 * direction / direction.norm() ** 2
+        mass = model(ids).logits[0].softmax(-1)[:, -2:].sum(-1)
+    assert mass.min() > 0.2  # what the sampler's log-probs would be off by, were it to include them
+    model.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    cfg = SampleConfig(n=2, max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, dtype="float32",
+                       conditioning="quark_best", control_token=controls[0], suppress_tokens=controls)
+    out = generate_hf(str(tmp_path / "policy"), ["The film was", "I left the cinema"], cfg, 0, logging.getLogger())
+    samples = [s for per_prompt in out for s in per_prompt]
+    assert not any(t in s["completion_ids"] for s in samples for t in tok.convert_tokens_to_ids(controls))
+    seqs = [Sequence(s["prompt_ids"], s["completion_ids"], tuple(s["conditioning_ids"])) for s in samples]
+    policy = load_causal_lm(str(tmp_path / "policy"))
+    _, per_token = score(policy, seqs, tok.pad_token_id, 4, per_token=True, vocab=quark.vocab)
+    for s, scored in zip(samples, per_token):
+        torch.testing.assert_close(torch.tensor(scored), torch.tensor(s["completion_logps"]), rtol=1e-4, atol=1e-4)
