@@ -104,3 +104,30 @@ def test_a_kill_in_the_middle_of_an_upload_leaves_nothing_that_looks_complete(s3
     assert set(final) == set(before)
     assert final[(0, "build_pool")]["run_id"] == before[(0, "build_pool")]["run_id"]  # upstream untouched
     assert final[(0, "train")]["run_id"] != before[(0, "train")]["run_id"]
+
+
+def test_a_skip_check_on_s3_trusts_the_etag_recorded_at_commit(s3_root, tmp_path, monkeypatch):
+    """commit records each object's ETag; verify compares ETags (no download, no hashing) and still
+    notices an object whose bytes changed, even at the same size."""
+    import stages.pipeline.store as store_module
+
+    url, _ = s3_root
+    store = ArtifactStore(url)
+    work = store.new_workdir()
+    (work / "model").mkdir()
+    (work / "model" / "weights.bin").write_bytes(b"a" * 4096)
+    (work / "data.parquet").write_bytes(b"rows")
+    dest = store.stage_dir("etag", 0, "train")
+    store.commit(work, dest, {"fingerprint": "f", "run_id": "r", "rows": 1})
+    manifest = store.read_manifest(dest)
+    assert all(meta.get("etag") for meta in manifest["files"].values())
+
+    def no_hashing(*_):
+        raise AssertionError("verify downloaded and hashed a file whose ETag it had")
+
+    monkeypatch.setattr(store_module, "sha256_file", no_hashing)
+    assert store.verify(dest, manifest) is None
+    with store.fs.open(f"{dest}/model/weights.bin", "wb") as f:  # same size, other bytes
+        f.write(b"b" * 4096)
+    store.fs.invalidate_cache()
+    assert store.verify(dest, manifest) == "model/weights.bin checksum differs (its ETag changed)"
