@@ -33,7 +33,7 @@ from prefect.states import Completed, Failed, State
 
 from flows import ui_artifacts
 from stages.config import RunConfig
-from stages.pipeline.errors import BadInput
+from stages.pipeline.errors import BadInput, is_transient
 from stages.pipeline.lock import experiment_lock
 from stages.pipeline.plan import Plan, plan_run
 from stages.pipeline.runner import StageResult, report_round, run_stage, stages_of_round
@@ -75,9 +75,20 @@ def skipped_state(result: dict) -> Completed:
     return Completed(name=SKIPPED, data=result, message=f"{where}: complete artifact {result['fingerprint']} reused")
 
 
+def transient_failure(task, task_run, state) -> bool:
+    """Prefect's retry condition for a stage: only the network's and the store's errors (a dropped
+    connection, a timeout, S3 throttling) are worth another try; the stage resumes from its scratch
+    folder. A bad input or a bug fails at once."""
+    return isinstance(state.data, BaseException) and is_transient(state.data)
+
+
+# Two more tries, 10 s and 60 s later, for transient failures only.
+STAGE_RETRIES = {"retries": 2, "retry_delay_seconds": [10, 60], "retry_condition_fn": transient_failure}
+
+
 # No Prefect cache: the runner's manifests are the skip check (Prefect's input cache would miss an
 # edited or deleted artifact). Results are still persisted, as JSON, which is what Retry needs.
-@task(persist_result=True, result_serializer="json", log_prints=True, cache_policy=NO_CACHE)
+@task(persist_result=True, result_serializer="json", log_prints=True, cache_policy=NO_CACHE, **STAGE_RETRIES)
 def stage_task(cfg: RunConfig, stage: str, round_: int, artifacts: str, force: bool = False, fail: bool = False,
                pool: str | None = None):
     """One stage through the runner; `fail` injects a fault (the `fail_once` test hook). The config

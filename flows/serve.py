@@ -77,6 +77,7 @@ def shown_path(path: Path) -> str:
 
 def build_deployments(configs: list[Path], artifacts: str | None = None, schedule: Schedule | None = None) -> list:
     """The RunnerDeployments to serve; every CONFIG is validated first (one-line BadInput)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
 
     from flows.pipeline import iterate, pipeline
@@ -99,12 +100,15 @@ def build_deployments(configs: list[Path], artifacts: str | None = None, schedul
             raise BadInput(f"{path}: experiment {name} is deployed twice (give each config its own experiment)")
         seen.add(name)
         params = {**defaults, "config_path": shown_path(path)}
-        deployments.append(pipeline.to_deployment(name, parameters=params, **common,
+        # One run of an experiment's deployment at a time: the next waits in AwaitingConcurrencySlot
+        # (a scheduled round behind a long one) instead of starting and blocking on the experiment's lock.
+        one = {**common, "concurrency_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)}
+        deployments.append(pipeline.to_deployment(name, parameters=params, **one,
                                                   description=f"{config.description or name}: {shown_path(path)}"))
         if is_iterative(config) or schedule:
             extra = schedule.to_deployment_kwargs()
             when = f"; scheduled {schedule.describe()}, one round per run" if schedule else ""
-            deployments.append(iterate.to_deployment(name, parameters=params, **common, **extra,
+            deployments.append(iterate.to_deployment(name, parameters=params, **one, **extra,
                                                      description=f"add rounds to {name}{when}"))
     return deployments
 

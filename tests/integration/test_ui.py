@@ -412,3 +412,39 @@ def test_retry_runs_the_failed_stage_and_keeps_what_the_first_attempt_forced(tmp
     assert fake_stages.calls == [("load_prompts", 0, False, False), ("build_pool", 0, False, False),
                                  ("train", 0, True, False), ("evaluate", 0, True, False)]
     assert [r["status"] for r in results] == ["skipped", "skipped", "ran", "ran"]
+
+
+def test_an_experiments_deployments_run_one_at_a_time_and_queue_the_rest():
+    deps = build_deployments([SMOKE, ONLINE], schedule=Schedule(cron="0 * * * *"))
+    limits = {(d.entrypoint.rsplit(".", 1)[-1], d.name): (d.concurrency_limit, d.concurrency_options) for d in deps}
+    assert limits[("pipeline", "pipeline")][0] is None and limits[("iterate", "rounds")][0] is None  # any config
+    for key in [("pipeline", "smoke"), ("iterate", "smoke"), ("iterate", "smoke_online_dpo")]:
+        limit, options = limits[key]
+        assert limit == 1 and options.collision_strategy.value == "ENQUEUE"
+
+
+@pytest.mark.parametrize("error, retried", [
+    (ConnectionResetError("peer reset"), True), (TimeoutError("read timed out"), True),
+    (type("EndpointConnectionError", (Exception,), {})("s3 unreachable"), True),
+    (RuntimeError("upload failed"), False), (BadInput("train.model: no such model"), False),
+    (ValueError("nan loss"), False)])
+def test_a_stage_is_retried_by_prefect_only_for_transient_errors(error, retried):
+    """The stage task's own retry options, on a task run by Prefect's engine: a transient error
+    (also when it is the cause of another) is tried again, anything else fails at once."""
+    from prefect import task as prefect_task
+
+    calls = []
+
+    @prefect_task(**{**pl.STAGE_RETRIES, "retry_delay_seconds": 0})
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("stage failed") from error
+        return "done"
+
+    if retried:
+        assert flaky() == "done" and len(calls) == 2
+    else:
+        with pytest.raises(RuntimeError, match="stage failed"):
+            flaky()
+        assert len(calls) == 1
