@@ -269,6 +269,23 @@ def report(
 
 
 @app.command()
+def push(
+    experiment: str = typer.Argument(..., help="The experiment whose trained policy to upload."),
+    repo: str = typer.Option(..., "--repo", help="The hub repository, ORG/NAME (created if missing)."),
+    round_: Optional[int] = typer.Option(None, "--round", min=0, help="The round (default: the last trained)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL); default ./artifacts."),
+):
+    """Upload a round's trained policy to the Hugging Face hub, with its model card (base model,
+    objective and options, data and revision, held-out evaluation). Needs HF_HUB_OFFLINE=0 and a token."""
+    from stages.pipeline.store import ArtifactStore
+    from stages.services.hub_push import push_policy
+
+    url = push_policy(ArtifactStore(artifacts or default_artifact_root()), experiment, repo, round_, private)
+    console.print(f"pushed {experiment} to {url}")
+
+
+@app.command()
 def docs():
     """Regenerate the pages made from the code and the runs of record: docs/config-reference.md
     (from the config models) and docs/results.md (from docs/results)."""
