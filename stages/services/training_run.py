@@ -81,13 +81,31 @@ def launch(job: TrainJob, rows: list[dict], processes: int, accelerate_config: s
         return _launch(Path(tmp), job, rows, processes, accelerate_config)
 
 
+def check_accelerate_config(path: str) -> None:
+    """The launch config exists, and asks for nothing this machine would silently do otherwise:
+    accelerate runs FSDP and DeepSpeed on accelerators only, and without one it launches plain DDP
+    processes over gloo (unsharded, under the name of the sharded run)."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise BadInput(f"train.accelerate_config: no such file {path}")
+    try:
+        kind = (yaml.safe_load(Path(path).read_text()) or {}).get("distributed_type")
+    except (yaml.YAMLError, AttributeError) as e:
+        raise BadInput(f"train.accelerate_config: {path} is not an accelerate config ({type(e).__name__})") from None
+    import torch
+
+    if kind in ("FSDP", "DEEPSPEED") and not torch.cuda.is_available():
+        raise BadInput(f"train.accelerate_config: {path} asks for {kind}, which accelerate runs on GPUs only; "
+                       "without CUDA it would train unsharded as DDP (use train.processes for CPU data parallelism)")
+
+
 def _launch(folder: Path, job: TrainJob, rows: list[dict], processes: int, accelerate_config: str | None):
     (folder / "job.json").write_text(json.dumps(asdict(job)))
     pq.write_table(pa.Table.from_pylist(rows), folder / "rows.parquet")
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
-        if not Path(accelerate_config).is_file():
-            raise BadInput(f"train.accelerate_config: no such file {accelerate_config}")
+        check_accelerate_config(accelerate_config)
         cmd += ["--config_file", accelerate_config]
     else:
         # accelerate's torchrun launcher; on a machine without CUDA the processes' Accelerator(cpu=True)

@@ -129,3 +129,31 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0, mast
     n = state["numpy_rng"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     return state["progress"]
+
+
+# -- sharded training (FSDP, DeepSpeed) --------------------------------------------------------------
+
+def save_sharded_checkpoint(path: Path, accelerator, progress: dict) -> None:
+    """Under FSDP or DeepSpeed each process holds only its shards: accelerate's own save_state writes
+    them (model, optimizer, scheduler, every process's RNG) into the scratch resume folder, never an
+    artifact, then progress.json; process 0 swaps the complete folder in once every process is done."""
+    tmp = path.with_name(path.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(_jsonable(progress)))
+        swap_in(tmp, path)
+    accelerator.wait_for_everyone()
+
+
+def load_sharded_checkpoint(path: Path, accelerator) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((path / "progress.json").read_text())
+
+
+def has_sharded_checkpoint(path: Path) -> bool:
+    recover(path)
+    return (path / "progress.json").exists()

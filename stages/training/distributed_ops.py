@@ -1,5 +1,5 @@
-"""Collectives of data-parallel training (torch.distributed): gradients summed across processes,
-and statistics over the whole batch when it is sharded across them.
+"""Collectives of data-parallel training (torch.distributed) beyond the gradients' (DDP and FSDP
+reduce those): statistics over the whole batch when it is sharded across the processes.
 
 An objective whose loss uses a statistic of the batch (KTO's reference point z0) takes it through
 `batch_mean`, so that under DDP every process uses the statistic of the global micro-batch, as one
@@ -37,12 +37,3 @@ def batch_mean(x: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(both)
     return both[0] / both[1].clamp(min=1.0)
 
-
-def all_reduce_gradients(params) -> None:
-    """Sum every parameter's gradient across processes, in place (one collective per tensor, so no
-    flat copy of all the gradients is held at the peak)."""
-    dist = torch.distributed
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)

@@ -119,9 +119,10 @@ class MasterWeights:
     Each bf16 gradient is added into its master's float32 .grad as soon as backward has formed it
     (a post-accumulate-grad hook) and freed there, so a full set of bf16 gradients never exists
     beside the float32 one (0.27 GB less at the peak for SmolLM2) and accumulation over
-    micro-batches happens in float32. Usage per optimizer step: `accumulate()` after each
-    micro-batch's backward (a parameter that got no gradient gets zeros, as a float32 model's
-    would); then reduce / clip / step on `params`, `to_model()`, and the optimizer's
+    micro-batches happens in float32 (under DDP, `fold_in_backward=False`, the bf16 gradients are
+    summed on the model and all-reduced there, then folded). Usage per optimizer step:
+    `accumulate()` after the step's backward passes (it folds what is left; a parameter that got no
+    gradient gets zeros, as a float32 model's would); then clip / step on `params`, `to_model()`, and the optimizer's
     zero_grad(set_to_none=True): the float32 gradients then do not exist during the next step's
     first backward pass, the peak of memory (0.54 GB less for SmolLM2).
     `restore()` at the end (or leaving a `with masters:` block, an error included) puts the
@@ -129,13 +130,15 @@ class MasterWeights:
     bf16-rounded values they were trained against, upcast.
     """
 
-    def __init__(self, model: nn.Module, trainable: list[nn.Parameter]):
+    def __init__(self, model: nn.Module, trainable: list[nn.Parameter], fold_in_backward: bool = True):
         self.model = model
         self.compute = trainable
         # Copied before the cast: the masters start from the exact float32 weights.
         self.params = [nn.Parameter(p.detach().float().clone()) for p in trainable]
         self._attention = _to_bf16(model)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._folder(m)) for p, m in zip(trainable, self.params)]
+        # Off under DDP: its all-reduce reads the model's gradients after the step's last backward.
+        self._hooks = [p.register_post_accumulate_grad_hook(self._folder(m)) for p, m in zip(trainable, self.params)
+                       ] if fold_in_backward else []
 
     @staticmethod
     def _folder(master: nn.Parameter):

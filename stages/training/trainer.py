@@ -14,7 +14,11 @@ Under torch.distributed (train.processes > 1, launched by services/training_run.
 builds the same micro-batches and takes its shard of each (whole groups for grouped objectives).
 Each shard's loss is sum(w * loss) over its examples divided by the weight of the whole
 micro-batch (summed across processes), so the sum of the processes' gradients is exactly the
-one-process gradient at the same global batch.
+one-process gradient at the same global batch. The objective's forward runs inside one module
+(`ObjectiveForward`) that accelerate wraps: DDP then all-reduces the gradients in buckets while
+backward runs (once per optimizer step: the other micro-batches run under `no_sync`), and FSDP
+gathers each layer's shards when the objective calls it. Both average over processes, so each
+shard's loss is scaled by the number of processes to give the sum.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from stages.training import allocator, precision
-from stages.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from stages.training.distributed_ops import all_reduce_gradients, idle
+from stages.training.checkpoint import (has_checkpoint, has_sharded_checkpoint, load_checkpoint, load_sharded_checkpoint,
+                                         save_checkpoint, save_sharded_checkpoint)
+from stages.training.distributed_ops import idle
 from stages.training.lean_layers import make_lean, native_gqa
 from stages.training.losses import weighted_mean
 from stages.training.objectives import Objective
@@ -84,6 +89,24 @@ def shard(micro: list[dict], rank: int, world: int, group_key: str | None = None
     return [r for u in units[start:start + per + (rank < extra)] for r in u]
 
 
+class ObjectiveForward(torch.nn.Module):
+    """The objective's per-example loss as one module's forward, so that a data-parallel wrapper
+    (DDP, FSDP) sees every use of the policy's parameters inside its own forward: the objectives
+    call the decoder and the LM head separately (shared prompts, the head at completion positions
+    only), which a wrapper around the policy alone would never see. The objective is a plain
+    attribute: a resident reference model stays outside the wrapper."""
+
+    def __init__(self, policy: torch.nn.Module, objective: Objective):
+        super().__init__()
+        self.policy = policy
+        self.objective = objective
+        # FSDP's transformer auto-wrap reads the layer classes from the wrapped module
+        self._no_split_modules = getattr(policy, "_no_split_modules", None)
+
+    def forward(self, batch: dict):
+        return self.objective.per_example_loss(self.policy, batch)
+
+
 def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int, resume_dir: Path,
         tracking_dir: Path | None = None, run_name: str = "train", save_to: Path | None = None) -> list[dict]:
     """Train `model` in place on `rows`; returns one metrics dict per optimizer step. With
@@ -114,12 +137,13 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     params = [p for _, p in named]
     learning_rates = [objective.learning_rate_of(n, p) or cfg.learning_rate for n, p in named]
     masters = None
+    ddp = world > 1 and not sharded
     if not sharded:
-        # Replicated training places the model itself (no wrapper, see below); in bf16 mode the
-        # optimizer then updates float32 masters of the parameters the model computes with.
+        # In bf16 mode the optimizer updates float32 masters of the parameters the model computes
+        # with. Under DDP the bf16 gradients stay on the model until the step's all-reduce.
         model.to(accelerator.device)
         if mode == "bf16":
-            masters = precision.MasterWeights(model, params)
+            masters = precision.MasterWeights(model, params, fold_in_backward=not ddp)
             params = masters.params
     # fused: one kernel per step over all parameters, no temporary copies of the moment buffers.
     groups: dict[float, list] = {}
@@ -135,26 +159,26 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
-    # Replicated data parallelism without the DDP wrapper: the objectives call the model's decoder
-    # and LM head separately (prompt sharing, the LM head at completion positions only), which a DDP
-    # forward would bypass; the gradients are summed across processes after each step's backward
-    # passes instead (all_reduce_gradients), the same sum DDP would compute.
+    loss_module = ObjectiveForward(model, objective)
     if sharded:
-        model, optimizer = accelerator.prepare(model, optimizer)
+        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    elif ddp:
+        loss_module = accelerator.prepare(loss_module)
+    scale = world if (ddp or sharded) else 1  # the wrappers average the processes' gradients; we sum
     if isinstance(objective.ref_model, torch.nn.Module):
         objective.ref_model.to(accelerator.device)
         if not sharded:  # the reference computes like the policy at step 0
             precision.cast_for_compute(objective.ref_model, mode)
     model.train()
-    if sharded:
-        log.warning("train: %s shards the weights; resumable checkpoints are written for replicated (DDP) "
-                    "training only, so this run restarts from step 0 if killed", accelerator.distributed_type.value)
+    if sharded:  # accelerate's save_state then holds the schedule too
+        accelerator.register_for_checkpointing(scheduler)
 
     ckpt = resume_dir / "checkpoint"
     history: list[dict] = []
     step = 0
-    if has_checkpoint(ckpt):
-        progress = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank, masters)
+    if has_sharded_checkpoint(ckpt) if sharded else has_checkpoint(ckpt):
+        progress = (load_sharded_checkpoint(ckpt, accelerator) if sharded else
+                    load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, rank, masters))
         step, history = progress["step"], progress["history"]
         log.info("train: resumed from checkpoint at step %d/%d", step, total)
 
@@ -179,19 +203,20 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 total_weight = weights.sum().detach().float()
                 if world > 1:
                     total_weight = accelerator.reduce(total_weight, "sum")
-                with accelerator.autocast(), idle(not mine):
-                    per_example, metrics = objective.per_example_loss(model, batch)
-                    loss = weighted_mean(per_example, weights, total_weight) / len(group)
-                accelerator.backward(loss)
-                if masters is not None:
-                    masters.accumulate()  # summed in float32
+                # DDP all-reduces once a step, with the last micro-batch's backward
+                defer = accelerator.no_sync(loss_module) if ddp and i < len(group) - 1 else contextlib.nullcontext()
+                with defer:
+                    with accelerator.autocast(), idle(not mine):
+                        per_example, metrics = loss_module(batch)
+                        loss = weighted_mean(per_example, weights, total_weight) / len(group)
+                    accelerator.backward(loss * scale if scale != 1 else loss)
                 loss_total += loss.item()
                 step_tokens = float(metrics.pop("tokens").sum())  # popped on idle processes too: same keys
                 tokens += step_tokens if mine else 0.0
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), weights, total_weight)) / len(group)
-            if world > 1 and not sharded:
-                all_reduce_gradients(params)
+            if masters is not None:
+                masters.accumulate()  # the step's gradients, summed in float32
             if world > 1:  # each process holds its shards' parts of the step's sums
                 keys = sorted(sums)
                 parts = accelerator.reduce(torch.tensor([loss_total, tokens, *(sums[k] for k in keys)]), "sum").tolist()
@@ -220,16 +245,21 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
             bar.set_postfix(loss=f"{loss_total:.4f}")
             if rank == 0 and (step % max(1, total // 10) == 0 or step == total):  # the bar is hidden off a terminal
                 log.info("train: step %d/%d loss %.4f, %.0f tokens/s", step, total, loss_total, row["tokens_per_s"] or 0)
-            if step % cfg.checkpoint_every == 0 and step < total and not sharded:
-                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, {"step": step, "history": history},
-                                rank=rank, world=world, barrier=accelerator.wait_for_everyone, masters=masters)
+            if step % cfg.checkpoint_every == 0 and step < total:
+                progress = {"step": step, "history": history}
+                if sharded:
+                    save_sharded_checkpoint(ckpt, accelerator, progress)
+                else:
+                    save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, progress,
+                                    rank=rank, world=world, barrier=accelerator.wait_for_everyone, masters=masters)
     bar.close()
     objective.finish_training(accelerator.unwrap_model(model))
     if cfg.log_with:
         accelerator.end_training()
     if save_to is not None:
         # Sharded weights are gathered (every process takes part) for the main process to save.
-        state_dict = accelerator.get_state_dict(model) if sharded else None
+        state_dict = ({k.removeprefix("policy."): v for k, v in accelerator.get_state_dict(loss_module).items()}
+                      if sharded else None)
         if accelerator.is_main_process:
             final = accelerator.unwrap_model(model)
             if cfg.lora is not None:

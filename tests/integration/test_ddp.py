@@ -38,8 +38,8 @@ def weights(art: Path) -> dict[str, torch.Tensor]:
     return load_file(art / "smoke_dpo" / "round-0" / "train" / "model" / "model.safetensors")
 
 
-def run(art: Path, processes: int) -> subprocess.CompletedProcess:
-    done = align("run", DPO, "--artifacts", art, "--no-prefect", "--set", f"train.processes={processes}", *SETTINGS)
+def run(art: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+    done = align("run", DPO, "--artifacts", art, "--no-prefect", "--set", f"train.processes={processes}", *SETTINGS, *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
