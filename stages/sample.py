@@ -39,7 +39,7 @@ def identity(cfg: SampleConfig) -> dict:
     return {"model": model_identity(cfg.model, "sample.model")}
 
 
-@stage("sample", version="6", inputs=("load_prompts@0", "train@prev"), identity=identity)
+@stage("sample", version="7", inputs=("load_prompts@0", "train@prev"), identity=identity)
 def run(ctx, cfg: SampleConfig) -> StageOutput:
     prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if cfg.split in ("all", r["split"])]
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts

@@ -33,6 +33,7 @@ from stages.pipeline.provenance import provenance
 from stages.pipeline.registry import downstream_of, input_rounds, parse_input, stage_specs
 from stages.pipeline.seeds import seed_everything
 from stages.pipeline.store import DATA, ArtifactStore
+from stages.training.allocator import release_free_memory
 
 log = logging.getLogger("align")
 
@@ -186,6 +187,7 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
         }
         store.commit(workdir, dest, manifest)
         store.drop_resume(resume_dir)
+        release_free_memory()  # the next stage of the round starts on what this one freed
     except BaseException:
         store.discard(workdir)
         raise

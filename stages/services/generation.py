@@ -71,7 +71,8 @@ class NucleusSampler(LogitsProcessor):
     more than SmolLM2's whole bf16 step (107 and 52 ms at 64 x 49,152): here the nucleus is found
     among a row's 256 likeliest tokens when they hold top_p of the mass, else among its 4096 (SmolLM2
     at temperature 1: 58% and 99.6% of rows), else by sorting the row; the draw is Gumbel-max,
-    log p - log E with E ~ Exp(1) from torch's seeded generator, over the nucleus only."""
+    log p - log E with E ~ Exp(1) from torch's seeded generator, over the nucleus only. Without
+    top-p or top-k the draw is by inverse CDF (one uniform a row) over the whole vocabulary."""
 
     TIERS = (256, 4096)
 
@@ -87,7 +88,7 @@ class NucleusSampler(LogitsProcessor):
             logp = self._nucleus(logp) if self.top_p < 1 else logp
             choice = idx.gather(1, self._gumbel_argmax(logp)[:, None])[:, 0]
         elif self.top_p >= 1:
-            choice = self._gumbel_argmax(torch.log_softmax(z, -1))
+            choice = self._inverse_cdf(torch.log_softmax(z, -1))
         else:
             choice = self._draw_from_nucleus(torch.log_softmax(z, -1))
         return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
@@ -116,6 +117,16 @@ class NucleusSampler(LogitsProcessor):
     @staticmethod
     def _gumbel_argmax(logp: torch.Tensor) -> torch.Tensor:
         return (logp - torch.empty_like(logp).exponential_().log()).argmax(-1)
+
+    @staticmethod
+    def _inverse_cdf(logp: torch.Tensor) -> torch.Tensor:
+        """One draw per row over the whole vocabulary: the first token whose cumulative probability
+        exceeds a uniform draw. One random number a row where Gumbel-max needs one a token (CPU's
+        exponential_ over 32 x 49,152 took 33 ms a step, a fifth of SmolLM2's sampling time); the
+        sum runs in float64, so the tail of a 49,152-token row keeps its mass."""
+        cdf = logp.double().exp().cumsum(-1)
+        u = torch.rand(len(logp), 1, dtype=torch.float64, device=logp.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=logp.shape[-1] - 1)
 
 
 def sampling_dtype(choice: str) -> torch.dtype:
