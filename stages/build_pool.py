@@ -22,7 +22,6 @@ Orders follow a seeded hash, so pools are stable across runs.
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 
 import pyarrow as pa
@@ -31,11 +30,8 @@ from stages.config import BuildPoolConfig
 from stages.data.pool import pool_samples
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
+from stages.pipeline.seeds import seeded_hash
 from stages.data.schemas import by_prompt, check_columns, records_table
-
-def _order(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}\x00{key}".encode()).hexdigest()
-
 
 def _need(rows: list[dict], column: str, kind: str, hint: str) -> list[dict]:
     have = [r for r in rows if r.get(column) is not None]
@@ -81,7 +77,7 @@ def sft_records(rows, cfg, seed):
 def reward_pairs(rows, cfg, seed):
     pairs, waiting = [], []
     scored = _need(rows, "score", "reward_pairs", "map a column to 'score' in load_prompts.columns")
-    for r in sorted(scored, key=lambda r: _order(seed, _text(r))):
+    for r in sorted(scored, key=lambda r: seeded_hash(seed, _text(r))):
         match = next((w for w in waiting if abs(w["score"] - r["score"]) >= cfg.min_score_gap), None)
         if match is None:
             waiting.append(r)
@@ -103,7 +99,7 @@ def preference_pairs(rows, cfg, seed):
     out = []
     for pid, idx in by_prompt(scored).items():
         group = [scored[i] for i in idx]
-        ranked = sorted(group, key=lambda r: (-r["score"], _order(seed, r["completion"] or "")))
+        ranked = sorted(group, key=lambda r: (-r["score"], seeded_hash(seed, r["completion"] or "")))
         if cfg.pairing == "best_worst":
             candidates = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
         else:
@@ -134,7 +130,7 @@ def pointwise(rows, cfg, seed):
         cut = _threshold([r["score"] for r in scored], cfg)
         out = [{**_prompt(r), **_gen(r), "generation1_reward": r["score"], "desirable": r["score"] > cut}
                for r in scored]
-    out.sort(key=lambda r: _order(seed, r["prompt_id"] + r["generation1"]))
+    out.sort(key=lambda r: seeded_hash(seed, r["prompt_id"] + r["generation1"]))
     for i, r in enumerate(out):  # KTO's mismatched completion: the next record's, cyclically
         other = out[(i + 1) % len(out)]
         r["kl_generation"], r["kl_generation_ids"] = other["generation1"], other.get("generation1_ids")
@@ -151,7 +147,7 @@ def _quantile_bins(rows, cfg, seed) -> list[tuple[dict, int]]:
     scopes = [[scored[i] for i in idx] for idx in by_prompt(scored).values()] if cfg.quantile_scope == "per_prompt" else [scored]
     out = []
     for group in scopes:
-        ranked = sorted(group, key=lambda r: (-r["score"], _order(seed, _text(r))))
+        ranked = sorted(group, key=lambda r: (-r["score"], seeded_hash(seed, _text(r))))
         out.extend((r, min(cfg.quantiles - 1, i * cfg.quantiles // len(ranked))) for i, r in enumerate(ranked))
     return out
 
@@ -207,7 +203,7 @@ def run(ctx, cfg: BuildPoolConfig) -> StageOutput:
         if not rows:
             continue
         made = BUILDERS[cfg.kind](rows, cfg, ctx.seed)
-        made.sort(key=lambda r: _order(ctx.seed, r["prompt_id"] + (r.get("generation1") or "")))  # caps pick at random
+        made.sort(key=lambda r: seeded_hash(ctx.seed, r["prompt_id"] + (r.get("generation1") or "")))  # caps pick at random
         cap = cfg.max_records if split == "train" else (cfg.heldout_max_records or cfg.max_records)
         records.extend(made[:cap] if cap else made)
     if not any(r["split"] == "train" for r in records):

@@ -23,6 +23,7 @@ from stages.data import sources, tables
 from stages.config import LoadPromptsConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
+from stages.pipeline.seeds import seeded_unit
 
 OUR_COLUMNS = ("prompt", "completion", "score", "prompt_ids", "completion_ids")
 SCHEMA = pa.schema([
@@ -92,11 +93,6 @@ def identity(cfg: LoadPromptsConfig) -> dict:
             raise BadInput(f"load_prompts.source: file not found: {cfg.source}")
         return {"file_sha256": digest, **template}
     return {"hub_dataset": cfg.source, "commit": _hub_commit(cfg), **template}
-
-
-def _hash01(seed: int, text: str) -> float:
-    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _from_corpus(cfg: LoadPromptsConfig) -> list[dict]:
@@ -222,8 +218,8 @@ def run(ctx, cfg: LoadPromptsConfig) -> StageOutput:
 
     for r in kept:
         r["prompt_id"] = hashlib.sha1(r["prompt"].encode()).hexdigest()[:12]
-        r["split"] = "heldout" if _hash01(ctx.seed, r["prompt"]) < cfg.heldout_fraction else "train"
-        r["_order"] = _hash01(ctx.seed + 1, f"{r['prompt']}\x00{r['completion']}\x00{r['rejected']}")
+        r["split"] = "heldout" if seeded_unit(ctx.seed, r["prompt"]) < cfg.heldout_fraction else "train"
+        r["_order"] = seeded_unit(ctx.seed + 1, f"{r['prompt']}\x00{r['completion']}\x00{r['rejected']}")
     out = []
     for split in ("train", "heldout"):
         part = sorted((r for r in kept if r["split"] == split), key=lambda r: r["_order"])

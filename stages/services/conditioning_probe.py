@@ -12,9 +12,8 @@ under every control, because it scores given samples instead of drawing new ones
 
 from __future__ import annotations
 
-import hashlib
-
 from stages.data.tokens import of_record, text_ids
+from stages.pipeline.seeds import seeded_hash
 from stages.services.scoring import score
 
 
@@ -78,7 +77,7 @@ def pool_match(model, tokenizer, objective, records: list[dict], controls: list[
     them (what always naming that control scores)."""
     key = objective.condition_key
     known = [r for r in records if r.get(key) in controls]
-    known.sort(key=lambda r: hashlib.sha256(f"{seed}\x00{r['prompt_id']}\x00{r.get('generation1')}".encode()).hexdigest())
+    known.sort(key=lambda r: seeded_hash(seed, f"{r['prompt_id']}\x00{r.get('generation1')}"))
     known = known[:limit]
     if not known:
         return [], None
