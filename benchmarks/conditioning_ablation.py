@@ -66,6 +66,8 @@ METRICS = ("reward_gain", "conditioning_pairwise", "conditioning_match", "contro
 
 def run(method: str, name: str, overrides: list[str], artifacts: str, log) -> dict:
     experiment = f"abl_{method}"
+    # the options Quark and NLF share (kl_coef, entropy_coef, contrast_coef) go to the method's section
+    overrides = [o.replace("train.quark.", f"train.{method}.") for o in overrides]
     sets = [a for o in [*COMMON, *overrides] for a in ("--set", o)]
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "flows.cli", "run", str(CONFIGS[method]), "--no-prefect", "--artifacts",
