@@ -34,7 +34,7 @@ class LoadPromptsConfig(Section):
     # for the policy: auto uses its tokenizer's chat template with the generation prompt where it has
     # one; none (or a tokenizer without a template) writes "User: ...\nAssistant:".
     chat_template: Literal["auto", "none"] = "auto"
-    tokenizer: str | None = None  # whose chat template: filled from sample.model (round 0's policy)
+    tokenizer: str | None = None  # whose chat template: filled from sample.model (round 0's policy) for conversational formats
     # our column -> the source's column; `prompt` is required, `completion` and `score` optional;
     # `prompt_ids` and `completion_ids` (token ids, as sample records them) are read when present.
     columns: dict[str, str] = Field(default_factory=dict)
@@ -381,8 +381,9 @@ class RunConfig(Section):
             ref.mixed_precision = self.train.mixed_precision
         if self.sample.model is None:
             self.sample.model = self.train.model
-        if self.load_prompts.tokenizer is None:
-            self.load_prompts.tokenizer = self.sample.model
+        lp = self.load_prompts
+        if lp.tokenizer is None and lp.format != "plain" and lp.chat_template == "auto":
+            lp.tokenizer = self.sample.model  # only where it renders: another policy re-runs nothing else
         quark_tokens = [self.build_pool.control_token.format(k=k) for k in range(self.build_pool.quantiles)]
         quark = getattr(self.train, "quark", None)
         if self.build_pool.kind == "quark" and quark is not None and not quark.control_tokens:

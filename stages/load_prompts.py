@@ -38,6 +38,9 @@ SCHEMA = pa.schema([
 ])
 
 
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv", ".txt")  # what load_dataset reads from a folder
+
+
 def _is_dataset_folder(source: str) -> bool:
     """A local folder in a hub dataset's layout (data files, optionally a README with configs):
     read by `datasets.load_dataset` as the hub copy would be."""
@@ -86,6 +89,10 @@ def identity(cfg: LoadPromptsConfig) -> dict:
         path = sources.corpus_path(cfg.source)
         return {"corpus": cfg.source, "bytes": path.stat().st_size if path.exists() else None}
     if _is_dataset_folder(cfg.source):
+        folder = Path(cfg.source).expanduser()
+        if not any(p.suffix in DATA_SUFFIXES for p in folder.rglob("*") if p.is_file()):
+            raise BadInput(f"load_prompts.source: {cfg.source} is a folder with no data files for load_dataset "
+                           f"({', '.join(DATA_SUFFIXES)})")
         return {"folder_sha256": tables.folder_sha256(cfg.source), **template}
     if _is_local_file(cfg.source):
         digest = tables.file_sha256(cfg.source, "load_prompts.source")

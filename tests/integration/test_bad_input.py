@@ -32,7 +32,7 @@ CASES = [
     (["run", "{smoke}", "--set", "sample.shards=0", "--artifacts", "{root}"], "sample.shards"),
     (["run", "{smoke}", "--set", "train.model=/no/such/model", "--artifacts", "{root}"], "/no/such/model"),
     (["run", "{smoke}", "--set", "load_prompts.source=/no/such/data.jsonl", "--artifacts", "{root}"], "/no/such/data.jsonl"),
-    (["run", "{smoke}", "--set", "load_prompts.source={tmp}", "--artifacts", "{root}"], "is a folder, not a data file"),
+    (["run", "{smoke}", "--set", "load_prompts.source={tmp}", "--artifacts", "{root}"], "is a folder with no data files for load_dataset"),
     (["run", "{smoke}", "--set", "load_prompts.source=/proc/self/mem", "--artifacts", "{root}"], "cannot read /proc/self/mem"),
     # root may write anywhere os.access asks about; /proc and /sys still refuse
     (["run", "{smoke}", "--no-prefect", "--artifacts", "/proc/align-root"], "artifact root /proc/align-root: /proc is not writable"),

@@ -423,28 +423,40 @@ def test_an_experiments_deployments_run_one_at_a_time_and_queue_the_rest():
         assert limit == 1 and options.collision_strategy.value == "ENQUEUE"
 
 
-@pytest.mark.parametrize("error, retried", [
-    (ConnectionResetError("peer reset"), True), (TimeoutError("read timed out"), True),
-    (type("EndpointConnectionError", (Exception,), {})("s3 unreachable"), True),
-    (RuntimeError("upload failed"), False), (BadInput("train.model: no such model"), False),
-    (ValueError("nan loss"), False)])
-def test_a_stage_is_retried_by_prefect_only_for_transient_errors(error, retried):
-    """The stage task's own retry options, on a task run by Prefect's engine: a transient error
-    (also when it is the cause of another) is tried again, anything else fails at once."""
-    from prefect import task as prefect_task
+RETRIES = """
+import json
+from prefect import task
+from flows import pipeline as pl
+from stages.pipeline.errors import BadInput
 
-    calls = []
+errors = [ConnectionResetError("peer reset"), TimeoutError("read timed out"),
+          type("EndpointConnectionError", (Exception,), {})("s3 unreachable"),
+          RuntimeError("upload failed"), BadInput("train.model: no such model"), ValueError("nan loss")]
+calls = []
+for error in errors:
+    count = []
 
-    @prefect_task(**{**pl.STAGE_RETRIES, "retry_delay_seconds": 0})
+    @task(**{**pl.STAGE_RETRIES, "retry_delay_seconds": 0})
     def flaky():
-        calls.append(1)
-        if len(calls) == 1:
+        count.append(1)
+        if len(count) == 1:
             raise RuntimeError("stage failed") from error
         return "done"
 
-    if retried:
-        assert flaky() == "done" and len(calls) == 2
-    else:
-        with pytest.raises(RuntimeError, match="stage failed"):
-            flaky()
-        assert len(calls) == 1
+    try:
+        flaky()
+    except RuntimeError:
+        pass
+    calls.append(len(count))
+print(json.dumps(calls))
+"""
+
+
+def test_a_stage_is_retried_by_prefect_only_for_transient_errors():
+    """The stage task's own retry options on tasks run by Prefect's engine (in a process of their own:
+    the engine's temporary server and log handlers stay out of this one): a transient error, also as
+    the cause of another, is tried again; a bug or a bad input fails at once."""
+    done = subprocess.run([sys.executable, "-c", RETRIES], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [2, 2, 2, 1, 1, 1]
