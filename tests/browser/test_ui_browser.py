@@ -306,8 +306,10 @@ def test_a_bad_parameter_is_a_failed_run_with_the_cli_one_line_error(stack, page
 
 
 def test_scheduled_rounds_wait_for_the_running_one_and_each_adds_a_round(stack):
-    """Two runs of the scheduled deployment while another process holds the experiment: both wait,
-    then each adds one round (a two-stage flow keeps it quick)."""
+    """Two runs of the scheduled deployment while another process holds the experiment: the
+    deployment runs one at a time, so one starts and waits for the experiment's lock while Prefect
+    holds the other in AwaitingConcurrencySlot; then each adds one round (a two-stage flow keeps it
+    quick)."""
     from stages.pipeline.lock import experiment_lock
 
     deployment_id = stack.deployments()["align-rounds/smoke"]
@@ -319,13 +321,15 @@ def test_scheduled_rounds_wait_for_the_running_one_and_each_adds_a_round(stack):
                            {"parameters": params, "idempotency_key": f"ui-rounds-{i}-{stack.port}"})["id"]
                 for i in range(2)]
 
-        def both_waiting():
+        def one_on_the_lock_one_queued():
             logs = stack.post("/logs/filter", {"logs": {"flow_run_id": {"any_": runs}}})
-            waiting = {log["flow_run_id"] for log in logs
+            on_lock = {log["flow_run_id"] for log in logs
                        if f"experiment ui_rounds is already running (pid {os.getpid()})" in log["message"]}
-            return waiting == set(runs)
+            queued = {r for r in runs if (stack.flow_run(r).get("state") or {}).get("name") == "AwaitingConcurrencySlot"}
+            return len(on_lock) == 1 and queued == set(runs) - on_lock
 
-        wait_until(both_waiting, 180, "both runs waiting for the lock", stack.serve_proc, stack.serve_log)
+        wait_until(one_on_the_lock_one_queued, 180, "one run waiting for the lock, the other for its slot",
+                   stack.serve_proc, stack.serve_log)
     for run_id in runs:
         assert stack.wait_for_run(run_id)["state"]["type"] == "COMPLETED"
     assert sorted(manifests(stack, "ui_rounds", 0)) == ["build_pool", "load_prompts"]
