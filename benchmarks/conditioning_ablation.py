@@ -128,10 +128,10 @@ name says `@N` (N samples a round, N / 100 of each of 100 openings, one epoch), 
 epoch of `train.epochs: 1`. The reading of this table: [Quark and NLF: what the conditioning
 learns](quark-nlf.md).
 
-**Caveat.** The probe and match columns of runs made before commit bc1da44 (every run below
-from 2026-12-06's first session) normalised Quark's log-probs over the control tokens too (a bug
-in `score(vocab=...)`, fixed there): their values may differ from today's probe. Gains, spreads
-and KLs are unaffected.
+**Caveat.** The probe and match columns of the Quark runs below were made before commit bc1da44
+and normalised Quark's log-probs over the control tokens too (a bug in `score(vocab=...)`, fixed
+there): their values may differ from today's probe. Gains, spreads and KLs are unaffected, and
+NLF's probe never used that argument.
 
 {table(results)}
 
