@@ -183,17 +183,17 @@ class LoraOptions(Section):
         from peft import LoraConfig
 
         known = {f.name for f in dataclasses.fields(LoraConfig)} - {"r", "lora_alpha", "lora_dropout", "target_modules"}
-        for key in self.model_extra or {}:
+        for key in self.model_extra:
             if key not in known:
                 raise ValueError(f"{key}: not a field of peft's LoraConfig")
         return self
 
-    def lora_config(self, **defaults):
-        """peft's LoraConfig of these options (`defaults`, e.g. task_type, unless the section sets them)."""
+    def lora_config(self):
+        """peft's LoraConfig of these options."""
         from peft import LoraConfig
 
-        return LoraConfig(**{**defaults, "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                             "target_modules": self.target_modules, **(self.model_extra or {})})
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules,
+                          **(self.model_extra or {}))
 
 
 class TrainBase(Section):

@@ -54,7 +54,9 @@ def _is_local_file(source: str) -> bool:
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "1") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+    from stages.services.models import hub_offline
+
+    return hub_offline() or os.environ.get("HF_DATASETS_OFFLINE") == "1"
 
 
 def _hub_commit(cfg: LoadPromptsConfig) -> str | None:

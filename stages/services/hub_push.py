@@ -9,9 +9,9 @@ address is the client's (HF_ENDPOINT), its token the client's (HF_TOKEN or `hf a
 
 from __future__ import annotations
 
-import os
 from stages.pipeline.errors import BadInput
 from stages.pipeline.store import MANIFEST, ArtifactStore
+from stages.services.models import hub_offline
 
 # evaluate's metrics the card reports, in this order, with their intervals where they have them
 EVALUATION = [("mean_reward", "reward"), ("reward_gain", "gain over the base (paired)"),
@@ -64,7 +64,7 @@ def card_additions(store: ArtifactStore, experiment: str, round_: int) -> str:
 def push_policy(store: ArtifactStore, experiment: str, repo: str, round_: int | None = None,
                 private: bool = False) -> str:
     """Upload round `round_`'s trained policy (default: the last) to `repo`; returns the commit's URL."""
-    if os.environ.get("HF_HUB_OFFLINE", "1") == "1":
+    if hub_offline():
         raise BadInput("push: the hub is offline here (set HF_HUB_OFFLINE=0 where it is reachable)")
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError

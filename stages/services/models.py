@@ -47,6 +47,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # --------------------------------------------------------------------------- helpers
 
 
+def hub_offline() -> bool:
+    """Whether the hub is off limits here: it is unless HF_HUB_OFFLINE=0 says otherwise (`align`
+    sets 1 by default, so nothing reaches for a hub unless the user opts in)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1") == "1"
+
+
 def models_dir() -> Path:
     return cache_dir() / "models"
 
