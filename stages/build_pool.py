@@ -1,7 +1,7 @@
 """build_pool: turn prompts (or annotated samples) into training records (stages/data/schemas.py).
 
 Kinds (config `build_pool.kind`):
-- sft: prompt -> completion.
+- sft: prompt -> completion; every completion, or each prompt's best-scored one (`sft_selection`).
 - reward_pairs: whole texts paired so that their scores differ by at least `min_score_gap`; the
   higher-scored text is generation1. Each text is used once. The prompt is empty: the reward
   model scores whole texts.
@@ -71,6 +71,11 @@ def sft_records(rows, cfg, seed):
     if empty:  # it would train the prompt to end at once
         raise BadInput(f"build_pool: {len(empty)} of {len(have)} rows have an empty completion (first: prompt "
                        f"{empty[0]['prompt']!r}); drop them (load_prompts.min_completion_words: 1) or fix the data")
+    if cfg.sft_selection == "best":
+        scored = _need(have, "score", "sft with sft_selection best", "map a column to 'score' in load_prompts.columns")
+        # Ties go to a seeded order, as the pairs' do.
+        have = [min((scored[i] for i in idx), key=lambda r: (-r["score"], seeded_hash(seed, r["completion"] or "")))
+                for idx in by_prompt(scored).values()]
     return [{**_prompt(r), **_gen(r)} for r in have]
 
 

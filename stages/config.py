@@ -138,6 +138,9 @@ class BuildPoolConfig(Section):
     # nlf: feedback text per record. rl: scored samples grouped by prompt.
     kind: Literal["sft", "reward_pairs", "pairs", "pointwise", "quark", "nlf", "rl"] = "sft"
     min_score_gap: float = 1.0  # reward_pairs, and pairs built from scores
+    # sft: train on every completion, or on each prompt's best-scored one (best-of-n distillation,
+    # rejection-sampling fine-tuning: the offline SFT baseline on a scored pool).
+    sft_selection: Literal["all", "best"] = "all"
     pairing: Literal["best_worst", "all_pairs"] = "best_worst"  # pairs from n scored samples per prompt
     # pointwise from scores: desirable when score > threshold (a number, "mean" or "median").
     desirable_threshold: float | Literal["mean", "median"] = "median"
