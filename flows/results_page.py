@@ -1,21 +1,66 @@
-"""The results page (docs/results.md), generated from the runs of record in docs/results: every
-round of every run with its intervals, the spread over seeds, and where each run was made, as
-`align report --format md` prints them. `align docs` rewrites it; a test fails when it is stale,
-so no reported number is typed by hand."""
+"""The results page (docs/results.md), generated from the runs of record in docs/results: one
+reward-vs-KL frontier of every method with a summary table per family, then every round of every
+run with its intervals, the spread over seeds, the wall time of a round and where each run was made,
+as `align report --format md` prints them. `align docs` rewrites the page and its frontier picture
+(docs/frontier.png); a test fails when the page is stale, so no reported number is typed by hand.
+A method listed here without runs of record is named as not yet measured."""
 
 from __future__ import annotations
 
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from stages.pipeline.report import export, rounds_table
+from stages.pipeline.report import (across_seeds, export, fmt, new_figure, png_bytes, rounds_table, with_interval,
+                                    with_spread)
 from stages.pipeline.store import ArtifactStore
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGE = DOCS / "results.md"
-# (method, its flow's config, the experiments of its seeds); the seeds' experiments add --set seed=k.
-RUNS = [("Online DPO", "online_dpo_movies.yaml", ["online_dpo_movies", "online_dpo_movies_seed1", "online_dpo_movies_seed2"]),
-        ("Quark", "quark_movies.yaml", ["quark_movies", "quark_movies_seed1", "quark_movies_seed2"]),
-        ("NLF", "nlf_movies.yaml", ["nlf_movies", "nlf_movies_seed1", "nlf_movies_seed2"])]
+FRONTIER = DOCS / "frontier.png"
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    config: str  # its flow's config; the seeds' experiments add --set seed=k --set experiment=<name>
+    names: tuple[str, ...]  # the experiments of its seeds, seed 0 first
+    why: str = ""  # where it does not beat its base: why, with the evidence (no numbers: they are the tables')
+
+    @property
+    def seeded(self) -> bool:
+        return len(self.names) > 1
+
+
+def _seeds(stem: str, n: int = 3) -> tuple[str, ...]:
+    return (stem, *(f"{stem}_seed{k}" for k in range(1, n)))
+
+
+FAMILIES = [
+    ("Online", "each round samples 2 continuations of 150 training openings from the policy being trained "
+     "and scores them: 300 samples a round, 3 rounds.", [
+         Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
+         Run("Quark", "quark_movies.yaml", _seeds("quark_movies"),
+             "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
+             "probe near chance; see [the recipes](conditioning-ablation.md) for the search."),
+         Run("NLF", "nlf_movies.yaml", _seeds("nlf_movies"),
+             "as Quark: the feedback phrase is not yet read as an instruction; see [the recipes](conditioning-ablation.md)."),
+     ]),
+    ("Offline, on one pool", "every method trains once over the same pool of `pool_movies.yaml`: 4 base-policy "
+     "samples of each of the 450 training openings, scored once (1,800 samples).", [
+         Run("SFT on the best of 4", "sft_pool_movies.yaml", ("sft_pool_movies",)),
+         Run("DPO", "dpo_movies.yaml", ("dpo_movies",)),
+         Run("IPO", "ipo_movies.yaml", ("ipo_movies",)),
+         Run("cDPO", "cdpo_movies.yaml", ("cdpo_movies",)),
+         Run("SimPO", "simpo_movies.yaml", ("simpo_movies",)),
+         Run("ORPO", "orpo_movies.yaml", ("orpo_movies",)),
+         Run("KTO", "kto_movies.yaml", ("kto_movies",)),
+         Run("Quark (pool)", "quark_pool_movies.yaml", ("quark_pool_movies",)),
+         Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_movies",)),
+     ]),
+]
+RUNS = [run for _, _, runs in FAMILIES for run in runs]
+POOL = "pool_movies"  # the offline family's shared samples: their cost is the pool's, once
 
 INTRO = """# Results
 
@@ -24,16 +69,17 @@ manifests (see [runs of record](results/README.md)); do not edit by hand. The [Q
 recipes](conditioning-ablation.md) page holds the round-0 ablations, the [benchmarks](benchmarks.md)
 page speed and memory.
 
-**The task**: the controlled-sentiment task of the DPO paper on movie reviews. Each round samples 2
-continuations (32 new tokens, temperature 1, top-p 0.9) of the same 150 six-word openings from the
-current SmolLM2-135M policy and scores them with the MiniLM reward model of `reward_movies.yaml`
-(P(positive)): 300 samples a round for every method. Evaluate samples 2 continuations of each of
-400 held-out openings from the trained policy (Quark with its best token, NLF conditioned on
-"Excellent.") and, in round 0, from the base policy with the same seeds: the gain is paired.
-Brackets are bootstrap 95% intervals over openings; across seeds, mean ± standard deviation
-[min, max]. KL is in nats per sample to the base model; "control" is the rank correlation of the
-reward under each control with its rank, "spread" the best control's reward minus the worst's,
-"probe" the held-out conditioning probe (chance 0.5).
+**The task**: the controlled-sentiment task of the DPO paper on movie reviews: continue a six-word
+review opening (32 new tokens, temperature 1, top-p 0.9) with SmolLM2-135M so that the MiniLM
+reward model of `reward_movies.yaml` (P(positive)) scores it high. Every flow shares one protocol
+(`configs/bases/movies_online.yaml`): the same 450 training openings, and evaluate samples 2
+continuations of each of 400 held-out openings from the trained policy (Quark with its best
+token, NLF conditioned on "Excellent.") and, in round 0, from the base policy with the same seeds:
+the gain is paired. Brackets are bootstrap 95% intervals over openings; across seeds, mean ±
+standard deviation [min, max]. KL is in nats per sample to the base model; "control" is the rank
+correlation of the reward under each control with its rank, "spread" the best control's reward
+minus the worst's, "probe" the held-out conditioning probe (chance 0.5). A round's wall time is
+its stages' but evaluate's (sampling, scoring, reference, training), the median over rounds.
 """
 
 
@@ -49,23 +95,161 @@ def _made(store: ArtifactStore, experiment: str) -> str:
     return f"`{experiment}`: finished {m.get('finished', '?')}, on {where}{commit}{torch}"
 
 
+def round_wall_seconds(store: ArtifactStore, experiment: str) -> float | None:
+    """The median over rounds of a round's wall time without evaluate (which measures, not trains);
+    None where only evaluate's manifests were kept (runs of record before 2026-12-06)."""
+    walls = []
+    for k in store.rounds(experiment):
+        stages = [s for s in store.stages_in_round(experiment, k) if s != "evaluate"]
+        times = [(store.read_manifest(store.stage_dir(experiment, k, s)) or {}).get("wall_seconds") for s in stages]
+        if "train" in stages and None not in times:
+            walls.append(sum(times))
+    return statistics.median(walls) if walls else None
+
+
+def recorded(store: ArtifactStore, run: Run) -> bool:
+    return all(rounds_table(store, n) for n in run.names)
+
+
+def summary(store: ArtifactStore, run: Run) -> dict:
+    """The run's last round: its gain over the base and KL (with their 95% intervals for one seed,
+    the seeds' mean, standard deviation and range for several), distinct-2, perplexity, wall time
+    of a round, and whether the gain excludes 0 (for several seeds: every seed's interval does; None
+    where a seed's manifest kept no interval for that round: evaluate before v9)."""
+    runs = [rounds_table(store, n) for n in run.names]
+    last = [rows[-1] for rows in runs]
+    out = {"method": run.method, "seeds": len(runs), "round": last[0]["round"], "row": last[0],
+           "wall_s": statistics.median(w for w in (round_wall_seconds(store, n) for n in run.names) if w is not None)
+           if any(round_wall_seconds(store, n) is not None for n in run.names) else None}
+    if run.seeded:
+        out["seeds_row"] = next(r for r in across_seeds(runs) if r["round"] == out["round"])
+    lows = [r.get("reward_gain_ci_low") for r in last]
+    out["gains"] = None if None in lows else all(low > 0 for low in lows)
+    return out
+
+
+def _cell(s: dict, name: str) -> str:
+    return with_spread(s["seeds_row"], "gain" if name == "reward_gain" else name) if "seeds_row" in s \
+        else with_interval(s["row"], name)
+
+
+GAINS = {True: "yes", False: "**no**", None: "not recorded"}
+
+
+def summary_table(store: ArtifactStore, runs: list[Run]) -> str:
+    lines = ["| method | seeds | round | gain over base | KL | distinct-2 | ppl (ref) | wall per round | gain excludes 0 |",
+             "|---" * 9 + "|"]
+    for run in runs:
+        s = summary(store, run)
+        wall = f"{s['wall_s'] / 60:.1f} min" if s["wall_s"] is not None else "-"
+        lines.append(f"| {run.method} | {s['seeds']} | {s['round']} | {_cell(s, 'reward_gain')} | "
+                     f"{_cell(s, 'kl_to_reference')} | {_cell(s, 'distinct_2')} | {_cell(s, 'perplexity')} | {wall} | "
+                     f"{GAINS[s['gains']]} |")
+    return "\n".join(lines)
+
+
+def frontier_png(store: ArtifactStore) -> bytes:
+    """Gain over the base against KL: every recorded method, online ones through their rounds
+    (the mean over seeds, bars the seeds' range), offline ones a point (bars the 95% intervals
+    both ways); the base is the origin."""
+    fig, ax = new_figure(6.4, 4.2)
+    ax.axhline(0, color="0.6", lw=0.8)
+    for family, _, runs in FAMILIES:
+        marker = "o" if family == "Online" else "s"
+        for run in (r for r in runs if recorded(store, r)):
+            tables = [rounds_table(store, n) for n in run.names]
+            if run.seeded:
+                rows = across_seeds(tables)
+                pts = [(r["kl_to_reference"], r["gain"], r["kl_to_reference_min"], r["kl_to_reference_max"],
+                        r["gain_min"], r["gain_max"]) for r in rows]
+            else:
+                pts = [(r.get("kl_to_reference"), r.get("reward_gain"), r.get("kl_to_reference_ci_low"),
+                        r.get("kl_to_reference_ci_high"), r.get("reward_gain_ci_low"), r.get("reward_gain_ci_high"))
+                       for r in tables[0]]
+            pts = [p for p in pts if None not in p]
+            if not pts:
+                continue
+            if family == "Online":
+                pts.insert(0, (0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.errorbar(xs, ys, xerr=[[x - p[2] for x, p in zip(xs, pts)], [p[3] - x for x, p in zip(xs, pts)]],
+                        yerr=[[y - p[4] for y, p in zip(ys, pts)], [p[5] - y for y, p in zip(ys, pts)]],
+                        marker=marker, ms=4, capsize=2, lw=1.0, label=run.method)
+    ax.set_xlabel("KL to the base (nats per sample)", fontsize=8)
+    ax.set_ylabel("held-out reward gain over the base", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, frameon=False, ncol=2)
+    return png_bytes(fig)
+
+
+def reading(store: ArtifactStore) -> list[str]:
+    """Which method when: generated from the summaries, so it cannot disagree with the tables."""
+    done = [(run, summary(store, run)) for run in RUNS if recorded(store, run)]
+    if not done:
+        return []
+    gaining = [(r, s) for r, s in done if s["gains"] is True]
+    lines = ["## Which method when", ""]
+    if gaining:
+        best = max(gaining, key=lambda rs: _gain(rs[1]))
+        thrifty = max(gaining, key=lambda rs: _gain(rs[1]) / max(_kl(rs[1]), 1e-9))
+        lines += [f"- Most reward: **{best[0].method}** (gain {_cell(best[1], 'reward_gain')} at KL "
+                  f"{_cell(best[1], 'kl_to_reference')}).",
+                  f"- Most reward per nat of KL: **{thrifty[0].method}**.",
+                  "- Gain over the base with an interval excluding 0: " + ", ".join(r.method for r, _ in gaining) + "."]
+    lines += [f"- Not shown above the base (an interval includes 0, or none was recorded): **{r.method}**: "
+              f"{r.why or 'not yet explained (issue 31).'}" for r, s in done if s["gains"] is not True]
+    return lines + [""]
+
+
+def _gain(s: dict) -> float:
+    return s["seeds_row"]["gain"] if "seeds_row" in s else s["row"]["reward_gain"]
+
+
+def _kl(s: dict) -> float:
+    return s["seeds_row"]["kl_to_reference"] if "seeds_row" in s else s["row"]["kl_to_reference"]
+
+
 def page(root: Path = DOCS / "results") -> str:
     store = ArtifactStore(str(root))
-    parts = [INTRO]
-    for method, config, names in RUNS:
-        series = {n: rounds_table(store, n) for n in names}
-        commands = [f".venv/bin/align run configs/{config}"] + [
-            f".venv/bin/align run configs/{config} --set seed={k} --set experiment={n}" for k, n in enumerate(names) if k]
-        parts += [f"## {method}", "", export(series, {"+".join(names): list(series.values())}, "md").rstrip(), "",
-                  "Made: " + "; ".join(_made(store, n) for n in names) + ".", "", "Repeat:", "",
+    parts = [INTRO, "## Every method on one frontier", "",
+             "![Held-out reward gain over the base against KL, every method (online: through its rounds, the mean "
+             "over seeds with bars the seeds' range; offline: one point with its 95% intervals)](frontier.png)", ""]
+    for family, about, runs in FAMILIES:
+        have = [r for r in runs if recorded(store, r)]
+        parts += [f"### {family}", "", f"The last round of each, {about}", ""]
+        if have:
+            parts += [summary_table(store, have), ""]
+        missing = [r for r in runs if not recorded(store, r)]
+        if missing:
+            parts += ["Not yet measured on the shared protocol: " + ", ".join(
+                f"{r.method} (`configs/{r.config}`)" for r in missing) + ".", ""]
+    parts += reading(store)
+    if store.rounds(POOL):
+        parts += [f"The offline pool itself (`configs/{POOL}.yaml`): {fmt(round_wall_seconds(store, POOL) / 60, 1)} "
+                  f"min of sampling and scoring, once for every offline method. " + _made_pool(store), ""]
+    for run in (r for r in RUNS if recorded(store, r)):
+        series = {n: rounds_table(store, n) for n in run.names}
+        commands = [f".venv/bin/align run configs/{run.config}"] + [
+            f".venv/bin/align run configs/{run.config} --set seed={k} --set experiment={n}"
+            for k, n in enumerate(run.names) if k]
+        parts += [f"## {run.method}", "", export(series, {"+".join(run.names): list(series.values())}, "md").rstrip(), "",
+                  "Made: " + "; ".join(_made(store, n) for n in run.names) + ".", "", "Repeat:", "",
                   *(f"    {c}" for c in commands), ""]
-    everything = " ".join("+".join(names) for _, _, names in RUNS)
-    parts += ["## Reward against KL", "",
+    everything = " ".join("+".join(r.names) for r in RUNS if r.seeded and recorded(store, r))
+    parts += ["## Reward against KL, over seeds", "",
               f"    .venv/bin/align report --artifacts docs/results {everything} --out docs/reward-vs-kl.png", "",
               "![Held-out reward against KL per round, each method over its seeds (mean, bars the seeds' range)]"
               "(reward-vs-kl.png)", ""]
     return "\n".join(parts)
 
 
-def write(path: Path = PAGE) -> None:
-    path.write_text(page())
+def _made_pool(store: ArtifactStore) -> str:
+    m = store.read_manifest(store.stage_dir(POOL, 0, "annotate")) or {}
+    p = m.get("provenance") or {}
+    return f"Made {m.get('finished', '?')}" + (f", commit {p['commit'][:7]}" if p.get("commit") else "") + "."
+
+
+def write(path: Path = PAGE, picture: Path = FRONTIER) -> None:
+    root = path.parent / "results"
+    path.write_text(page(root))
+    picture.write_bytes(frontier_png(ArtifactStore(str(root))))

@@ -156,7 +156,7 @@ def with_interval(row: dict, name: str) -> str:
     return f"{value} [{fmt(lo)}, {fmt(hi)}]" if lo is not None and hi is not None else value
 
 
-def _figure(width=5.2, height=3.2):
+def new_figure(width=5.2, height=3.2):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
@@ -166,7 +166,7 @@ def _figure(width=5.2, height=3.2):
     return fig, ax
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     fig.tight_layout(pad=0.5)
     out = io.BytesIO()
     fig.savefig(out, format="png")
@@ -190,7 +190,7 @@ def reward_vs_kl_png(series: dict[str, list[dict]]) -> bytes:
     """Mean held-out reward (with its 95% interval, or for a series of several seeds the seeds'
     range) against KL to the reference, a line per experiment through its rounds; each starts at
     the base policy (KL 0) where it was measured."""
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for name, rows in series.items():
         pts = [(r.get("kl_to_reference"), r.get("mean_reward"), r.get("mean_reward_ci_low"), r.get("mean_reward_ci_high"),
                 str(r["round"])) for r in rows if r.get("mean_reward") is not None and r.get("kl_to_reference") is not None]
@@ -210,7 +210,7 @@ def reward_vs_kl_png(series: dict[str, list[dict]]) -> bytes:
     ax.set_ylabel("mean held-out reward (bars: 95% CI or seeds' range)", fontsize=7)
     if ax.get_legend_handles_labels()[0]:  # series without a sampled reward draw nothing
         ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def rewards_png(store: ArtifactStore, experiment: str, rounds: list[int]) -> bytes | None:
@@ -230,10 +230,10 @@ def rewards_png(store: ArtifactStore, experiment: str, rounds: list[int]) -> byt
             labels.append(f"round {k}")
     if not data:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     ax.boxplot(data, tick_labels=labels, showmeans=True)
     ax.set_ylabel("held-out reward", fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def per_quantile_png(rows: list[dict]) -> bytes | None:
@@ -241,7 +241,7 @@ def per_quantile_png(rows: list[dict]) -> bytes | None:
     ks = sorted({int(n.rsplit("_", 1)[1]) for r in rows for n in r if n.startswith("reward_with_control_")})
     if not ks:
         return None
-    fig, ax = _figure()
+    fig, ax = new_figure()
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         ys = [r.get(f"reward_with_control_{k}") for k in ks]
@@ -250,7 +250,7 @@ def per_quantile_png(rows: list[dict]) -> bytes | None:
     ax.set_xlabel("control (0 = best quantile / feedback)", fontsize=8)
     ax.set_ylabel("mean reward of its samples", fontsize=8)
     ax.legend(fontsize=7, frameon=False)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def round_report(store: ArtifactStore, experiment: str, round_: int) -> tuple[str, dict[str, bytes]]:

@@ -23,17 +23,57 @@ def test_the_results_page_is_generated_from_the_runs_of_record():
     assert (ROOT / "docs" / "results.md").read_text() == results_page.page(), "docs/results.md is stale: run `align docs`"
 
 
-@pytest.mark.parametrize("method, _config, names", results_page.RUNS)
-def test_the_page_rows_and_readme_headline_are_the_manifests(method, _config, names):
+RECORDED = [run for run in results_page.RUNS if results_page.recorded(STORE, run)]
+
+
+def test_every_method_of_the_frontier_is_recorded_or_named_as_not_yet_measured():
     text = results_page.page()
-    runs = [rounds_table(STORE, n) for n in names]
-    for name, rows in zip(names, runs):
+    assert {"Online DPO", "Quark", "NLF"} <= {run.method for run in RECORDED}
+    for run in results_page.RUNS:
+        if run in RECORDED:
+            assert f"\n## {run.method}\n" in text and f"| {run.method} | {len(run.names)} |" in text
+        else:
+            assert f"{run.method} (`configs/{run.config}`)" in text
+        assert (ROOT / "configs" / run.config).exists()
+
+
+@pytest.mark.parametrize("run", RECORDED, ids=lambda r: r.method)
+def test_the_page_rows_and_readme_headline_are_the_manifests(run):
+    text = results_page.page()
+    runs = [rounds_table(STORE, n) for n in run.names]
+    for name, rows in zip(run.names, runs):
         page_rows = cells(f"| `{name}` |", text)
         assert page_rows[0][1:3] == ["base", with_interval(base_row(rows), "base_mean_reward")]
         assert [(r[2], r[4]) for r in page_rows[1:]] == [(with_interval(m, "mean_reward"), with_interval(m, "kl_to_reference"))
                                                          for m in rows]
+    (summary,) = cells(f"| {run.method} | {len(run.names)} |", text)  # the frontier table: the last round
+    last = [rows[-1] for rows in runs]
+    if not run.seeded:
+        assert summary[3:5] == [with_interval(last[0], "reward_gain"), with_interval(last[0], "kl_to_reference")]
+        assert summary[-1] == ("yes" if last[0]["reward_gain_ci_low"] > 0 else "**no**")
+        return
     seeds = across_seeds(runs)
-    assert len(seeds) == 3
-    label = {"Online DPO": "online DPO"}.get(method, method)
+    assert len(seeds) == 3 and summary[3:5] == [with_spread(seeds[-1], "gain"), with_spread(seeds[-1], "kl_to_reference")]
+    label = {"Online DPO": "online DPO"}.get(run.method, run.method)
     (headline,) = cells(f"| {label} (3 seeds) |", README)  # round 2's gain over the base and KL, over the seeds
     assert headline[1:] == [with_spread(seeds[2], "gain"), with_spread(seeds[2], "kl_to_reference")]
+
+
+def test_a_rounds_wall_time_is_its_stages_but_evaluates(tmp_path):
+    import json
+
+    def manifest(exp, k, stage, wall):
+        d = tmp_path / exp / f"round-{k}" / stage
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "wall_seconds": wall, "fingerprint": "f", "run_id": "r",
+                                                            "rows": 1, "files": {}}))
+
+    for k, (sample, train) in enumerate([(30.0, 60.0), (50.0, 70.0), (10.0, 20.0)]):
+        manifest("online", k, "sample", sample)
+        manifest("online", k, "train", train)
+        manifest("online", k, "evaluate", 999.0)
+    manifest("old", 0, "evaluate", 5.0)
+    manifest("old", 0, "data_pool", 1.0)
+    store = ArtifactStore(str(tmp_path))
+    assert results_page.round_wall_seconds(store, "online") == 90.0  # median of 90, 120, 30
+    assert results_page.round_wall_seconds(store, "old") is None  # only evaluate's and data_pool's were kept
