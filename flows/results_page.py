@@ -45,6 +45,10 @@ FAMILIES = [
              "probe near chance; see [the recipes](conditioning-ablation.md) for the search."),
          Run("NLF", "nlf_movies.yaml", _seeds("nlf_movies"),
              "as Quark: the feedback phrase is not yet read as an instruction; see [the recipes](conditioning-ablation.md)."),
+         Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", ("online_dpo_judge_movies",)),
+         Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
+         Run("RLOO", "rl_movies.yaml", ("rl_movies",)),
+         Run("GRPO", "grpo_movies.yaml", ("grpo_movies",)),
      ]),
     ("Offline, on one pool", "every method trains once over the same pool of `pool_movies.yaml`: 4 base-policy "
      "samples of each of the 450 training openings, scored once (1,800 samples).", [
