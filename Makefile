@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 ALIGN  := $(VENV)/bin/align
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast smoke results clean-artifacts
+.PHONY: setup demo test test-fast smoke results frontier clean-artifacts
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -53,6 +53,16 @@ results:
 	for e in $(EXPERIMENTS); do for m in artifacts/$$e/round-*/*/manifest.json; do test -f "$$m" || continue; \
 	    d="docs/results/$${m#artifacts/}"; mkdir -p "$$(dirname "$$d")"; cp "$$m" "$$d"; done; done
 	$(ALIGN) docs  # the results page is generated from them
+
+# Every method of the results page's frontier, one flow at a time (hours on 2 cores), then their
+# manifests into docs/results; seeds 1 and 2 of the online flows: the page's Repeat commands.
+FRONTIER := pool_movies sft_pool_movies dpo_movies ipo_movies cdpo_movies simpo_movies orpo_movies kto_movies \
+	quark_pool_movies nlf_pool_movies online_dpo_movies online_dpo_judge_movies online_kto_movies rl_movies grpo_movies \
+	quark_movies nlf_movies
+frontier: setup
+	$(ALIGN) run configs/reward_movies.yaml
+	for c in $(FRONTIER); do $(ALIGN) run configs/$$c.yaml || exit 1; done
+	$(MAKE) results EXPERIMENTS="$(FRONTIER)"
 
 clean-artifacts:
 	find artifacts -mindepth 1 -maxdepth 1 ! -name README.md ! -name _cache -exec rm -rf {} +

@@ -84,6 +84,7 @@ standard deviation [min, max]. KL is in nats per sample to the base model; "cont
 correlation of the reward under each control with its rank, "spread" the best control's reward
 minus the worst's, "probe" the held-out conditioning probe (chance 0.5). A round's wall time is
 its stages' but evaluate's (sampling, scoring, reference, training), the median over rounds.
+`make frontier` re-runs every flow below (seed 0) and rewrites this page.
 """
 
 
