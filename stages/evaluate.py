@@ -21,6 +21,7 @@ from stages.services.annotation import Steps, mean_known
 from stages.config import EvaluateConfig, TrainConfig
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
+from stages.pipeline.seeds import seeded_unit
 from stages.services import conditioning_probe as P
 from stages.services import sample_metrics as M
 from stages.services.generation import generate_hf
@@ -30,10 +31,23 @@ from stages.services.training_setup import attach_reference, pool_rows, prepare
 from stages.training.objectives import make_objective
 
 
+def heldout_prompts(table, seed: int) -> list[dict]:
+    """The distinct held-out prompts (a dataset of several rows a prompt, such as a pool of samples
+    or of pairs, gives each once: the bootstrap's unit is a prompt), in a seeded order of the prompt
+    text alone. So every flow whose held-out split holds the same openings, online or offline on a
+    pool of them, evaluates the same first `max_prompts` in the same order and, with the same seed,
+    pairs with the same base samples."""
+    first: dict[str, dict] = {}
+    for r in table.to_pylist():
+        if r["split"] == "heldout":
+            first.setdefault(r["prompt_id"], r)
+    return sorted(first.values(), key=lambda r: seeded_unit(seed, "evaluate\x00" + r["prompt"]))
+
+
 def generate_and_score(ctx, cfg: EvaluateConfig, model_path, train_cfg: TrainConfig) -> tuple[list[dict], dict]:
     """Sample held-out prompts from the trained policy, score them like the round did, and measure
     the KL to the reference on those samples (log pi(y) - log ref(y))."""
-    prompts = [r for r in ctx.inputs["load_prompts"].table().to_pylist() if r["split"] == "heldout"]
+    prompts = heldout_prompts(ctx.inputs["load_prompts"].table(), ctx.seed)
     prompts = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
     if not prompts:
         raise BadInput("evaluate: no held-out prompts (raise load_prompts.heldout_fraction)")
@@ -202,7 +216,7 @@ def objective_metrics(ctx, cfg: EvaluateConfig, train_cfg: TrainConfig, rows: li
     return pa.Table.from_pylist(scored), {**metrics, "records": len(scored)}
 
 
-@stage("evaluate", version="11", inputs=("build_pool", "reference", "train", "load_prompts@0", "evaluate@0"))
+@stage("evaluate", version="12", inputs=("build_pool", "reference", "train", "load_prompts@0", "evaluate@0"))
 def run(ctx, cfg: EvaluateConfig) -> StageOutput:
     train_cfg = TrainConfig.model_validate(ctx.inputs["train"].manifest["config"])
     rows = pool_rows(ctx, "heldout")

@@ -83,10 +83,12 @@ def test_several_samples_per_prompt_are_one_unit_of_the_bootstrap(monkeypatch):
 
     rows, metrics = evaluate.generate_and_score(ctx, cfg, "policy", TrainConfig(model="base"))
 
-    assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(p, j) for p in "abc" for j in (0, 1)]
+    order = [r["prompt_id"] for r in evaluate.heldout_prompts(prompts, 0)]
+    assert [(r["prompt_id"], r["sample_index"]) for r in rows] == [(p, j) for p in order for j in (0, 1)]
     assert metrics["prompts"] == 3 and metrics["samples"] == 6
     assert metrics["mean_reward"] == pytest.approx((0 + 0.1 + 1 + 1.1 + 2 + 2.1) / 6)
-    assert (metrics["mean_reward_ci_low"], metrics["mean_reward_ci_high"]) == M.bootstrap_ci([0.05, 1.05, 2.05], 0)
+    assert (metrics["mean_reward_ci_low"], metrics["mean_reward_ci_high"]) == M.bootstrap_ci(
+        [{"a": 0.05, "b": 1.05, "c": 2.05}[p] for p in order], 0)
     assert metrics["base_mean_reward"] == pytest.approx(metrics["mean_reward"] - 0.5)
     assert metrics["reward_gain_ci_low"] == pytest.approx(0.5) and metrics["reward_gain_ci_high"] == pytest.approx(0.5)
     assert metrics["kl_to_reference"] == pytest.approx((1.0 + 0.0) / 2)  # -1 - j against -2
@@ -158,3 +160,17 @@ def test_no_base_in_round_0_means_no_gain_later(monkeypatch):
     _fixed_policy(monkeypatch, {"policy": "good"})
     rows, metrics = evaluate.generate_and_score(_ctx(1, prompts, round_0), cfg, "policy", TrainConfig(model="base"))
     assert "base_mean_reward" not in metrics and "reward_gain" not in metrics and "base_score" not in rows[0]
+
+
+def test_held_out_prompts_are_distinct_and_ordered_by_their_text_alone():
+    """A pool of several samples a prompt gives each held-out prompt once, in the order a table of
+    the same prompts one row each gives them (so online and offline flows evaluate the same ones)."""
+    texts = [f"opening {i}" for i in range(30)]
+    one_each = pa.table({"prompt_id": texts, "prompt": texts, "split": ["heldout"] * 30})
+    pooled = [{"prompt_id": t, "prompt": t, "split": "heldout"} for t in reversed(texts) for _ in range(4)]
+    pooled += [{"prompt_id": "train 1", "prompt": "train 1", "split": "train"}]
+    pooled = pa.Table.from_pylist(pooled)
+    order = [r["prompt"] for r in evaluate.heldout_prompts(one_each, 3)]
+    assert sorted(order) == sorted(texts) and order != texts  # shuffled, each once
+    assert [r["prompt"] for r in evaluate.heldout_prompts(pooled, 3)] == order
+    assert [r["prompt"] for r in evaluate.heldout_prompts(one_each, 4)] != order  # the seed's order
