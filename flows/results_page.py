@@ -37,8 +37,8 @@ def _seeds(stem: str, n: int = 3) -> tuple[str, ...]:
 
 
 FAMILIES = [
-    ("Online", "each round samples 2 continuations of 150 training openings from the policy being trained "
-     "and scores them: 300 samples a round, 3 rounds.", [
+    ("Online", "each round samples from the policy being trained and scores: 300 samples a round (2 "
+     "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds.", [
          Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
          Run("Quark", "quark_movies.yaml", _seeds("quark_movies"),
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
@@ -100,14 +100,15 @@ def _made(store: ArtifactStore, experiment: str) -> str:
     return f"`{experiment}`: finished {m.get('finished', '?')}, on {where}{commit}{torch}"
 
 
-def round_wall_seconds(store: ArtifactStore, experiment: str) -> float | None:
+def round_wall_seconds(store: ArtifactStore, experiment: str, trains: bool = True) -> float | None:
     """The median over rounds of a round's wall time without evaluate (which measures, not trains);
-    None where only evaluate's manifests were kept (runs of record before 2026-12-06)."""
+    None where only evaluate's manifests were kept (runs of record before 2026-12-06: no train
+    manifest; `trains=False` for a flow without one, the offline pool)."""
     walls = []
     for k in store.rounds(experiment):
         stages = [s for s in store.stages_in_round(experiment, k) if s != "evaluate"]
         times = [(store.read_manifest(store.stage_dir(experiment, k, s)) or {}).get("wall_seconds") for s in stages]
-        if "train" in stages and None not in times:
+        if stages and ("train" in stages or not trains) and None not in times:
             walls.append(sum(times))
     return statistics.median(walls) if walls else None
 
@@ -229,9 +230,10 @@ def page(root: Path = DOCS / "results") -> str:
             parts += ["Not yet measured on the shared protocol: " + ", ".join(
                 f"{r.method} (`configs/{r.config}`)" for r in missing) + ".", ""]
     parts += reading(store)
-    if store.rounds(POOL):
-        parts += [f"The offline pool itself (`configs/{POOL}.yaml`): {fmt(round_wall_seconds(store, POOL) / 60, 1)} "
-                  f"min of sampling and scoring, once for every offline method. " + _made_pool(store), ""]
+    pool_s = round_wall_seconds(store, POOL, trains=False)
+    if pool_s is not None:
+        parts += [f"The offline pool itself (`configs/{POOL}.yaml`): {fmt(pool_s / 60, 1)} min of sampling and "
+                  f"scoring, once for every offline method. " + _made_pool(store), ""]
     for run in (r for r in RUNS if recorded(store, r)):
         series = {n: rounds_table(store, n) for n in run.names}
         commands = [f".venv/bin/align run configs/{run.config}"] + [
