@@ -77,3 +77,11 @@ def test_a_rounds_wall_time_is_its_stages_but_evaluates(tmp_path):
     store = ArtifactStore(str(tmp_path))
     assert results_page.round_wall_seconds(store, "online") == 90.0  # median of 90, 120, 30
     assert results_page.round_wall_seconds(store, "old") is None  # only evaluate's and data_pool's were kept
+
+
+def test_make_frontier_runs_every_method_of_the_page():
+    makefile = (ROOT / "Makefile").read_text()
+    listed = makefile.split("FRONTIER :=", 1)[1].split("\nfrontier:", 1)[0].replace("\\", " ").split()
+    assert set(listed) == {run.config.removesuffix(".yaml") for run in results_page.RUNS} | {results_page.POOL}
+    assert listed.index(results_page.POOL) < min(listed.index(r.config.removesuffix(".yaml")) for r in results_page.RUNS
+                                                 if r in results_page.FAMILIES[1][2])  # the pool before its readers
