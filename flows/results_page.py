@@ -222,7 +222,7 @@ def page(root: Path = DOCS / "results") -> str:
              "over seeds with bars the seeds' range; offline: one point with its 95% intervals)](frontier.png)", ""]
     for family, about, runs in FAMILIES:
         have = [r for r in runs if recorded(store, r)]
-        parts += [f"### {family}", "", f"The last round of each, {about}", ""]
+        parts += [f"### {family}", "", about[0].upper() + about[1:] + " Each method's last round:", ""]
         if have:
             parts += [summary_table(store, have), ""]
         missing = [r for r in runs if not recorded(store, r)]
