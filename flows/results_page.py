@@ -59,7 +59,11 @@ FAMILIES = [
          Run("SimPO", "simpo_movies.yaml", ("simpo_movies",)),
          Run("ORPO", "orpo_movies.yaml", ("orpo_movies",)),
          Run("KTO", "kto_movies.yaml", ("kto_movies",)),
-         Run("Quark (pool)", "quark_pool_movies.yaml", ("quark_pool_movies",)),
+         Run("Quark (pool)", "quark_pool_movies.yaml", ("quark_pool_movies",),
+             "the same memorisation on a fixed pool: the token matches the samples it trained on well above chance "
+             "(`conditioning_match` in its manifest) while the held-out probe stays at chance (its table's probe "
+             "column), so sampling with the best token draws from the base's distribution shifted by nothing it "
+             "learnt; see issue 28 and [the recipes](conditioning-ablation.md)."),
          Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_movies",)),
      ]),
 ]
