@@ -64,7 +64,10 @@ FAMILIES = [
              "(`conditioning_match` in its manifest) while the held-out probe stays at chance (its table's probe "
              "column), so sampling with the best token draws from the base's distribution shifted by nothing it "
              "learnt; see issue 28 and [the recipes](conditioning-ablation.md)."),
-         Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_movies",)),
+         Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_movies",),
+             "the phrase starts to mean something on unseen samples (the probe column's interval sits just above "
+             "chance) but far too little to move what it samples under \"Excellent.\": the ladder is flat. "
+             "See issue 28 and [the recipes](conditioning-ablation.md)."),
      ]),
 ]
 RUNS = [run for _, _, runs in FAMILIES for run in runs]
