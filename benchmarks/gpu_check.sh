@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: vLLM sampling, bf16 and float32 training, and (with 2+ GPUs) a DDP and an
-# FSDP launch and an FSDP run killed after a checkpoint and resumed, on this machine's GPUs; tokens/s and peak GPU memory into $OUT (the device tool's
-# folder) or benchmarks/results/gpu_check/. On a machine without a CUDA GPU it says so and exits 0.
+# FSDP launch and an FSDP run killed after a checkpoint and resumed, on this machine's GPUs;
+# tokens/s and peak GPU memory into $OUT (the device tool's folder) or benchmarks/results/gpu_check/.
+# On a machine without a CUDA GPU it says so and exits 0.
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root
 #

@@ -131,9 +131,9 @@ def summary(store: ArtifactStore, run: Run) -> dict:
     where a seed's manifest kept no interval for that round: evaluate before v9)."""
     runs = [rounds_table(store, n) for n in run.names]
     last = [rows[-1] for rows in runs]
-    out = {"method": run.method, "seeds": len(runs), "round": last[0]["round"], "row": last[0],
-           "wall_s": statistics.median(w for w in (round_wall_seconds(store, n) for n in run.names) if w is not None)
-           if any(round_wall_seconds(store, n) is not None for n in run.names) else None}
+    walls = [w for w in (round_wall_seconds(store, n) for n in run.names) if w is not None]
+    out = {"seeds": len(runs), "round": last[0]["round"], "row": last[0],
+           "wall_s": statistics.median(walls) if walls else None}
     if run.seeded:
         out["seeds_row"] = next(r for r in across_seeds(runs) if r["round"] == out["round"])
     lows = [r.get("reward_gain_ci_low") for r in last]
@@ -141,9 +141,19 @@ def summary(store: ArtifactStore, run: Run) -> dict:
     return out
 
 
+def _seeds_name(name: str) -> str:
+    """across_seeds' name of a metric: the gain over each seed's own base is "gain" there."""
+    return "gain" if name == "reward_gain" else name
+
+
 def _cell(s: dict, name: str) -> str:
-    return with_spread(s["seeds_row"], "gain" if name == "reward_gain" else name) if "seeds_row" in s \
-        else with_interval(s["row"], name)
+    """A summary's metric as the table shows it: with its interval (one seed) or spread (several)."""
+    return with_spread(s["seeds_row"], _seeds_name(name)) if "seeds_row" in s else with_interval(s["row"], name)
+
+
+def _value(s: dict, name: str) -> float:
+    """A summary's metric as a number: the mean over seeds, or the one seed's value."""
+    return s["seeds_row"][_seeds_name(name)] if "seeds_row" in s else s["row"][name]
 
 
 GAINS = {True: "yes", False: "**no**", None: "not recorded"}
@@ -203,8 +213,9 @@ def reading(store: ArtifactStore) -> list[str]:
     gaining = [(r, s) for r, s in done if s["gains"] is True]
     lines = ["## Which method when", ""]
     if gaining:
-        best = max(gaining, key=lambda rs: _gain(rs[1]))
-        thrifty = max(gaining, key=lambda rs: _gain(rs[1]) / max(_kl(rs[1]), 1e-9))
+        best = max(gaining, key=lambda rs: _value(rs[1], "reward_gain"))
+        thrifty = max(gaining,
+                      key=lambda rs: _value(rs[1], "reward_gain") / max(_value(rs[1], "kl_to_reference"), 1e-9))
         lines += [f"- Most reward: **{best[0].method}** (gain {_cell(best[1], 'reward_gain')} at KL "
                   f"{_cell(best[1], 'kl_to_reference')}).",
                   f"- Most reward per nat of KL: **{thrifty[0].method}**.",
@@ -212,14 +223,6 @@ def reading(store: ArtifactStore) -> list[str]:
     lines += [f"- Not shown above the base (an interval includes 0, or none was recorded): **{r.method}**: "
               f"{r.why or 'not yet explained (issue 31).'}" for r, s in done if s["gains"] is not True]
     return lines + [""]
-
-
-def _gain(s: dict) -> float:
-    return s["seeds_row"]["gain"] if "seeds_row" in s else s["row"]["reward_gain"]
-
-
-def _kl(s: dict) -> float:
-    return s["seeds_row"]["kl_to_reference"] if "seeds_row" in s else s["row"]["kl_to_reference"]
 
 
 def page(root: Path = DOCS / "results") -> str:

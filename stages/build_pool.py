@@ -73,10 +73,13 @@ def sft_records(rows, cfg, seed):
                        f"{empty[0]['prompt']!r}); drop them (load_prompts.min_completion_words: 1) or fix the data")
     if cfg.sft_selection == "best":
         scored = _need(have, "score", "sft with sft_selection best", "map a column to 'score' in load_prompts.columns")
-        # Ties go to a seeded order, as the pairs' do.
-        have = [min((scored[i] for i in idx), key=lambda r: (-r["score"], seeded_hash(seed, r["completion"] or "")))
-                for idx in by_prompt(scored).values()]
+        have = [_best_first([scored[i] for i in idx], seed)[0] for idx in by_prompt(scored).values()]
     return [{**_prompt(r), **_gen(r)} for r in have]
+
+
+def _best_first(group: list[dict], seed: int) -> list[dict]:
+    """One prompt's scored completions, highest score first; ties in a seeded order."""
+    return sorted(group, key=lambda r: (-r["score"], seeded_hash(seed, r["completion"] or "")))
 
 
 def reward_pairs(rows, cfg, seed):
@@ -103,8 +106,7 @@ def preference_pairs(rows, cfg, seed):
     scored = _need(rows, "score", "pairs", "give a dataset with chosen/rejected, or completions with scores")
     out = []
     for pid, idx in by_prompt(scored).items():
-        group = [scored[i] for i in idx]
-        ranked = sorted(group, key=lambda r: (-r["score"], seeded_hash(seed, r["completion"] or "")))
+        ranked = _best_first([scored[i] for i in idx], seed)
         if cfg.pairing == "best_worst":
             candidates = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
         else:
