@@ -14,7 +14,8 @@ sample's weight becomes its generation's weight.
 - pointwise: one record per completion with a desirable flag (chosen -> desirable, rejected ->
   undesirable; or score > threshold). Each record also gets `kl_generation`, the generation of
   the next record in a seeded order, for KTO's reference point.
-- quark: each completion gets the control token of its reward quantile (equal-size bins, best = 0).
+- quark: each completion gets the control token of its reward quantile (equal-size bins by mid-rank,
+  best = 0; a prompt with fewer samples than bins spreads them from the best bin to the worst).
 - nlf: each completion gets feedback text (one phrase per reward quantile, best first).
 - rl: scored completions grouped by prompt, the score as generation1_reward.
 Orders follow a seeded hash, so pools are stable across runs.
@@ -27,7 +28,7 @@ import statistics
 import pyarrow as pa
 
 from stages.config import BuildPoolConfig
-from stages.data.pool import pool_samples
+from stages.data.pool import pool_samples, quantile_bins
 from stages.pipeline.context import StageOutput, stage
 from stages.pipeline.errors import BadInput
 from stages.pipeline.seeds import seeded_hash
@@ -144,24 +145,21 @@ def pointwise(rows, cfg, seed):
     return out
 
 
-def _quantile_bins(rows, cfg, seed) -> list[tuple[dict, int]]:
-    """(row, bin) with equal-size bins by score, best bin 0; ties broken by a seeded hash. Rows of
-    the data pool come with their bin (recomputed over the whole pool)."""
+def _quantile_bins(rows, cfg) -> list[tuple[dict, int]]:
+    """(row, bin): equal-size bins by score within `quantile_scope`, best bin 0, by the data pool's
+    mid-rank rule (stages/data/pool.py). Rows of the data pool come with their bin (recomputed over
+    the whole pool)."""
     scored = [r for r in _need(rows, "score", cfg.kind, "completions need scores (annotate, or a 'score' column)")
               if r.get("completion")]
     if scored and all(r.get("quantile") is not None for r in scored):
         return [(r, r["quantile"]) for r in scored]
-    scopes = [[scored[i] for i in idx] for idx in by_prompt(scored).values()] if cfg.quantile_scope == "per_prompt" else [scored]
-    out = []
-    for group in scopes:
-        ranked = sorted(group, key=lambda r: (-r["score"], seeded_hash(seed, _text(r))))
-        out.extend((r, min(cfg.quantiles - 1, i * cfg.quantiles // len(ranked))) for i, r in enumerate(ranked))
-    return out
+    scopes = [r["prompt_id"] if cfg.quantile_scope == "per_prompt" else "" for r in scored]
+    return list(zip(scored, quantile_bins(scopes, [r["score"] for r in scored], cfg.quantiles)))
 
 
 def quark(rows, cfg, seed):
     return [{**_prompt(r), **_gen(r), "generation1_reward": r["score"], "control": cfg.control_token.format(k=k)}
-            for r, k in _quantile_bins(rows, cfg, seed)]
+            for r, k in _quantile_bins(rows, cfg)]
 
 
 def nlf(rows, cfg, seed):
@@ -173,7 +171,7 @@ def nlf(rows, cfg, seed):
     rest = [r for r in rows if not r.get("feedback")]
     if not rest:
         return given
-    return given + [record(r, cfg.feedback_phrases[k]) for r, k in _quantile_bins(rest, cfg, seed)]
+    return given + [record(r, cfg.feedback_phrases[k]) for r, k in _quantile_bins(rest, cfg)]
 
 
 def rl(rows, cfg, seed):
@@ -195,7 +193,7 @@ def _drawn_from_pool(ctx) -> pa.Table:
     return drawn.rename_columns(["score" if c == "reward" else c for c in drawn.column_names])
 
 
-@stage("build_pool", version="5", inputs=("load_prompts@0", "annotate", "reweight", "data_pool", "data_pool@earlier"))
+@stage("build_pool", version="6", inputs=("load_prompts@0", "annotate", "reweight", "data_pool", "data_pool@earlier"))
 def run(ctx, cfg: BuildPoolConfig) -> StageOutput:
     if "data_pool" in ctx.inputs:
         prompts = _drawn_from_pool(ctx)

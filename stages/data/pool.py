@@ -176,6 +176,17 @@ def _bins_from_bottom(scope: np.ndarray, n_scopes: int, reward: np.ndarray, q: i
     return out
 
 
+def quantile_bins(scopes: list, rewards: list[float], quantiles: int) -> list[int]:
+    """Quark's quantile of each reward within its scope (0 = the best), by mid-rank, as the pool
+    bins them: equal-size bins, equal rewards share a bin, and a scope with fewer rows than bins
+    spreads them from the best bin to the worst (4 rows in 5 bins: 0, 1, 3, 4)."""
+    if not rewards:
+        return []
+    codes, n = np.unique(np.asarray(scopes, dtype=object).astype(str), return_inverse=True)
+    from_bottom = _bins_from_bottom(n.astype(np.int64), len(codes), np.asarray(rewards, np.float64), int(quantiles))
+    return (int(quantiles) - 1 - from_bottom).tolist()
+
+
 # --------------------------------------------------------------------------- the round's pool
 
 def update(previous: pa.Table | None, new: pa.Table, round_: int, policy: PoolPolicy, seed: int) -> pa.Table:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages.build_pool import sft_records
+from stages.build_pool import nlf, quark, sft_records
 from stages.config import BuildPoolConfig
 from stages.pipeline.errors import BadInput
 
@@ -33,3 +33,25 @@ def test_sft_best_breaks_ties_by_the_seed_and_needs_scores():
     assert picks == {" one", " two"}
     with pytest.raises(BadInput, match="needs a 'score'"):
         sft_records([{**r, "score": None} for r in tied], BuildPoolConfig(kind="sft", sft_selection="best"), seed=0)
+
+
+def test_quark_bins_spread_fewer_samples_than_bins_from_best_to_worst():
+    # 4 samples of a prompt in 5 bins: the best gets <|quark_0|> and the worst <|quark_4|>, so the
+    # control evaluate samples with last is trained too (it was never, under floor(i * q / n)).
+    rows = [row("a", f" c{i}", s) for i, s in enumerate([0.1, 0.9, 0.5, 0.3])]
+    cfg = BuildPoolConfig(kind="quark", quantiles=5, quantile_scope="per_prompt")
+    got = {r["generation1"]: r["control"] for r in quark(rows, cfg, seed=0)}
+    assert got == {" c1": "<|quark_0|>", " c2": "<|quark_1|>", " c3": "<|quark_3|>", " c0": "<|quark_4|>"}
+
+
+def test_quark_bins_are_equal_size_per_scope_and_ties_share_a_bin():
+    rows = [row(p, f" {p}{i}", float(i)) for p in "ab" for i in range(10)]
+    cfg = BuildPoolConfig(kind="quark", quantiles=5, quantile_scope="per_prompt")
+    got = {r["generation1"]: int(r["control"][8]) for r in quark(rows, cfg, seed=0)}
+    assert [got[f" a{i}"] for i in range(10)] == [4, 4, 3, 3, 2, 2, 1, 1, 0, 0]
+    assert [got[f" b{i}"] for i in range(10)] == [got[f" a{i}"] for i in range(10)]
+    glob = {r["generation1"]: int(r["control"][8]) for r in quark(rows, BuildPoolConfig(kind="quark", quantiles=5), seed=0)}
+    assert sorted(glob.values()) == sorted([k for k in range(5) for _ in range(4)])
+    assert glob[" a9"] == glob[" b9"] == 0  # tied rewards, one bin
+    nlf_cfg = BuildPoolConfig(kind="nlf", quantiles=4, feedback_phrases=["A", "B", "C", "D"], quantile_scope="per_prompt")
+    assert [r["feedback"] for r in nlf(rows[:3], nlf_cfg, seed=0)] == ["D", "B", "A"]
