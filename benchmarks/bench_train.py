@@ -4,7 +4,7 @@ beside ours at each precision.
 
     .venv/bin/pip install -e '.[bench]'          # TRL 1.16, for the DPO side by side
     .venv/bin/python benchmarks/bench_train.py [--quick] [--steps N] [--repeats R] [--no-trl]
-    .venv/bin/python benchmarks/bench_train.py --profile dpo [--precision bf16]   # where the time goes
+    .venv/bin/python benchmarks/bench_train.py --profile dpo [--precision bf16]   # where the time goes, as MFU's factors
 
 1. The peak: the best median rate of large matmuls (2048x576x1536, SmolLM2's MLP shape, and
    2048x2048x2048), each dtype, on every core torch uses; measured before and after the runs, the
@@ -164,9 +164,11 @@ def child(objective: str, precision: str, pairs_path: Path, steps: int, profile:
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as profiler
 
-            with profiler(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            with profiler(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
                 history = fit(model, tokenizer, objective_, rows, cfg, seed=0, resume_dir=Path(tmp))
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+            averages = prof.key_averages()
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+            profiled = by_category(averages)
         else:
             history = fit(model, tokenizer, objective_, rows, cfg, seed=0, resume_dir=Path(tmp))
         wall = time.perf_counter() - t0
@@ -178,7 +180,59 @@ def child(objective: str, precision: str, pairs_path: Path, steps: int, profile:
             "tokens_per_s_all_steps": sum(per_step) / sum(seconds),
             "train_peak_rss_gb": bench_dpo.gb(bench_dpo.status_kb("VmHWM")) if reset else None,
             "losses": [h["loss"] for h in history], "allocator": current(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), **({"profile": profiled} if profile else {})}
+
+
+# Where a step's time goes, by kind of operator (self times, which add up to the run's time on the
+# calling thread; intra-op threads work inside them).
+CATEGORIES = (
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("attention", ("scaled_dot_product",)),
+    ("copies and casts", ("aten::copy_", "aten::_to_copy", "aten::fill_", "aten::zero_", "aten::cat", "aten::clone")),
+    ("optimizer and clipping", ("adamw", "zero_grad", "linalg_vector_norm", "AccumulateGrad", "clip_grad")),
+    ("log-softmax, KL and entropy over the vocabulary", ("log_softmax", "aten::exp", "HeadStats", "HeadLogProbs",
+                                                          "aten::logsumexp")),
+)
+
+
+def by_category(averages) -> dict:
+    """Self seconds per category and the rest, with the matmuls' FLOPs (the profiler counts them)."""
+    out = {name: 0.0 for name, _ in CATEGORIES} | {"everything else (elementwise, autograd, Python)": 0.0}
+    mm_flops, ops = 0, []
+    for e in averages:
+        sec = e.self_cpu_time_total / 1e6
+        name = next((c for c, keys in CATEGORIES if any(k.lower() in e.key.lower() for k in keys)),
+                    "everything else (elementwise, autograd, Python)")
+        out[name] += sec
+        if name == "matmuls":
+            mm_flops += int(e.flops or 0)
+        ops.append((sec, e.key, e.count))
+    ops.sort(reverse=True)
+    return {"seconds": out, "total_s": sum(out.values()), "matmul_gflop": mm_flops / 1e9,
+            "top_ops": [{"op": k, "self_s": round(t, 4), "calls": c} for t, k, c in ops[:15]]}
+
+
+def explain(res: dict, peak: dict) -> str:
+    """The profile as MFU's factors: MFU = (matmul rate / peak) x (matmul share of the time) x
+    (model FLOPs / matmul FLOPs)."""
+    p = res["profile"]
+    sec, total = p["seconds"], p["total_s"]
+    mm_rate = p["matmul_gflop"] / sec["matmuls"] if sec["matmuls"] else 0.0
+    model_gflop = 6 * N_PARAMS * res["tokens"] / 1e9
+    lines = [f"{res['objective']} {res['precision']}: {total:.1f} s profiled over {res['steps']} steps, "
+             f"{res['tokens']} tokens; peak {peak['gflops']:.0f} GFLOP/s "
+             f"({', '.join(f'{k} {v:.0f}' for k, v in peak['shapes'].items())})"]
+    for name, s in sorted(sec.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {name:<50} {s:7.2f} s  {100 * s / total:5.1f}%")
+    lines.append(f"  matmuls: {p['matmul_gflop']:.0f} GFLOP at {mm_rate:.0f} GFLOP/s = {pct(mm_rate / peak['gflops'])} "
+                 f"of the peak; model FLOPs (6N per token) {model_gflop:.0f} GFLOP = "
+                 f"{model_gflop / p['matmul_gflop']:.2f}x the matmuls' (a resident reference and recomputation "
+                 f"are matmuls the model FLOPs do not count)" if p["matmul_gflop"] else "  matmuls: no FLOPs counted")
+    mfu = model_gflop / total / peak["gflops"]
+    lines.append(f"MFU (profiled) {pct(mfu)} = matmul efficiency {pct(mm_rate / peak['gflops'])} x matmul share "
+                 f"{pct(sec['matmuls'] / total)} x model/matmul FLOPs "
+                 f"{model_gflop / p['matmul_gflop'] if p['matmul_gflop'] else 0:.2f}")
+    return "\n".join(lines)
 
 
 def run_child(cmd: list[str], env: dict, log: Path) -> dict | None:
@@ -217,8 +271,16 @@ def main() -> None:
         return
     if a.profile:
         bench_dpo.build_pairs(a.pairs)
+        peak = matmul_peak("bfloat16" if a.precision == "bf16" else "float32")
         res = child(a.profile, a.precision, a.pairs, a.steps or 4, profile=True)
-        print(f"{a.profile} {a.precision}: {res['tokens_per_s']:.0f} tokens/s (profiled: slower than unprofiled)")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        res.update(peak=peak, commit=commit, machine=bench_dpo.machine(),
+                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        print(explain(res, peak))
+        out = RESULTS / f"profile_{a.profile}_{a.precision}.json"
+        out.write_text(json.dumps(res, indent=1))
+        print(f"{a.profile} {a.precision}: {res['tokens_per_s']:.0f} tokens/s (profiled: slower than unprofiled); {out}")
         return
 
     import torch
