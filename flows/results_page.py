@@ -220,8 +220,10 @@ def reading(store: ArtifactStore) -> list[str]:
                   f"{_cell(best[1], 'kl_to_reference')}).",
                   f"- Most reward per nat of KL: **{thrifty[0].method}**.",
                   "- Gain over the base with an interval excluding 0: " + ", ".join(r.method for r, _ in gaining) + "."]
-    lines += [f"- Not shown above the base (an interval includes 0, or none was recorded): **{r.method}**: "
-              f"{r.why or 'not yet explained (issue 31).'}" for r, s in done if s["gains"] is not True]
+    short = [(r, s) for r, s in done if s["gains"] is not True]
+    if short:
+        lines.append("- Not shown above the base (an interval includes 0, or none was recorded):")
+        lines += [f"    - **{r.method}**: {r.why or 'not yet explained (issue 31).'}" for r, _ in short]
     return lines + [""]
 
 
