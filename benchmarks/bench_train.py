@@ -131,7 +131,8 @@ def reference_columns(objective: str, rows: list[dict], precision: str) -> None:
     gc.collect()
 
 
-def child(objective: str, precision: str, pairs_path: Path, steps: int, profile: bool = False) -> dict:
+def child(objective: str, precision: str, pairs_path: Path, steps: int, profile: bool = False,
+          compiled: bool = False) -> dict:
     import torch
 
     from stages.config import TrainConfig
@@ -147,6 +148,9 @@ def child(objective: str, precision: str, pairs_path: Path, steps: int, profile:
                       mixed_precision=precision, **settings)
     objective_, model, tokenizer = prepare(cfg, rows, seed=0)
     reference = attach_reference(objective_, cfg, rows, model)
+    if compiled:  # inductor over the decoder body (the LM head is our own autograd Function)
+        body = model.get_decoder()
+        body.forward = torch.compile(body.forward, dynamic=True)
     per_step: list[int] = []
     collate = objective_.collate
 
@@ -255,16 +259,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {STEPS})")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration (default 1)")
     ap.add_argument("--objectives", default=",".join(OBJECTIVES))
+    ap.add_argument("--precisions", default=",".join(PRECISIONS), help="train.mixed_precision values to run")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run ours with torch.compile (inductor) over the decoder body: side ours-compiled")
     ap.add_argument("--profile", choices=OBJECTIVES, help="profile one objective's run by operator, in this process")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="with --profile (default bf16)")
+    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/train.json, train_quick.json)")
     ap.add_argument("--report", type=Path, help="print the table of a results JSON (benchmarks/results/train.json)")
     ap.add_argument("--child", nargs=2, metavar=("OBJECTIVE", "PRECISION"), help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=Path, default=RESULTS / "dpo_pairs.parquet", help=argparse.SUPPRESS)
     a = ap.parse_args()
     steps = a.steps or (QUICK_STEPS if a.quick else STEPS)
     if a.child:
-        print("BENCH_RESULT " + json.dumps(child(a.child[0], a.child[1], a.pairs, steps)), flush=True)
+        print("BENCH_RESULT " + json.dumps(child(a.child[0], a.child[1], a.pairs, steps, compiled=a.compile)),
+              flush=True)
         return
     if a.report:
         print(report(json.loads(a.report.read_text())))
@@ -301,15 +310,18 @@ def main() -> None:
     logs = RESULTS / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     runs = []
-    jobs = [("ours", o, p) for o in objectives for p in PRECISIONS]
+    precisions = [p for p in a.precisions.split(",") if p]
+    jobs = [("ours", o, p) for o in objectives for p in precisions]
+    if a.compile:
+        jobs += [("ours-compiled", o, p) for o in objectives for p in precisions]
     if not a.no_trl and "dpo" in objectives:
-        jobs += [("trl", "dpo", p) for p in PRECISIONS]
+        jobs += [("trl", "dpo", p) for p in precisions]
     for rep in range(repeats):
         for side, objective, precision in jobs[rep % len(jobs):] + jobs[: rep % len(jobs)]:
             name = f"{side}_{objective}_{precision}"
-            if side == "ours":
+            if side.startswith("ours"):
                 cmd = [sys.executable, __file__, "--child", objective, precision, "--pairs", str(a.pairs),
-                       "--steps", str(steps)]
+                       "--steps", str(steps), *(["--compile"] if side == "ours-compiled" else [])]
             else:
                 dpo_steps = min(steps, bench_dpo.N_PAIRS // bench_dpo.BATCH)
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dpo.py"), "--child", "trl_precompute",
@@ -337,7 +349,7 @@ def main() -> None:
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": bench_dpo.machine(),
               "torch_threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "peaks": peaks,
               "n_params": N_PARAMS, "objectives": objectives, "runs": runs}
-    out = RESULTS / ("train_quick.json" if a.quick else "train.json")
+    out = a.out or RESULTS / ("train_quick.json" if a.quick else "train.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(report(result))
     print(f"written: {out}")
