@@ -1,0 +1,37 @@
+"""bench_train's profile: the matmuls' FLOPs are counted as 2nkm per product (backward included),
+the kinds of operator add up to the profiled time, and MFU is the product of its stated factors."""
+
+import re
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train  # noqa: E402
+
+
+def test_matmul_flops_categories_and_mfu_factors():
+    a = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, 16)
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        (a @ w).exp().sum().backward()  # forward a@w, backward grad_a = g @ w.T: two 64x32x16 products
+    p = bench_train.by_category(prof.key_averages())
+    assert p["matmul_gflop"] * 1e9 == 2 * (2 * 64 * 32 * 16)
+    assert abs(sum(p["seconds"].values()) - p["total_s"]) < 1e-9 and p["seconds"]["matmuls"] > 0
+
+
+def test_explain_writes_mfu_as_the_product_of_its_factors():
+    seconds = {name: 0.0 for name, _ in bench_train.CATEGORIES} | {"matmuls": 6.0, "attention": 4.0}
+    p = {"seconds": seconds, "total_s": 10.0, "matmul_gflop": 2400.0, "top_ops": []}  # 400 GFLOP/s in matmuls
+    tokens = 4000
+    text = bench_train.explain({"profile": p, "objective": "dpo", "precision": "bf16", "steps": 1, "tokens": tokens},
+                               {"gflops": 500.0, "shapes": {"2048x576x1536": 500.0}})
+    model_gflop = 6 * bench_train.N_PARAMS * tokens / 1e9  # 3228.4
+    mfu, eff, share, ratio = map(float, re.search(
+        r"MFU \(profiled\) ([\d.]+)% = matmul efficiency ([\d.]+)% x matmul share ([\d.]+)% x model/matmul FLOPs ([\d.]+)",
+        text).groups())
+    assert (eff, share, ratio) == (80.0, 60.0, round(model_gflop / 2400, 2))
+    assert mfu == round(100 * model_gflop / 10 / 500, 1) and abs(eff * share / 100 * ratio - mfu) < 0.01 * mfu  # the ratio is printed to 2 places
