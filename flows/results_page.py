@@ -48,7 +48,7 @@ FAMILIES = [
          Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", ("online_dpo_judge_movies",)),
          Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
          Run("RLOO", "rl_movies.yaml", ("rl_movies",)),
-         Run("GRPO", "grpo_movies.yaml", ("grpo_movies",)),
+         Run("GRPO", "grpo_movies.yaml", _seeds("grpo_movies")),
      ]),
     ("Offline, on one pool", "every method trains once over the same pool of `pool_movies.yaml`: 4 base-policy "
      "samples of each of the 450 training openings, scored once (1,800 samples).", [
