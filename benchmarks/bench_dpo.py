@@ -452,6 +452,13 @@ def machine() -> dict:
             "mem_total_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9}
 
 
+def commit() -> str:
+    """The checkout's short commit, as the results JSONs record it ('' outside a git checkout)."""
+    from stages.pipeline.provenance import git_state
+
+    return git_state().get("commit", "")[:7]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="runs of each configuration (default 3)")

@@ -317,10 +317,9 @@ def main() -> None:
     table = "\n".join(lines)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_dpo import machine
+    from bench_dpo import commit, machine
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    a.out.write_text(json.dumps({"machine": machine(), "commit": commit, "cores": os.cpu_count(),
+    a.out.write_text(json.dumps({"machine": machine(), "commit": commit(), "cores": os.cpu_count(),
                                  "load_before": load, "load_after": load_after, "repeats": a.repeats,
                                  "precision": a.precision,
                                  "prompts": a.prompts, "rounds": a.rounds, "results": results, "quality": quality,

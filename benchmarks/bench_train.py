@@ -199,14 +199,16 @@ CATEGORIES = (
 )
 
 
+REST = "everything else (elementwise, autograd, Python)"
+
+
 def by_category(averages) -> dict:
     """Self seconds per category and the rest, with the matmuls' FLOPs (the profiler counts them)."""
-    out = {name: 0.0 for name, _ in CATEGORIES} | {"everything else (elementwise, autograd, Python)": 0.0}
+    out = {name: 0.0 for name, _ in CATEGORIES} | {REST: 0.0}
     mm_flops, ops = 0, []
     for e in averages:
         sec = e.self_cpu_time_total / 1e6
-        name = next((c for c, keys in CATEGORIES if any(k.lower() in e.key.lower() for k in keys)),
-                    "everything else (elementwise, autograd, Python)")
+        name = next((c for c, keys in CATEGORIES if any(k.lower() in e.key.lower() for k in keys)), REST)
         out[name] += sec
         if name == "matmuls":
             mm_flops += int(e.flops or 0)
@@ -222,20 +224,21 @@ def explain(res: dict, peak: dict) -> str:
     p = res["profile"]
     sec, total = p["seconds"], p["total_s"]
     mm_rate = p["matmul_gflop"] / sec["matmuls"] if sec["matmuls"] else 0.0
+    efficiency = mm_rate / peak["gflops"]
     model_gflop = 6 * N_PARAMS * res["tokens"] / 1e9
+    ratio = model_gflop / p["matmul_gflop"] if p["matmul_gflop"] else 0.0
     lines = [f"{res['objective']} {res['precision']}: {total:.1f} s profiled over {res['steps']} steps, "
              f"{res['tokens']} tokens; peak {peak['gflops']:.0f} GFLOP/s "
              f"({', '.join(f'{k} {v:.0f}' for k, v in peak['shapes'].items())})"]
     for name, s in sorted(sec.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {name:<50} {s:7.2f} s  {100 * s / total:5.1f}%")
-    lines.append(f"  matmuls: {p['matmul_gflop']:.0f} GFLOP at {mm_rate:.0f} GFLOP/s = {pct(mm_rate / peak['gflops'])} "
+    lines.append(f"  matmuls: {p['matmul_gflop']:.0f} GFLOP at {mm_rate:.0f} GFLOP/s = {pct(efficiency)} "
                  f"of the peak; model FLOPs (6N per token) {model_gflop:.0f} GFLOP = "
-                 f"{model_gflop / p['matmul_gflop']:.2f}x the matmuls' (a resident reference and recomputation "
+                 f"{ratio:.2f}x the matmuls' (a resident reference and recomputation "
                  f"are matmuls the model FLOPs do not count)" if p["matmul_gflop"] else "  matmuls: no FLOPs counted")
     mfu = model_gflop / total / peak["gflops"]
-    lines.append(f"MFU (profiled) {pct(mfu)} = matmul efficiency {pct(mm_rate / peak['gflops'])} x matmul share "
-                 f"{pct(sec['matmuls'] / total)} x model/matmul FLOPs "
-                 f"{model_gflop / p['matmul_gflop'] if p['matmul_gflop'] else 0:.2f}")
+    lines.append(f"MFU (profiled) {pct(mfu)} = matmul efficiency {pct(efficiency)} x matmul share "
+                 f"{pct(sec['matmuls'] / total)} x model/matmul FLOPs {ratio:.2f}")
     return "\n".join(lines)
 
 
@@ -282,9 +285,7 @@ def main() -> None:
         bench_dpo.build_pairs(a.pairs)
         peak = matmul_peak("bfloat16" if a.precision == "bf16" else "float32")
         res = child(a.profile, a.precision, a.pairs, a.steps or 4, profile=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        res.update(peak=peak, commit=commit, machine=bench_dpo.machine(),
+        res.update(peak=peak, commit=bench_dpo.commit(), machine=bench_dpo.machine(),
                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         print(explain(res, peak))
         out = RESULTS / f"profile_{a.profile}_{a.precision}.json"
@@ -344,8 +345,7 @@ def main() -> None:
         peaks[p]["before_after"] = [peaks[p]["gflops"], again["gflops"]]
         peaks[p]["shapes"] = {k: max(v, again["shapes"][k]) for k, v in peaks[p]["shapes"].items()}
         peaks[p]["gflops"] = max(peaks[p]["shapes"].values())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    result = {"benchmark": "train", "commit": commit, "started": started.isoformat(timespec="seconds"),
+    result = {"benchmark": "train", "commit": bench_dpo.commit(), "started": started.isoformat(timespec="seconds"),
               "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": bench_dpo.machine(),
               "torch_threads": torch.get_num_threads(), "steps": steps, "repeats": repeats, "peaks": peaks,
               "n_params": N_PARAMS, "objectives": objectives, "runs": runs}

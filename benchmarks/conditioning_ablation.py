@@ -76,8 +76,7 @@ def run(method: str, name: str, overrides: list[str], artifacts: str, log) -> di
     metrics = json.loads((base / "evaluate" / "manifest.json").read_text())["metrics"]
     walls = {p.parent.name: json.loads(p.read_text()).get("wall_seconds") for p in base.glob("*/manifest.json")}
     keep = {k: v for k, v in metrics.items() if any(k.startswith(m) for m in METRICS) or k.startswith("reward_with_control")}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"method": method, "variant": name, "command": command(method, overrides), "commit": commit,
+    return {"method": method, "variant": name, "command": command(method, overrides), "commit": bench_dpo.commit(),
             "metrics": keep, "stage_seconds": walls, "process_seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -178,8 +177,7 @@ def main() -> None:
         for name in args.variants or list(VARIANTS):
             r = run(args.method, name, VARIANTS[name], args.artifacts, log)
             results = [x for x in results if (x["method"], x["variant"]) != (args.method, name)] + [r]
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-            out.write_text(json.dumps({"machine": bench_dpo.machine(), "commit": commit,
+            out.write_text(json.dumps({"machine": bench_dpo.machine(), "commit": bench_dpo.commit(),
                                        "runs": results}, indent=1))
             print(table([r]).splitlines()[-1], flush=True)
             Path(args.page).write_text(page(results, json.loads(out.read_text())))
