@@ -55,6 +55,10 @@ VARIANTS = {
     # GeDi's discriminative loss beside the NLL: each sample likelier under its own token than another's.
     "many_per_prompt_contrast": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                                  "train.learning_rate=1e-4", "train.quark.kl_coef=0.2", "train.quark.contrast_coef=1.0"],
+    # Each sample likelier under its own token than its partner's (a sample of the same opening
+    # under another token), against that partner: what the held-out probe measures, trained.
+    "many_per_prompt_pair": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
+                             "train.learning_rate=1e-4", "train.quark.pair_contrast_coef=1.0"],
     "many_per_prompt_kl02": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",
                              "train.learning_rate=1e-4", "train.quark.kl_coef=0.2"],
     "many_per_prompt_kl05": [*MANY, "build_pool.quantile_scope=per_prompt", "train.max_steps=400",

@@ -17,6 +17,8 @@ sample's weight becomes its generation's weight.
 - quark: each completion gets the control token of its reward quantile (equal-size bins by mid-rank,
   best = 0; a prompt with fewer samples than bins spreads them from the best bin to the worst).
 - nlf: each completion gets feedback text (one phrase per reward quantile, best first).
+  Quark's and NLF's records also carry a partner (generation2, control2 / feedback2): a sample
+  of the same prompt under another condition, for the pairwise contrast (`with_partners`).
 - rl: scored completions grouped by prompt, the score as generation1_reward.
 Orders follow a seeded hash, so pools are stable across runs.
 """
@@ -157,9 +159,33 @@ def _quantile_bins(rows, cfg) -> list[tuple[dict, int]]:
     return list(zip(scored, quantile_bins(scopes, [r["score"] for r in scored], cfg.quantiles)))
 
 
+def with_partners(records: list[dict], condition: str, seed: int) -> list[dict]:
+    """Each conditioned record's partner (generation2, its reward and its condition as
+    `<condition>2`): the sample of the same prompt under a different condition whose reward is
+    farthest from its own, ties in a seeded order; none when every sibling shares its condition.
+    The pairwise contrast of Quark and NLF (`pair_contrast_coef`) trains on the two."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["split"], r["prompt_id"]), []).append(r)
+    out = []
+    for r in records:
+        others = [o for o in groups[(r["split"], r["prompt_id"])]
+                  if o[condition] != r[condition] and o.get("generation1_reward") is not None]
+        if r.get("generation1_reward") is None or not others:
+            out.append(r)
+            continue
+        o = max(others, key=lambda o: (abs(o["generation1_reward"] - r["generation1_reward"]),
+                                       seeded_hash(seed, r["generation1"] + "|" + o["generation1"])))
+        out.append({**r, "generation2": o["generation1"], "generation2_ids": o.get("generation1_ids"),
+                    "generation2_weight": o.get("generation1_weight", 1.0),
+                    "generation2_reward": o["generation1_reward"], f"{condition}2": o[condition]})
+    return out
+
+
 def quark(rows, cfg, seed):
-    return [{**_prompt(r), **_gen(r), "generation1_reward": r["score"], "control": cfg.control_token.format(k=k)}
+    made = [{**_prompt(r), **_gen(r), "generation1_reward": r["score"], "control": cfg.control_token.format(k=k)}
             for r, k in _quantile_bins(rows, cfg)]
+    return with_partners(made, "control", seed)
 
 
 def nlf(rows, cfg, seed):
@@ -169,9 +195,8 @@ def nlf(rows, cfg, seed):
     record = lambda r, fb: {**_prompt(r), **_gen(r), "generation1_reward": r.get("score"), "feedback": fb}  # noqa: E731
     given = [record(r, r["feedback"]) for r in rows if r.get("feedback") and r.get("completion")]
     rest = [r for r in rows if not r.get("feedback")]
-    if not rest:
-        return given
-    return given + [record(r, cfg.feedback_phrases[k]) for r, k in _quantile_bins(rest, cfg)]
+    binned = [record(r, cfg.feedback_phrases[k]) for r, k in _quantile_bins(rest, cfg)] if rest else []
+    return with_partners(given + binned, "feedback", seed)
 
 
 def rl(rows, cfg, seed):
@@ -193,7 +218,7 @@ def _drawn_from_pool(ctx) -> pa.Table:
     return drawn.rename_columns(["score" if c == "reward" else c for c in drawn.column_names])
 
 
-@stage("build_pool", version="6", inputs=("load_prompts@0", "annotate", "reweight", "data_pool", "data_pool@earlier"))
+@stage("build_pool", version="7", inputs=("load_prompts@0", "annotate", "reweight", "data_pool", "data_pool@earlier"))
 def run(ctx, cfg: BuildPoolConfig) -> StageOutput:
     if "data_pool" in ctx.inputs:
         prompts = _drawn_from_pool(ctx)

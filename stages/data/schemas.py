@@ -8,6 +8,8 @@
 - desirable: the pointwise label (KTO), else null
 - control: a Quark reward-quantile token prefixed to the prompt, else null
 - feedback: natural-language feedback the prompt is conditioned on (NLF), else null
+- control2 / feedback2: Quark's / NLF's partner sample (generation2, a sample of the same prompt)
+  and its condition, for the pairwise contrast; else null
 - kl_generation: another record's generation1, paired with this prompt (KTO's reference point)
 - prompt_ids, generation1_ids, generation2_ids, kl_generation_ids: the token ids of the prompt
   (unconditioned) and of each generation as the policy sampled them, else null. Where a record has
@@ -38,6 +40,8 @@ RECORDS = pa.schema([
     ("desirable", pa.bool_()),
     ("control", pa.string()),
     ("feedback", pa.string()),
+    ("control2", pa.string()),
+    ("feedback2", pa.string()),
     ("kl_generation", pa.string()),
     ("split", pa.string()),
     ("prompt_ids", pa.list_(pa.int32())),
@@ -56,7 +60,7 @@ REFERENCE_COLUMNS = pa.schema([
 
 DEFAULTS = {"generation2": None, "generation1_reward": None, "generation2_reward": None,
             "generation1_weight": 1.0, "generation2_weight": 1.0, "desirable": None, "control": None,
-            "feedback": None, "kl_generation": None, "prompt_ids": None, "generation1_ids": None,
+            "feedback": None, "control2": None, "feedback2": None, "kl_generation": None, "prompt_ids": None, "generation1_ids": None,
             "generation2_ids": None, "kl_generation_ids": None, "generation1_logps": None}
 
 

@@ -10,7 +10,8 @@ from pydantic import Field
 
 from stages.training import losses as L
 from stages.training.logprobs import completion_token_stats
-from stages.training.objectives.base import Objective, batch_token_logps, column, token_grid
+from stages.data.tokens import of_record
+from stages.training.objectives.base import Objective, batch_token_logps, column, sequences, token_grid
 from stages.pipeline.sections import Section
 
 
@@ -29,6 +30,14 @@ class ConditionedOptions(Section):
     # gradient is mostly noise the conditions share; this term keeps what tells them apart. One
     # more forward and backward pass per batch. 0: off (the papers' Quark and NLF).
     contrast_coef: float = Field(0.0, ge=0)
+    # Weight of a pairwise contrast between two samples of one prompt under different conditions
+    # (a record and its partner from build_pool: generation2 under control2 / feedback2): each
+    # sample likelier under its own condition than under the other's, against the other sample:
+    # -log sigmoid(log p(y1 | c1) + log p(y2 | c2) - log p(y1 | c2) - log p(y2 | c1)). It trains
+    # what the held-out probe measures: each sample's own words cancel between the two conditions
+    # and the prompt's shared ones between the two samples, so what is left is what the conditions
+    # tell apart, which memorising a sample cannot satisfy. Three more sequences per record. 0: off.
+    pair_contrast_coef: float = Field(0.0, ge=0)
 
 
 def other_conditions(conditions: list[str]) -> list[str | None]:
@@ -80,6 +89,25 @@ class ConditionedNLL(Objective):
                              for r, o in zip(rows, other)])
             out.update({f"alt_{k}": v for k, v in alt.items()})
             out["alt_valid"] = torch.tensor([o is not None for o in other], dtype=torch.float32)
+        if self.opt.pair_contrast_coef > 0:
+            out.update(self.partner_batch(rows, tokenizer))
+        return out
+
+    def partner_batch(self, rows, tokenizer) -> dict:
+        """pair_contrast_coef's sequences, as `pair_*`: every row's sample under its partner's
+        condition, then the partner's sample under the row's condition, then under its own. A row
+        without a partner under another condition repeats its own and is masked out."""
+        own_key, other_key = self.condition_key, f"{self.condition_key}2"
+        valid = [r.get("generation2") is not None and r.get(other_key) not in (None, r[own_key]) for r in rows]
+        rows = [r if v else {**r, "generation2": r["generation1"], "generation2_ids": r.get("generation1_ids"),
+                             other_key: r[own_key]} for r, v in zip(rows, valid)]
+        own = [self.condition_prefix(r[own_key], tokenizer) for r in rows]
+        other = [self.condition_prefix(r[other_key], tokenizer) for r in rows]
+        seqs = ([of_record(tokenizer, r, "generation1", c) for r, c in zip(rows, other)]
+                + [of_record(tokenizer, r, "generation2", c) for r, c in zip(rows, own)]
+                + [of_record(tokenizer, r, "generation2", c) for r, c in zip(rows, other)])
+        out = {f"pair_{k}": v for k, v in sequences(seqs, tokenizer.pad_token_id, self.max_prompt, self.cfg.max_length).items()}
+        out["pair_valid"] = torch.tensor(valid, dtype=torch.float32)
         return out
 
     def per_example_loss(self, model, batch):
@@ -100,4 +128,11 @@ class ConditionedNLL(Objective):
             own, other = (logp * mask).sum(-1), (alt_logp * alt_mask).sum(-1)
             loss = loss + self.opt.contrast_coef * L.condition_contrast(own, other) * batch["alt_valid"]
             metrics["contrast_margin"] = (own - other).detach()
+        if self.opt.pair_contrast_coef > 0:
+            pair = {k[5:]: v for k, v in batch.items() if k.startswith("pair_") and k != "pair_valid"}
+            pair_logp, pair_mask = batch_token_logps(model, pair, self.vocab)
+            y1_c2, y2_c1, y2_c2 = (pair_logp * pair_mask).sum(-1).chunk(3)
+            margin = ((logp * mask).sum(-1) + y2_c2) - (y1_c2 + y2_c1)
+            loss = loss + self.opt.pair_contrast_coef * L.condition_contrast(margin, torch.zeros_like(margin)) * batch["pair_valid"]
+            metrics["pair_margin"] = margin.detach()
         return loss, metrics

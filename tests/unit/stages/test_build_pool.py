@@ -55,3 +55,19 @@ def test_quark_bins_are_equal_size_per_scope_and_ties_share_a_bin():
     assert glob[" a9"] == glob[" b9"] == 0  # tied rewards, one bin
     nlf_cfg = BuildPoolConfig(kind="nlf", quantiles=4, feedback_phrases=["A", "B", "C", "D"], quantile_scope="per_prompt")
     assert [r["feedback"] for r in nlf(rows[:3], nlf_cfg, seed=0)] == ["D", "B", "A"]
+
+
+def test_each_conditioned_record_is_partnered_with_its_prompts_farthest_sample_under_another_condition():
+    rows = [row("a", f" a{i}", s) for i, s in enumerate([0.1, 0.9, 0.6, 0.3])] + [row("b", " b0", 0.7)]
+    cfg = BuildPoolConfig(kind="quark", quantiles=4, quantile_scope="per_prompt")
+    got = {r["generation1"]: r for r in quark(rows, cfg, seed=0)}
+    # a1 (0.9) is farthest from a0 (0.1) and back; a2 (0.6) from a0, a3 (0.3) from a1.
+    assert {k: got[k]["generation2"] for k in (" a0", " a1", " a2", " a3")} == {" a0": " a1", " a1": " a0", " a2": " a0", " a3": " a1"}
+    assert got[" a2"]["control2"] == got[" a0"]["control"] == "<|quark_3|>" and got[" a2"]["generation2_reward"] == 0.1
+    assert "generation2" not in got[" b0"]  # alone in its prompt: no partner
+    # Tied rewards share a bin, so their condition: no partners at all.
+    assert not any("generation2" in r for r in quark([row("c", f" c{i}", 0.5) for i in range(3)], cfg, seed=0))
+    nlf_cfg = BuildPoolConfig(kind="nlf", quantiles=2, feedback_phrases=["Good.", "Bad."], quantile_scope="per_prompt")
+    by_text = {r["generation1"]: r for r in nlf(rows[:4], nlf_cfg, seed=0)}
+    assert by_text[" a1"]["feedback"] == "Good." and by_text[" a1"]["feedback2"] == "Bad." and by_text[" a1"]["generation2"] == " a0"
+    assert by_text[" a2"]["generation2"] == " a0"  # a1 shares its phrase; of the other phrase's, a0 is farthest

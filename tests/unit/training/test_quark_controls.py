@@ -158,3 +158,47 @@ def test_the_contrast_term_adds_the_bayes_loss_of_each_samples_condition_and_its
     margin = torch.tensor(own, dtype=torch.float64) - torch.tensor(other, dtype=torch.float64)
     torch.testing.assert_close(metrics["contrast_margin"], margin, rtol=0, atol=1e-4)
     assert_gradient_matches_finite_differences(contrast, model, tok, rows)
+
+
+@needs_prepared
+def test_the_pair_contrast_term_adds_the_double_log_ratio_loss_of_each_record_and_its_partner():
+    """Quark's loss with pair_contrast_coef: the papers' loss plus coef * -log sigmoid(log p(y1 |
+    c1) + log p(y2 | c2) - log p(y1 | c2) - log p(y2 | c1)), each sequence scored alone; a record
+    without a partner adds nothing; gradients by differences."""
+    import copy
+
+    from test_objectives import assert_gradient_matches_finite_differences
+
+    from stages.data.tokens import of_record
+    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
+    from stages.services.scoring import score
+
+    path = build_tiny_llama()
+    model, tok = load_causal_lm(path).double(), copy.deepcopy(load_tokenizer(path))
+    opts = {"control_tokens": CONTROLS, "kl_coef": 0.0, "entropy_coef": 0.0}
+    plain = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8, quark=opts))
+    paired = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8,
+                                        quark={**opts, "pair_contrast_coef": 0.5}))
+    good, bad = ROWS[0], ROWS[1]  # one prompt: the better sample under control 0, the worse under 1
+    rows = [{**good, "generation1_reward": 0.9, "generation2": bad["generation1"], "generation2_reward": 0.2, "control2": CONTROLS[1]},
+            {**bad, "generation1_reward": 0.2, "generation2": good["generation1"], "generation2_reward": 0.9, "control2": CONTROLS[0]},
+            {**ROWS[2], "generation1_reward": 0.5}]  # no partner
+    plain.prepare_model(model, tok, rows, 0)
+    paired.vocab = plain.vocab
+
+    def lp(r, generation, control):
+        return score(model, [of_record(tok, r, generation, plain.condition_prefix(control, tok))], tok.pad_token_id, 8,
+                     (8, 32), vocab=plain.vocab)[0][0]
+
+    base, _ = plain.per_example_loss(model, plain.collate(rows, tok))
+    got, metrics = paired.per_example_loss(model, paired.collate(rows, tok))
+    margins = []
+    for r in rows[:2]:
+        c1, c2 = r["control"], r["control2"]
+        margins.append(lp(r, "generation1", c1) + lp(r, "generation2", c2) - lp(r, "generation1", c2) - lp(r, "generation2", c1))
+    want = base + 0.5 * torch.tensor([math.log1p(math.exp(-m)) for m in margins] + [0.0], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(metrics["pair_margin"][:2], torch.tensor(margins, dtype=torch.float64), rtol=0, atol=1e-4)
+    # Both records of the pair see the same margin: the loss is symmetric in the two.
+    assert abs(margins[0] - margins[1]) < 1e-4
+    assert_gradient_matches_finite_differences(paired, model, tok, rows)
