@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from conftest import needs_prepared
+from test_objectives import assert_gradient_matches_finite_differences
 from stages.config import TrainConfig
+from stages.data.tokens import of_record
+from stages.services.scoring import score
 from stages.training.objectives import make_objective
 from stages.training.objectives.quark import ControlEmbedding
 from stages.training.trainer import fit
@@ -124,27 +127,29 @@ def test_condition_contrast_is_the_two_class_bayes_log_loss():
     torch.testing.assert_close(condition_contrast(own, other), torch.tensor(want, dtype=torch.float64))
 
 
-@needs_prepared
-def test_the_contrast_term_adds_the_bayes_loss_of_each_samples_condition_and_its_gradient_is_right():
-    """Quark's loss with contrast_coef: the papers' loss plus coef * -log sigmoid(log p(y | own
-    token) - log p(y | the next row's other token)), each scored alone; gradients by differences."""
+def plain_and_variant(rows, **options):
+    """A float64 tiny Llama with the control tokens, and Quark objectives without and with `options`
+    (no KL, no entropy), for comparing the two losses term by term."""
     import copy
 
-    from test_objectives import assert_gradient_matches_finite_differences
-
-    from stages.data.tokens import of_record
     from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
-    from stages.services.scoring import score
 
     path = build_tiny_llama()
     model, tok = load_causal_lm(path).double(), copy.deepcopy(load_tokenizer(path))
     opts = {"control_tokens": CONTROLS, "kl_coef": 0.0, "entropy_coef": 0.0}
     plain = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8, quark=opts))
-    contrast = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8,
-                                          quark={**opts, "contrast_coef": 0.5}))
-    rows = ROWS + [{**ROWS[0], "control": CONTROLS[0]}]  # the last row's other is the first different one
+    variant = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8, quark={**opts, **options}))
     plain.prepare_model(model, tok, rows, 0)
-    contrast.vocab = plain.vocab
+    variant.vocab = plain.vocab
+    return model, tok, plain, variant
+
+
+@needs_prepared
+def test_the_contrast_term_adds_the_bayes_loss_of_each_samples_condition_and_its_gradient_is_right():
+    """Quark's loss with contrast_coef: the papers' loss plus coef * -log sigmoid(log p(y | own
+    token) - log p(y | the next row's other token)), each scored alone; gradients by differences."""
+    rows = ROWS + [{**ROWS[0], "control": CONTROLS[0]}]  # the last row's other is the first different one
+    model, tok, plain, contrast = plain_and_variant(rows, contrast_coef=0.5)
     base, _ = plain.per_example_loss(model, plain.collate(rows, tok))
     got, metrics = contrast.per_example_loss(model, contrast.collate(rows, tok))
     others = [CONTROLS[1], CONTROLS[0], CONTROLS[1], CONTROLS[0], CONTROLS[1]]
@@ -165,26 +170,11 @@ def test_the_pair_contrast_term_adds_the_double_log_ratio_loss_of_each_record_an
     """Quark's loss with pair_contrast_coef: the papers' loss plus coef * -log sigmoid(log p(y1 |
     c1) + log p(y2 | c2) - log p(y1 | c2) - log p(y2 | c1)), each sequence scored alone; a record
     without a partner adds nothing; gradients by differences."""
-    import copy
-
-    from test_objectives import assert_gradient_matches_finite_differences
-
-    from stages.data.tokens import of_record
-    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
-    from stages.services.scoring import score
-
-    path = build_tiny_llama()
-    model, tok = load_causal_lm(path).double(), copy.deepcopy(load_tokenizer(path))
-    opts = {"control_tokens": CONTROLS, "kl_coef": 0.0, "entropy_coef": 0.0}
-    plain = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8, quark=opts))
-    paired = make_objective(TrainConfig(objective="quark", max_length=32, max_prompt_length=8,
-                                        quark={**opts, "pair_contrast_coef": 0.5}))
     good, bad = ROWS[0], ROWS[1]  # one prompt: the better sample under control 0, the worse under 1
     rows = [{**good, "generation1_reward": 0.9, "generation2": bad["generation1"], "generation2_reward": 0.2, "control2": CONTROLS[1]},
             {**bad, "generation1_reward": 0.2, "generation2": good["generation1"], "generation2_reward": 0.9, "control2": CONTROLS[0]},
             {**ROWS[2], "generation1_reward": 0.5}]  # no partner
-    plain.prepare_model(model, tok, rows, 0)
-    paired.vocab = plain.vocab
+    model, tok, plain, paired = plain_and_variant(rows, pair_contrast_coef=0.5)
 
     def lp(r, generation, control):
         return score(model, [of_record(tok, r, generation, plain.condition_prefix(control, tok))], tok.pad_token_id, 8,
