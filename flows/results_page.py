@@ -26,6 +26,7 @@ class Run:
     config: str  # its flow's config; the seeds' experiments add --set seed=k --set experiment=<name>
     names: tuple[str, ...]  # the experiments of its seeds, seed 0 first
     why: str = ""  # where it does not beat its base: why, with the evidence (no numbers: they are the tables')
+    sets: tuple[str, ...] = ()  # overrides of its config that made it (a recipe variant: its experiment name too)
 
     @property
     def seeded(self) -> bool:
@@ -59,11 +60,13 @@ FAMILIES = [
          Run("SimPO", "simpo_movies.yaml", ("simpo_movies",)),
          Run("ORPO", "orpo_movies.yaml", ("orpo_movies",)),
          Run("KTO", "kto_movies.yaml", ("kto_movies",)),
-         Run("Quark (pool)", "quark_pool_movies.yaml", ("quark_pool_movies",),
+         Run("Quark (pool)", "quark_pool_movies.yaml", ("quark_pool_pair",), sets=("experiment=quark_pool_pair",)),
+         Run("Quark (pool), papers' loss", "quark_pool_movies.yaml", ("quark_pool_movies",),
              "the same memorisation on a fixed pool: the token matches the samples it trained on well above chance "
              "(`conditioning_match` in its manifest) while the held-out probe stays at chance (its table's probe "
              "column), so sampling with the best token draws from the base's distribution shifted by nothing it "
-             "learnt; see issue 28 and [the recipes](conditioning-ablation.md)."),
+             "learnt. The pairwise contrast (`pair_contrast_coef`, the row above) is what makes it learn; see "
+             "[Quark and NLF](quark-nlf.md).", sets=("train.quark.pair_contrast_coef=0",)),
          Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_movies",),
              "the phrase starts to mean something on unseen samples (the probe column's interval sits just above "
              "chance) but far too little to move what it samples under \"Excellent.\": the ladder is flat. "
@@ -248,8 +251,9 @@ def page(root: Path = DOCS / "results") -> str:
                   f"scoring, once for every offline method. " + _made_pool(store), ""]
     for run in (r for r in RUNS if recorded(store, r)):
         series = {n: rounds_table(store, n) for n in run.names}
-        commands = [f".venv/bin/align run configs/{run.config}"] + [
-            f".venv/bin/align run configs/{run.config} --set seed={k} --set experiment={n}"
+        sets = "".join(f" --set {o}" for o in run.sets)
+        commands = [f".venv/bin/align run configs/{run.config}{sets}"] + [
+            f".venv/bin/align run configs/{run.config}{sets} --set seed={k} --set experiment={n}"
             for k, n in enumerate(run.names) if k]
         parts += [f"## {run.method}", "", export(series, {"+".join(run.names): list(series.values())}, "md").rstrip(), "",
                   "Made: " + "; ".join(_made(store, n) for n in run.names) + ".", "", "Repeat:", "",
