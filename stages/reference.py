@@ -26,7 +26,7 @@ def identity(cfg: ReferenceConfig) -> dict:
     return {"model": model_identity(cfg.model, "reference.model"), "precision": resolve(cfg.mixed_precision)}
 
 
-@stage("reference", version="2", inputs=("build_pool",), identity=identity)
+@stage("reference", version="3", inputs=("build_pool",), identity=identity)
 def run(ctx, cfg: ReferenceConfig) -> StageOutput:
     pool = ctx.inputs["build_pool"].table()
     check_columns(pool, {"prompt": pa.string(), "generation1": pa.string()}, "reference input (build_pool)")
@@ -50,10 +50,13 @@ def reference_shard(rows: list[dict], shard: int, path: str, cfg: ReferenceConfi
     # resident reference, which computes in the policy's precision.
     model = cast_for_compute(load_causal_lm(path).eval(), resolve(cfg.mixed_precision))
     # Every completion of every record in one list, so the ones of a prompt share its forward pass.
+    # Quark's / NLF's partner (generation2 under control2 / feedback2) needs none: the pairwise
+    # contrast compares the policy with itself.
     wanted = [(out_col, gen_col, i) for out_col, gen_col in (("reference_logp1", "generation1"),
                                                             ("reference_logp2", "generation2"),
                                                             ("reference_kl_logp", "kl_generation"))
-              for i, r in enumerate(rows) if r.get(gen_col) is not None]
+              for i, r in enumerate(rows) if r.get(gen_col) is not None
+              and not (gen_col == "generation2" and (r.get("control2") or r.get("feedback2")))]
     # The recorded token ids where the pool has them (sampled records), else the tokenised text.
     seqs = [of_record(tokenizer, rows[i], gen_col) for _, gen_col, i in wanted]
     sums, toks = score(model, seqs, tokenizer.pad_token_id, cfg.batch_size, (cfg.max_prompt_length, cfg.max_length),

@@ -581,3 +581,16 @@ def test_quark_predicts_the_original_vocabulary_only(tiny, fused, monkeypatch):
     seqs = [of_record(tok, r, "generation1", obj.prefix(r, tok)) for r in rows]
     sums, _ = score(policy, seqs, tok.pad_token_id, 4, (8, 32), vocab=vocab)
     torch.testing.assert_close(torch.tensor(sums, dtype=torch.float64), (token_lp * mask).sum(-1), rtol=1e-5, atol=1e-4)
+
+
+@needs_prepared
+def test_reference_scores_pairs_but_not_a_conditioned_records_partner(tiny):
+    from stages.config import ReferenceConfig
+    from stages.reference import reference_shard
+    from stages.services.models import build_tiny_llama
+
+    cfg = ReferenceConfig(model="tiny-llama", batch_size=4, max_length=32, max_prompt_length=8, mixed_precision="no")
+    quark = dict(ROWS[0], control="<|quark_0|>", control2="<|quark_1|>")
+    out = reference_shard([ROWS[0], quark], 0, str(build_tiny_llama()), cfg)
+    assert out[0]["reference_logp2"] is not None and out[1]["reference_logp2"] is None
+    assert out[1]["reference_logp1"] == pytest.approx(out[0]["reference_logp1"])
