@@ -67,10 +67,12 @@ FAMILIES = [
              "column), so sampling with the best token draws from the base's distribution shifted by nothing it "
              "learnt. The pairwise contrast (`pair_contrast_coef`, the row above) is what makes it learn; see "
              "[Quark and NLF](quark-nlf.md).", sets=("train.quark.pair_contrast_coef=0",)),
-         Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_movies",),
+         Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_pair",), sets=("experiment=nlf_pool_pair",)),
+         Run("NLF (pool), papers' loss", "nlf_pool_movies.yaml", ("nlf_pool_movies",),
              "the phrase starts to mean something on unseen samples (the probe column's interval sits just above "
-             "chance) but far too little to move what it samples under \"Excellent.\": the ladder is flat. "
-             "See issue 28 and [the recipes](conditioning-ablation.md)."),
+             "chance) but far too little to move what it samples under \"Excellent.\": the ladder is flat. The "
+             "pairwise contrast (the row above) is what makes it learn; see [Quark and NLF](quark-nlf.md).",
+             sets=("train.nlf.pair_contrast_coef=0",)),
      ]),
 ]
 RUNS = [run for _, _, runs in FAMILIES for run in runs]
