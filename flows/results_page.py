@@ -41,11 +41,17 @@ FAMILIES = [
     ("Online", "each round samples from the policy being trained and scores: 300 samples a round (2 "
      "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds.", [
          Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
-         Run("Quark", "quark_movies.yaml", _seeds("quark_movies"),
+         Run("Quark", "quark_movies.yaml", ("quark_pair_movies",), sets=("experiment=quark_pair_movies",)),
+         Run("NLF", "nlf_movies.yaml", ("nlf_pair_movies",), sets=("experiment=nlf_pair_movies",)),
+         Run("Quark, papers' loss", "quark_movies.yaml", _seeds("quark_movies"),
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
-             "probe near chance; see [the recipes](conditioning-ablation.md) for the search."),
-         Run("NLF", "nlf_movies.yaml", _seeds("nlf_movies"),
-             "as Quark: the feedback phrase is not yet read as an instruction; see [the recipes](conditioning-ablation.md)."),
+             "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
+             "[Quark and NLF](quark-nlf.md).",
+             sets=("build_pool.quantile_scope=global", "train.quark.pair_contrast_coef=0")),
+         Run("NLF, papers' loss", "nlf_movies.yaml", _seeds("nlf_movies"),
+             "as Quark's: the feedback phrase is not read as an instruction. On the pool the pairwise contrast makes "
+             "NLF learn it (\"NLF (pool)\" below); see [Quark and NLF](quark-nlf.md).",
+             sets=("build_pool.quantile_scope=global", "train.nlf.pair_contrast_coef=0")),
          Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", ("online_dpo_judge_movies",)),
          Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
          Run("RLOO", "rl_movies.yaml", ("rl_movies",)),
