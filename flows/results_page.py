@@ -54,7 +54,7 @@ FAMILIES = [
              sets=("build_pool.quantile_scope=global", "train.nlf.pair_contrast_coef=0")),
          Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", ("online_dpo_judge_movies",)),
          Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
-         Run("RLOO", "rl_movies.yaml", ("rl_movies",)),
+         Run("RLOO", "rl_movies.yaml", _seeds("rl_movies")),
          Run("GRPO", "grpo_movies.yaml", _seeds("grpo_movies")),
      ]),
     ("Offline, on one pool", "every method trains once over the same pool of `pool_movies.yaml`: 4 base-policy "
