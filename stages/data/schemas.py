@@ -58,10 +58,8 @@ REFERENCE_COLUMNS = pa.schema([
     ("reference_token_logps1", pa.list_(pa.float32())),
 ])
 
-DEFAULTS = {"generation2": None, "generation1_reward": None, "generation2_reward": None,
-            "generation1_weight": 1.0, "generation2_weight": 1.0, "desirable": None, "control": None,
-            "feedback": None, "control2": None, "feedback2": None, "kl_generation": None, "prompt_ids": None, "generation1_ids": None,
-            "generation2_ids": None, "kl_generation_ids": None, "generation1_logps": None}
+# A record's columns default to null, its weights to 1.0.
+DEFAULTS = {name: None for name in RECORDS.names} | {"generation1_weight": 1.0, "generation2_weight": 1.0}
 
 
 def records_table(rows: list[dict]) -> pa.Table:

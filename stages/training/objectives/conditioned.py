@@ -106,7 +106,8 @@ class ConditionedNLL(Objective):
         seqs = ([of_record(tokenizer, r, "generation1", c) for r, c in zip(rows, other)]
                 + [of_record(tokenizer, r, "generation2", c) for r, c in zip(rows, own)]
                 + [of_record(tokenizer, r, "generation2", c) for r, c in zip(rows, other)])
-        out = {f"pair_{k}": v for k, v in sequences(seqs, tokenizer.pad_token_id, self.max_prompt, self.cfg.max_length).items()}
+        batch = sequences(seqs, tokenizer.pad_token_id, self.max_prompt, self.cfg.max_length)
+        out = {f"pair_{k}": v for k, v in batch.items()}
         out["pair_valid"] = torch.tensor(valid, dtype=torch.float32)
         return out
 
@@ -133,6 +134,7 @@ class ConditionedNLL(Objective):
             pair_logp, pair_mask = batch_token_logps(model, pair, self.vocab)
             y1_c2, y2_c1, y2_c2 = (pair_logp * pair_mask).sum(-1).chunk(3)
             margin = ((logp * mask).sum(-1) + y2_c2) - (y1_c2 + y2_c1)
-            loss = loss + self.opt.pair_contrast_coef * L.condition_contrast(margin, torch.zeros_like(margin)) * batch["pair_valid"]
+            contrast = L.condition_contrast(margin, torch.zeros_like(margin)) * batch["pair_valid"]
+            loss = loss + self.opt.pair_contrast_coef * contrast
             metrics["pair_margin"] = margin.detach()
         return loss, metrics
