@@ -293,7 +293,9 @@ TrainConfig = _train_config()
 class ReferenceConfig(Section):
     batch_size: int = Field(8, ge=1)  # sequences per forward pass
     shards: int = Field(1, ge=1)  # records split over this many Ray tasks (as sample.shards)
-    token_logps: bool = False  # also per-token log-probs of generation1 (quark/nlf kl: cached)
+    # The reference columns computed (stages/data/schemas.py REFERENCE_COLUMNS); filled from what the
+    # training objective reads (its `reference_columns`), so no record is scored for nothing.
+    columns: list[Literal["reference_logp1", "reference_logp2", "reference_kl_logp", "reference_token_logps1"]] | None = None
     # Filled from train (model, max_length, max_prompt_length, mixed_precision) so tokenisation and
     # arithmetic match training: cached log-probs equal what a resident reference would compute.
     mixed_precision: Literal["auto", "no", "bf16"] | None = None
@@ -382,6 +384,9 @@ class RunConfig(Section):
             ref.max_prompt_length = self.train.max_prompt_length
         if ref.mixed_precision is None:
             ref.mixed_precision = self.train.mixed_precision
+        if ref.columns is None:
+            from stages.training.objectives import OBJECTIVES
+            ref.columns = list(OBJECTIVES[self.train.objective].reference_columns)
         if self.sample.model is None:
             self.sample.model = self.train.model
         lp = self.load_prompts

@@ -94,22 +94,24 @@ class ConditionedNLL(Objective):
         return out
 
     def partner_batch(self, rows, tokenizer) -> dict:
-        """pair_contrast_coef's sequences, as `pair_*`: every row's sample under its partner's
-        condition, then the partner's sample under the row's condition, then under its own. A row
-        without a partner under another condition repeats its own and is masked out."""
+        """pair_contrast_coef's sequences, as `pair_*`, for the rows with a partner under another
+        condition (`pair_index`): each such row's sample under its partner's condition, then the
+        partner's sample under the row's condition, then under its own. Rows without one cost
+        nothing and take no part in the contrast."""
         own_key, other_key = self.condition_key, f"{self.condition_key}2"
-        valid = [r.get("generation2") is not None and r.get(other_key) not in (None, r[own_key]) for r in rows]
-        rows = [r if v else {**r, "generation2": r["generation1"], "generation2_ids": r.get("generation1_ids"),
-                             other_key: r[own_key]} for r, v in zip(rows, valid)]
+        index = [i for i, r in enumerate(rows) if r.get("generation2") is not None
+                 and r.get(other_key) not in (None, r[own_key])]
+        out = {"pair_index": torch.tensor(index, dtype=torch.long)}
+        if not index:
+            return out
+        rows = [rows[i] for i in index]
         own = [self.condition_prefix(r[own_key], tokenizer) for r in rows]
         other = [self.condition_prefix(r[other_key], tokenizer) for r in rows]
         seqs = ([of_record(tokenizer, r, "generation1", c) for r, c in zip(rows, other)]
                 + [of_record(tokenizer, r, "generation2", c) for r, c in zip(rows, own)]
                 + [of_record(tokenizer, r, "generation2", c) for r, c in zip(rows, other)])
         batch = sequences(seqs, tokenizer.pad_token_id, self.max_prompt, self.cfg.max_length)
-        out = {f"pair_{k}": v for k, v in batch.items()}
-        out["pair_valid"] = torch.tensor(valid, dtype=torch.float32)
-        return out
+        return out | {f"pair_{k}": v for k, v in batch.items()}
 
     def per_example_loss(self, model, batch):
         ref_batch = {k[4:]: v for k, v in batch.items() if k.startswith("ref_") and k != "ref_token_logps"}
@@ -130,11 +132,19 @@ class ConditionedNLL(Objective):
             loss = loss + self.opt.contrast_coef * L.condition_contrast(own, other) * batch["alt_valid"]
             metrics["contrast_margin"] = (own - other).detach()
         if self.opt.pair_contrast_coef > 0:
-            pair = {k[5:]: v for k, v in batch.items() if k.startswith("pair_") and k != "pair_valid"}
-            pair_logp, pair_mask = batch_token_logps(model, pair, self.vocab)
-            y1_c2, y2_c1, y2_c2 = (pair_logp * pair_mask).sum(-1).chunk(3)
-            margin = ((logp * mask).sum(-1) + y2_c2) - (y1_c2 + y2_c1)
-            contrast = L.condition_contrast(margin, torch.zeros_like(margin)) * batch["pair_valid"]
-            loss = loss + self.opt.pair_contrast_coef * contrast
-            metrics["pair_margin"] = margin.detach()
+            index = batch["pair_index"]
+            has = torch.zeros_like(loss, dtype=torch.bool).index_fill_(0, index, True)
+            margins = torch.zeros_like(loss)
+            if len(index):
+                pair = {k[5:]: v for k, v in batch.items() if k.startswith("pair_") and k != "pair_index"}
+                pair_logp, pair_mask = batch_token_logps(model, pair, self.vocab)
+                y1_c2, y2_c1, y2_c2 = (pair_logp * pair_mask).sum(-1).chunk(3)
+                y1_c1 = (logp * mask).sum(-1)[index]
+                margin = (y1_c1 + y2_c2) - (y1_c2 + y2_c1)
+                contrast = L.condition_contrast(margin, torch.zeros_like(margin))
+                loss = loss + self.opt.pair_contrast_coef * torch.zeros_like(loss).index_add(0, index, contrast)
+                # Rows without a partner log the mean of those with one: the step's margin is theirs alone.
+                margins = torch.full_like(loss, float(margin.mean())).index_copy(0, index, margin.detach())
+            metrics["pair_margin"] = margins.detach()
+            metrics["pair_rows"] = has.float()  # the share of rows that took part in the contrast
         return loss, metrics

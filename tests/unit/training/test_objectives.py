@@ -255,7 +255,7 @@ def test_reference_stage_scores_a_prompts_completions_together_with_the_same_num
     model, tok = tiny
     pairs = [(r["prompt"], r[g]) for g in ("generation1", "generation2") for r in ROWS] + [(ROWS[0]["prompt"], "fine.")]
     seqs = [from_text(tok, p, c) for p, c in pairs]
-    cfg = ReferenceConfig(model="tiny-llama", batch_size=4, max_length=32, max_prompt_length=8, token_logps=True)
+    cfg = ReferenceConfig(model="tiny-llama", batch_size=4, max_length=32, max_prompt_length=8)
     sums, per_token = score(model, seqs, tok.pad_token_id, cfg.batch_size, (8, 32), per_token=True, desc="test")
     for seq, total, tokens in zip(seqs, sums, per_token):
         one = sequences([seq], tok.pad_token_id, 8, 32)
@@ -584,13 +584,26 @@ def test_quark_predicts_the_original_vocabulary_only(tiny, fused, monkeypatch):
 
 
 @needs_prepared
-def test_reference_scores_pairs_but_not_a_conditioned_records_partner(tiny):
-    from stages.config import ReferenceConfig
+def test_reference_computes_the_columns_its_objective_reads_and_no_others(tiny):
+    from stages.config import ReferenceConfig, RunConfig
     from stages.reference import reference_shard
     from stages.services.models import build_tiny_llama
 
+    def columns(objective: str) -> list[str]:
+        return RunConfig(experiment="x", train={"objective": objective}).reference.columns
+
+    assert columns("dpo") == ["reference_logp1", "reference_logp2"]
+    assert columns("kto") == ["reference_logp1", "reference_kl_logp"]
+    # Quark's record carries a partner in generation2, scored by the policy only (the pair contrast).
+    assert columns("quark") == columns("nlf") == columns("grpo") == ["reference_token_logps1"]
+    assert columns("sft") == []
+
+    path = str(build_tiny_llama())
     cfg = ReferenceConfig(model="tiny-llama", batch_size=4, max_length=32, max_prompt_length=8, mixed_precision="no")
     quark = dict(ROWS[0], control="<|quark_0|>", control2="<|quark_1|>")
-    out = reference_shard([ROWS[0], quark], 0, str(build_tiny_llama()), cfg)
-    assert out[0]["reference_logp2"] is not None and out[1]["reference_logp2"] is None
-    assert out[1]["reference_logp1"] == pytest.approx(out[0]["reference_logp1"])
+    dpo = reference_shard([ROWS[0]], 0, path, cfg.model_copy(update={"columns": columns("dpo")}))[0]
+    both = reference_shard([quark], 0, path, cfg.model_copy(update={"columns": columns("quark")}))[0]
+    assert dpo["reference_logp2"] is not None and dpo["reference_token_logps1"] is None
+    assert both["reference_logp2"] is None and both["reference_logp1"] is None
+    # The same model, sequence and arithmetic: the per-token column sums to the pairwise one.
+    assert sum(both["reference_token_logps1"]) == pytest.approx(dpo["reference_logp1"], abs=1e-4)

@@ -189,6 +189,14 @@ def test_the_pair_contrast_term_adds_the_double_log_ratio_loss_of_each_record_an
     want = base + 0.5 * torch.tensor([math.log1p(math.exp(-m)) for m in margins] + [0.0], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     torch.testing.assert_close(metrics["pair_margin"][:2], torch.tensor(margins, dtype=torch.float64), rtol=0, atol=1e-4)
+    # The row without a partner costs no sequences and logs the others' mean margin (not a 0 that dilutes it).
+    batch = paired.collate(rows, tok)
+    assert batch["pair_index"].tolist() == [0, 1] and len(batch["pair_input_ids"]) == 3 * 2
+    assert metrics["pair_margin"][2].item() == pytest.approx(sum(margins) / 2, abs=1e-4)
+    assert metrics["pair_rows"].tolist() == [1.0, 1.0, 0.0]
+    assert "pair_input_ids" not in paired.collate(rows[2:], tok)
+    alone, alone_metrics = paired.per_example_loss(model, paired.collate(rows[2:], tok))
+    torch.testing.assert_close(alone, base[2:], rtol=0, atol=1e-9)
     # Both records of the pair see the same margin: the loss is symmetric in the two.
     assert abs(margins[0] - margins[1]) < 1e-4
     assert_gradient_matches_finite_differences(paired, model, tok, rows)
