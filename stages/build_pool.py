@@ -159,19 +159,23 @@ def _quantile_bins(rows, cfg) -> list[tuple[dict, int]]:
     return list(zip(scored, quantile_bins(scopes, [r["score"] for r in scored], cfg.quantiles)))
 
 
-def with_partners(records: list[dict], condition: str, seed: int) -> list[dict]:
+def with_partners(records: list[dict], condition: str, seed: int, min_gap: float = 0.0) -> list[dict]:
     """Each conditioned record's partner (generation2, its reward and its condition as
     `<condition>2`): the sample of the same prompt under a different condition whose reward is
-    farthest from its own, ties in a seeded order; none when every sibling shares its condition.
-    The pairwise contrast of Quark and NLF (`pair_contrast_coef`) trains on the two."""
+    farthest from its own, ties in a seeded order; none when every sibling shares its condition
+    or none is at least `min_gap` away (a near-tie would teach the conditions the noise that tells
+    two equally good samples apart). The pairwise contrast of Quark and NLF (`pair_contrast_coef`)
+    trains on the two."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["split"], r["prompt_id"]), []).append(r)
     out = []
     for r in records:
         others = [o for o in groups[(r["split"], r["prompt_id"])]
-                  if o[condition] != r[condition] and o.get("generation1_reward") is not None]
-        if r.get("generation1_reward") is None or not others:
+                  if o[condition] != r[condition] and o.get("generation1_reward") is not None
+                  and r.get("generation1_reward") is not None
+                  and abs(o["generation1_reward"] - r["generation1_reward"]) >= min_gap]
+        if not others:
             out.append(r)
             continue
         o = max(others, key=lambda o: (abs(o["generation1_reward"] - r["generation1_reward"]),
@@ -185,7 +189,7 @@ def with_partners(records: list[dict], condition: str, seed: int) -> list[dict]:
 def quark(rows, cfg, seed):
     made = [{**_prompt(r), **_gen(r), "generation1_reward": r["score"], "control": cfg.control_token.format(k=k)}
             for r, k in _quantile_bins(rows, cfg)]
-    return with_partners(made, "control", seed)
+    return with_partners(made, "control", seed, cfg.partner_min_gap)
 
 
 def nlf(rows, cfg, seed):
@@ -196,7 +200,7 @@ def nlf(rows, cfg, seed):
     given = [record(r, r["feedback"]) for r in rows if r.get("feedback") and r.get("completion")]
     rest = [r for r in rows if not r.get("feedback")]
     binned = [record(r, cfg.feedback_phrases[k]) for r, k in _quantile_bins(rest, cfg)] if rest else []
-    return with_partners(given + binned, "feedback", seed)
+    return with_partners(given + binned, "feedback", seed, cfg.partner_min_gap)
 
 
 def rl(rows, cfg, seed):

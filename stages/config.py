@@ -148,6 +148,9 @@ class BuildPoolConfig(Section):
     # quark / nlf: rank rewards over the whole pool, or among each prompt's own samples (a sample's
     # bin then says how it compares with its siblings, not how positive its prompt is).
     quantile_scope: Literal["global", "per_prompt"] = "global"
+    # quark / nlf: a record's partner for the pairwise contrast (train.<objective>.pair_contrast_coef)
+    # is its prompt's farthest-scored sample under another condition, if at least this far away.
+    partner_min_gap: float = Field(0.0, ge=0)
     control_token: str = "<|quark_{k}|>"  # quark: the token of bin k, added to the policy's vocabulary
     # nlf without an annotator's feedback: one phrase per reward quantile, best first.
     feedback_phrases: list[str] = Field(default_factory=lambda: ["Excellent.", "Good.", "Okay.", "Poor.", "Terrible."])

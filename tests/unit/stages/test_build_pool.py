@@ -71,3 +71,6 @@ def test_each_conditioned_record_is_partnered_with_its_prompts_farthest_sample_u
     by_text = {r["generation1"]: r for r in nlf(rows[:4], nlf_cfg, seed=0)}
     assert by_text[" a1"]["feedback"] == "Good." and by_text[" a1"]["feedback2"] == "Bad." and by_text[" a1"]["generation2"] == " a0"
     assert by_text[" a2"]["generation2"] == " a0"  # a1 shares its phrase; of the other phrase's, a0 is farthest
+    # partner_min_gap 0.6: a2 (0.6) loses its partner (its farthest, a0, is 0.5 away); a3 (0.3) keeps a1 (0.6 away).
+    gapped = {r["generation1"]: r.get("generation2") for r in quark(rows, cfg.model_copy(update={"partner_min_gap": 0.6}), seed=0)}
+    assert gapped == {" a0": " a1", " a1": " a0", " a2": None, " a3": " a1", " b0": None}
