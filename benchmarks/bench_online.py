@@ -83,7 +83,6 @@ sample: {{n: {N}, max_new_tokens: {NEW_TOKENS}, temperature: {TEMPERATURE}, top_
          batch_size: {GEN_BATCH},
          max_prompts: {prompts}}}
 build_pool: {{kind: rl}}
-reference: {{token_logps: {str(objective == 'grpo').lower()}}}
 train:
   objective: {objective}
   learning_rate: {LR}

@@ -116,15 +116,18 @@ def cast_for_compute(model: nn.Module, mode: str) -> nn.Module:
 class MasterWeights:
     """bf16 parameters for compute, float32 masters for the optimizer (see the module docstring).
 
-    Each bf16 gradient is added into its master's float32 .grad as soon as backward has formed it
-    (a post-accumulate-grad hook) and freed there, so a full set of bf16 gradients never exists
-    beside the float32 one (0.27 GB less at the peak for SmolLM2) and accumulation over
-    micro-batches happens in float32 (under DDP, `fold_in_backward=False`, the bf16 gradients are
-    summed on the model and all-reduced there, then folded). Usage per optimizer step:
-    `accumulate()` after the step's backward passes (it folds what is left; a parameter that got no
-    gradient gets zeros, as a float32 model's would); then clip / step on `params`, `to_model()`, and the optimizer's
+    Gradients are summed in float32 without a float32 set of them existing while activations do,
+    where they can be avoided: a step's first micro-batch leaves its bf16 gradients as they are
+    (0.27 GB for SmolLM2, where float32 would take 0.54 GB during the next micro-batch's forward
+    pass, the peak of memory); from the next backward pass on, each gradient is added into its
+    master's float32 .grad as soon as backward has formed it (a post-accumulate-grad hook), the
+    held bf16 one with it, and freed there. `accumulate()` after the step's backward passes folds
+    what is left (a single micro-batch's gradients: after its activations are gone; a parameter
+    that got no gradient gets zeros, as a float32 model's would). Under DDP (`fold_in_backward=False`)
+    the bf16 gradients are summed on the model and all-reduced there, then folded. Usage per
+    optimizer step: `accumulate()`; then clip / step on `params`, `to_model()`, and the optimizer's
     zero_grad(set_to_none=True): the float32 gradients then do not exist during the next step's
-    first backward pass, the peak of memory (0.54 GB less for SmolLM2).
+    first micro-batch either.
     `restore()` at the end (or leaving a `with masters:` block, an error included) puts the
     masters back into the model as float32 parameters; frozen parameters (a LoRA base) stay the
     bf16-rounded values they were trained against, upcast.
@@ -137,15 +140,18 @@ class MasterWeights:
         self.params = [nn.Parameter(p.detach().float().clone()) for p in trainable]
         self._attention = _to_bf16(model)
         # Off under DDP: its all-reduce reads the model's gradients after the step's last backward.
+        self._held: dict[int, torch.Tensor] = {}  # id(param) -> its bf16 gradient of the step's first micro-batch
         self._hooks = [p.register_post_accumulate_grad_hook(self._folder(m)) for p, m in zip(trainable, self.params)
                        ] if fold_in_backward else []
 
-    @staticmethod
-    def _folder(master: nn.Parameter):
+    def _folder(self, master: nn.Parameter):
         @torch.no_grad()
-        def fold(p: torch.Tensor) -> None:
-            if master.grad is None:
-                master.grad = p.grad.float()
+        def fold(p: torch.Tensor, hold: bool = True) -> None:
+            held = self._held.pop(id(p), None)
+            if master.grad is None and held is None and hold:
+                self._held[id(p)] = p.grad  # the step's first gradient: kept in bf16 until a second comes
+            elif master.grad is None:
+                master.grad = p.grad.float() if held is None else held.float().add_(p.grad)
             else:
                 master.grad.add_(p.grad)  # bf16 into float32: promoted elementwise, no float32 copy
             p.grad = None
@@ -155,7 +161,10 @@ class MasterWeights:
     def accumulate(self) -> None:
         for m, p in zip(self.params, self.compute):
             if p.grad is not None:  # formed outside a backward pass's hooks
-                self._folder(m)(p)
+                self._folder(m)(p, hold=False)
+            held = self._held.pop(id(p), None)
+            if held is not None:
+                m.grad = held.float()
             if m.grad is None:
                 m.grad = torch.zeros_like(m)
 
@@ -181,6 +190,7 @@ class MasterWeights:
 
     @torch.no_grad()
     def restore(self) -> None:
+        self._held.clear()
         for h in self._hooks:
             h.remove()
         self._hooks = []

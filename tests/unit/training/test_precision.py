@@ -4,6 +4,7 @@ back to float32 where the hardware has no native bf16."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -81,22 +82,35 @@ def test_master_weights_keep_updates_bf16_cannot_hold():
     assert model.weight.dtype == torch.float32 and model.weight.item() == pytest.approx(1.01, abs=1e-5)
 
 
-def test_bf16_gradients_are_folded_into_float32_during_backward():
-    """Each bf16 gradient goes into its master as backward forms it: when the first layer's backward
-    runs (the last one of the pass), no later layer still holds a bf16 gradient, and the sum over two
-    micro-batches equals the float32 model's gradient within bf16's rounding."""
+def test_bf16_gradients_are_summed_in_float32_without_a_float32_set_during_the_first_micro_batch():
+    """A step's first micro-batch keeps its bf16 gradients (no float32 gradient exists before the
+    second micro-batch's backward); from the second on, each gradient goes into its master as
+    backward forms it (when the first layer's backward runs, no later layer holds a bf16 one); the
+    float32 sum is exactly the sum of the micro-batches' bf16 gradients, no bf16 rounding of the
+    sum; and a single micro-batch's are folded by accumulate()."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
     reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
-    x = torch.randn(2, 4, 8)
+    x = torch.randn(3, 4, 8)
+    twin = copy.deepcopy(model).bfloat16()  # each micro-batch's own bf16 gradients
+    per_micro = []
+    for micro in x:
+        twin.zero_grad(set_to_none=True)
+        twin(micro.bfloat16()).sum().backward()
+        per_micro.append([p.grad.clone() for p in twin.parameters()])
     masters = precision.MasterWeights(model, list(model.parameters()))
     held = []
     model[0].register_full_backward_hook(
         lambda *_: held.append([p.grad is not None for p in list(model.parameters())[2:]]))
-    for micro in x:
+    for i, micro in enumerate(x):
         model(micro.bfloat16()).sum().backward()
-        masters.accumulate()
-    assert held == [[False] * 4] * 2 and all(p.grad is None for p in model.parameters())
+        if i == 0:
+            assert all(m.grad is None for m in masters.params)  # nothing float32 yet
+    masters.accumulate()
+    assert held[1:] == [[False] * 4] * 2 and all(p.grad is None for p in model.parameters())
+    for m, grads in zip(masters.params, zip(*per_micro)):
+        assert m.grad.dtype == torch.float32
+        torch.testing.assert_close(m.grad, sum(g.float() for g in grads), rtol=0, atol=1e-6)
 
     def fp32_forward(h):
         w0, b0, w1, b1, w2, b2 = reference
@@ -105,8 +119,14 @@ def test_bf16_gradients_are_folded_into_float32_during_backward():
 
     sum(fp32_forward(micro) for micro in x).backward()
     for m, r in zip(masters.params, reference):
-        assert m.grad.dtype == torch.float32
         torch.testing.assert_close(m.grad, r.grad, rtol=0.05, atol=0.02)
+    # One micro-batch: its bf16 gradients become the float32 ones at accumulate().
+    for m in masters.params:
+        m.grad = None
+    model(x[0].bfloat16()).sum().backward()
+    masters.accumulate()
+    for m, g in zip(masters.params, per_micro[0]):
+        torch.testing.assert_close(m.grad, g.float(), rtol=0, atol=0)
     masters.restore()
 
 
