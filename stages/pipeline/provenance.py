@@ -55,6 +55,11 @@ def _machine_and_versions() -> dict:
             "gpu": gpu}
 
 
+# The checkout's state when this process imported the code: what it runs, even if the checkout
+# moves under a long run (a commit, a pull); a worker's next run is a new process and asks again.
+CODE_STATE = git_state()
+
+
 def provenance() -> dict:
-    """The manifest's `provenance`; git is asked each time (a long-lived worker's checkout moves)."""
-    return {**git_state(), **_machine_and_versions()}
+    """The manifest's `provenance`."""
+    return {**CODE_STATE, **_machine_and_versions()}

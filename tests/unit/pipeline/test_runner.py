@@ -121,3 +121,13 @@ def test_input_rounds_and_downstream_of_earlier_rounds():
     # build_pool reads data_pool of this round and of every earlier one: only the first makes it downstream
     flow = ["load_prompts", "sample", "annotate", "data_pool", "build_pool", "train"]
     assert downstream_of("data_pool", flow) == ["data_pool", "build_pool", "train"]
+
+
+def test_provenance_records_the_code_this_process_imported_not_where_the_checkout_moved(monkeypatch):
+    """A long run's manifests name the commit its code came from, even after a commit or a pull
+    moves the checkout mid-run (the modules in memory do not move with it)."""
+    from stages.pipeline import provenance as prov
+
+    before = prov.provenance()
+    monkeypatch.setattr(prov, "git_state", lambda root=prov.CHECKOUT: {"commit": "0" * 40, "dirty": False})
+    assert prov.provenance()["commit"] == before["commit"] == prov.CODE_STATE["commit"]
