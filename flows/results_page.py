@@ -49,8 +49,8 @@ FAMILIES = [
              "[Quark and NLF](quark-nlf.md).",
              sets=("build_pool.quantile_scope=global", "train.quark.pair_contrast_coef=0")),
          Run("NLF, papers' loss", "nlf_movies.yaml", _seeds("nlf_movies"),
-             "as Quark's: the feedback phrase is not read as an instruction. On the pool the pairwise contrast makes "
-             "NLF learn it (\"NLF (pool)\" below); see [Quark and NLF](quark-nlf.md).",
+             "as Quark's: the feedback phrase is not read as an instruction. The pairwise contrast (the row \"NLF\", "
+             "and \"NLF (pool)\" below) makes NLF learn it; see [Quark and NLF](quark-nlf.md).",
              sets=("build_pool.quantile_scope=global", "train.nlf.pair_contrast_coef=0")),
          Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", ("online_dpo_judge_movies",)),
          Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
