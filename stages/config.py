@@ -311,8 +311,9 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, ge=1)  # records per forward pass on held-out records
     max_records: int | None = Field(200, gt=0)  # held-out pool records scored by the objective's own metrics
     samples_to_show: int = Field(5, ge=0)  # samples copied into the manifest and the report
-    # Online flows (filled from sample / annotate): sample held-out prompts from the trained
-    # policy, score them, and report the mean reward, KL to the reference and lengths.
+    # Online flows (filled from sample / annotate; what generation sets overrides the sample
+    # section's value): sample held-out prompts from the trained policy, score them, and report
+    # the mean reward, KL to the reference and lengths.
     generation: SampleConfig | None = None
     annotate: AnnotateConfig | None = None  # how evaluate scores its samples; online flows: filled from annotate
     max_prompts: int | None = Field(50, gt=0)  # held-out prompts sampled
@@ -405,9 +406,11 @@ class RunConfig(Section):
             self.data_pool.quantiles = self.build_pool.quantiles
         if self.data_pool.quantile_scope is None:
             self.data_pool.quantile_scope = self.build_pool.quantile_scope
-        if "sample" in self.stages:  # evaluate generates and scores like the round did
-            if self.evaluate.generation is None:
-                self.evaluate.generation = self.sample.model_copy(update={"n": 1, "split": "heldout"})
+        if "sample" in self.stages:  # evaluate generates and scores like the round did, but for what it sets
+            given = self.evaluate.generation
+            like_the_round = self.sample.model_copy(update={"n": 1, "split": "heldout"})
+            self.evaluate.generation = like_the_round if given is None else like_the_round.model_copy(
+                update={k: getattr(given, k) for k in given.model_fields_set})
             if self.evaluate.annotate is None and "annotate" in self.stages:
                 self.evaluate.annotate = self.annotate.model_copy()
         ev = self.evaluate

@@ -157,3 +157,15 @@ def test_the_whole_lora_section_reaches_peft():
     assert q.scaling["default"] == pytest.approx(8 / math.sqrt(4))
     with pytest.raises(BadInput, match="rank_dropout: not a field of peft's LoraConfig"):
         validate_config({"experiment": "x", "train": {"lora": {"rank_dropout": 0.1}}})
+
+
+def test_evaluate_samples_like_the_round_but_for_what_it_sets():
+    """An online flow's evaluate.generation is the round's sampler (one sample, held-out prompts);
+    what evaluate.generation sets itself (here: top-p for the protocol while the rounds sample at
+    top-p 1) overrides just that."""
+    cfg = load_config(ROOT / "configs" / "nlf_movies.yaml", ["sample.top_p=1.0"])
+    assert cfg.evaluate.generation.top_p == 1.0 and cfg.evaluate.generation.conditioning == "feedback"
+    cfg = load_config(ROOT / "configs" / "nlf_movies.yaml", ["sample.top_p=1.0", "evaluate.generation.top_p=0.9"])
+    gen = cfg.evaluate.generation
+    assert (gen.top_p, gen.n, gen.split, gen.conditioning, gen.feedback) == (0.9, 1, "heldout", "feedback", "Excellent.")
+    assert gen.max_new_tokens == cfg.sample.max_new_tokens and cfg.sample.top_p == 1.0
