@@ -43,6 +43,8 @@ FAMILIES = [
          Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
          Run("Quark", "quark_movies.yaml", ("quark_pair_movies",), sets=("experiment=quark_pair_movies",)),
          Run("NLF", "nlf_movies.yaml", ("nlf_pair_movies",), sets=("experiment=nlf_pair_movies",)),
+         Run("NLF, full-vocabulary KL", "nlf_movies.yaml", ("nlf_pair_exact",),
+             sets=("train.nlf.kl=exact", "experiment=nlf_pair_exact")),
          Run("Quark, papers' loss", "quark_movies.yaml", _seeds("quark_movies"),
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
              "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
