@@ -45,6 +45,9 @@ FAMILIES = [
          Run("NLF", "nlf_movies.yaml", ("nlf_pair_movies",), sets=("experiment=nlf_pair_movies",)),
          Run("NLF, full-vocabulary KL", "nlf_movies.yaml", ("nlf_pair_exact",),
              sets=("train.nlf.kl=exact", "experiment=nlf_pair_exact")),
+         Run("NLF, rounds sampled at top-p 1", "nlf_movies.yaml", ("nlf_pair_topp1",),
+             sets=("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50",
+                   "experiment=nlf_pair_topp1")),
          Run("Quark, papers' loss", "quark_movies.yaml", _seeds("quark_movies"),
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
              "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
