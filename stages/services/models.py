@@ -290,9 +290,10 @@ def resolve_model(ref: str, field: str = "model") -> str:
 
 
 def model_identity(ref: str, field: str = "model") -> str:
-    """A short stable string for fingerprints: the resolved path, the sha256 of its config.json
-    and of its weights (new weights of the same shape are a new model). A weight file's hash is
-    cached by its path, size and mtime, so it is computed once per file version."""
+    """A short stable string for fingerprints: the folder's name, the sha256 of its config.json
+    and of its weights (new weights of the same shape are a new model). Not the absolute path: an
+    artifact store moved, or resumed from another checkout, holds the same models. A weight file's
+    hash is cached by its path, size and mtime, so it is computed once per file version."""
     resolved = resolve_model(ref, field)
     folder = Path(resolved)
     if not folder.is_dir():
@@ -303,7 +304,7 @@ def model_identity(ref: str, field: str = "model") -> str:
         raise BadInput(f"{field}: {folder / 'config.json'}: {e.strerror or e}") from None
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     digest = hashlib.sha256("".join(f"{w.name}:{file_sha256(w)}," for w in weights).encode()).hexdigest()[:16]
-    return f"{resolved}|config:{config_sha}|weights:{digest}"
+    return f"{folder.name}|config:{config_sha}|weights:{digest}"
 
 
 def file_sha256(path: Path) -> str:

@@ -188,9 +188,20 @@ def test_model_identity_is_stable_and_tracks_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"0" * 10)
     first = models.model_identity(str(tmp_path))
     assert first == models.model_identity(str(tmp_path))
-    assert first.startswith(str(tmp_path.resolve())) and "|weights:" in first
+    assert first.startswith(f"{tmp_path.name}|config:") and "|weights:" in first
     (tmp_path / "config.json").write_text('{"a": 2}')
     assert models.model_identity(str(tmp_path)) != first
+
+
+def test_model_identity_is_the_same_for_a_copy_elsewhere(tmp_path):
+    """A moved artifact store (or one resumed from another checkout) keeps its fingerprints."""
+    import shutil
+
+    (tmp_path / "a" / "m").mkdir(parents=True)
+    (tmp_path / "a" / "m" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "a" / "m" / "model.safetensors").write_bytes(b"weights")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert models.model_identity(str(tmp_path / "a" / "m")) == models.model_identity(str(tmp_path / "b" / "m"))
 
 
 def test_model_identity_tracks_new_weights_of_the_same_size(tmp_path):
