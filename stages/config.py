@@ -400,6 +400,9 @@ class RunConfig(Section):
         quark = getattr(self.train, "quark", None)
         if self.build_pool.kind == "quark" and quark is not None and not quark.control_tokens:
             quark.control_tokens = quark_tokens
+        if quark is not None and quark.control_init and len(quark.control_init) != len(quark.control_tokens):
+            raise ValueError(f"train.quark.control_init: {len(quark.control_init)} words for "
+                             f"{len(quark.control_tokens)} control tokens (one per quantile, best first)")
         if self.train.objective == "quark" and not self.sample.suppress_tokens:
             self.sample.suppress_tokens = list(self.train.quark.control_tokens)
         if self.data_pool.quantiles is None:
@@ -437,8 +440,10 @@ def _error_line(err: ValidationError, source: str) -> str:
 
     # a discriminated union puts the chosen tag in the path (steps.0.rule.callable): leave it out
     loc = [p for i, p in enumerate(first["loc"]) if not (i and isinstance(first["loc"][i - 1], int) and p in ANNOTATORS)]
-    path = ".".join(str(p) for p in loc) or "(top level)"
     kind = first["type"]
+    if not loc:  # a check across sections: its message names the fields; the input is the whole config
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}"
+    path = ".".join(str(p) for p in loc)
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{path}'"
     if kind == "missing":

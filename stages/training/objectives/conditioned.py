@@ -144,7 +144,7 @@ class ConditionedNLL(Objective):
                 contrast = L.condition_contrast(margin, torch.zeros_like(margin))
                 loss = loss + self.opt.pair_contrast_coef * torch.zeros_like(loss).index_add(0, index, contrast)
                 # Rows without a partner log the mean of those with one: the step's margin is theirs alone.
-                margins = torch.full_like(loss, float(margin.mean())).index_copy(0, index, margin.detach())
+                margins = torch.full_like(loss, float(margin.detach().mean())).index_copy(0, index, margin.detach())
             metrics["pair_margin"] = margins.detach()
             metrics["pair_rows"] = has.float()  # the share of rows that took part in the contrast
         return loss, metrics

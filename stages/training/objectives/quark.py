@@ -18,6 +18,11 @@ class QuarkOptions(ConditionedOptions):
     # controls: the policy cannot drift from the reference but through what the tokens mean).
     control_learning_rate: float | None = Field(None, gt=0)
     controls_only: bool = False  # see control_learning_rate
+    # Words whose mean token embedding each control token starts from, best quantile's first (one
+    # per control token, e.g. ["Excellent", "Good", "Okay", "Poor", "Terrible"]), so the tokens
+    # start with the meaning NLF's phrases have (prompt tuning's label initialisation, Lester et
+    # al., 2021). Empty: drawn as a typical token, as the paper does.
+    control_init: list[str] = []
 
 
 class Quark(ConditionedNLL):
@@ -35,7 +40,8 @@ class Quark(ConditionedNLL):
         return (tokenizer.convert_tokens_to_ids(condition),)
 
     def prepare_model(self, model, tokenizer, rows, seed):
-        add_control_tokens(model, tokenizer, rows, seed, self.opt.control_tokens)
+        add_control_tokens(model, tokenizer, rows, seed, self.opt.control_tokens,
+                           dict(zip(self.opt.control_tokens, self.opt.control_init)))
         # The control tokens are conditions, never predictions: the policy's distribution (its
         # log-probs, KL and entropy) covers the original vocabulary, as the sampler's does (it
         # suppresses them), and the tokens' tied output rows get no gradient that would pull
@@ -97,9 +103,11 @@ class ControlEmbedding(nn.Module):
         return self.embedding
 
 
-def add_control_tokens(model, tokenizer, rows: list[dict], seed: int, tokens: list[str] = ()) -> list[str]:
+def add_control_tokens(model, tokenizer, rows: list[dict], seed: int, tokens: list[str] = (),
+                       init: dict[str, str] | None = None) -> list[str]:
     """Quark's reward tokens: new vocabulary entries whose embeddings are drawn from the mean and
-    std of the existing ones (per dimension), so they start as typical, not arbitrary, tokens."""
+    std of the existing ones (per dimension), so they start as typical, not arbitrary, tokens; a
+    token named in `init` starts as the mean embedding of its word's tokens instead."""
     controls = sorted(set(tokens) | {r["control"] for r in rows if r.get("control")})
     new = [t for t in controls if t not in tokenizer.get_vocab()]
     if not new:
@@ -112,4 +120,8 @@ def add_control_tokens(model, tokenizer, rows: list[dict], seed: int, tokens: li
         mean, std = weight[:old].mean(0), weight[:old].std(0)
         g = torch.Generator().manual_seed(seed)
         weight[old:] = mean + std * torch.randn(weight.shape[0] - old, weight.shape[1], generator=g)
+        for token, word in (init or {}).items():
+            if token in new:
+                ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+                weight[tokenizer.convert_tokens_to_ids(token)] = weight[ids].mean(0)
     return new

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import needs_prepared
+from conftest import ROOT, needs_prepared
 from test_objectives import assert_gradient_matches_finite_differences
 from stages.config import TrainConfig
 from stages.data.tokens import of_record
@@ -200,3 +200,34 @@ def test_the_pair_contrast_term_adds_the_double_log_ratio_loss_of_each_record_an
     # Both records of the pair see the same margin: the loss is symmetric in the two.
     assert abs(margins[0] - margins[1]) < 1e-4
     assert_gradient_matches_finite_differences(paired, model, tok, rows)
+
+
+def test_control_tokens_start_as_their_words_mean_embedding_when_told():
+    from stages.services.models import build_tiny_llama, load_causal_lm, load_tokenizer
+
+    path = build_tiny_llama()
+    words = ["Excellent", "a chore"]
+    cfg = TrainConfig(objective="quark", model=str(path), quark={"control_tokens": CONTROLS, "control_init": words})
+    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+    make_objective(cfg).prepare_model(model, tokenizer, ROWS, 0)
+    weight = model.get_input_embeddings().weight
+    for token, word in zip(CONTROLS, words):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        expected = sum(weight[i] for i in ids) / len(ids)  # by hand, not by the code's mean
+        torch.testing.assert_close(weight[tokenizer.convert_tokens_to_ids(token)], expected)
+    plain, plain_tok = load_causal_lm(path), load_tokenizer(path)
+    make_objective(TrainConfig(objective="quark", model=str(path), quark={"control_tokens": CONTROLS})).prepare_model(
+        plain, plain_tok, ROWS, 0)  # without control_init: drawn, not a word's embedding
+    assert not torch.allclose(plain.get_input_embeddings().weight[-2:], weight[-2:])
+
+
+def test_control_init_needs_one_word_per_control_token():
+    from stages.config import load_config
+
+    from stages.pipeline.errors import BadInput
+
+    with pytest.raises(BadInput) as err:
+        load_config(ROOT / "configs" / "quark_movies.yaml", ["train.quark.control_init=[Excellent, Good]"])
+    # One line that names the field, not the whole config a check across sections was given.
+    assert str(err.value) == (f"{ROOT / 'configs' / 'quark_movies.yaml'}: train.quark.control_init: 2 words for 5 "
+                              "control tokens (one per quantile, best first)")
