@@ -48,6 +48,11 @@ FAMILIES = [
          Run("NLF, rounds sampled at top-p 1", "nlf_movies.yaml", ("nlf_pair_topp1",),
              sets=("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50",
                    "experiment=nlf_pair_topp1")),
+         Run("NLF, top-p 1 rounds at twice the learning rate", "nlf_movies.yaml", ("nlf_topp1_lr1e4",),
+             "its conditioning learns faster (the held-out probe), but its completions shorten every round and the "
+             "gain of round 1 is gone by round 2: not a recipe.",
+             sets=("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50",
+                   "train.learning_rate=1.0e-4", "experiment=nlf_topp1_lr1e4")),
          Run("Quark, papers' loss", "quark_movies.yaml", _seeds("quark_movies"),
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
              "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
