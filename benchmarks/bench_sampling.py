@@ -10,6 +10,14 @@ configurations alternate, and the table reports medians over repeats:
   - annotator texts/s: the MiniLM reward model, the vaderSentiment rule, the SmolLM2 judge (pairs/s).
 
     .venv/bin/python benchmarks/bench_sampling.py [--repeats 3] [--batch 64] [--quick]
+    .venv/bin/python benchmarks/bench_sampling.py --profile [--batch 32] [--new-tokens 32] [--top-p 1.0]
+
+--profile splits one `generate` call of ours (bench_online's shape: 4 samples per prompt, a batch of
+32 sequences, top-p 1 and top-k 0 unless told) into its parts per decoding step: the model's own
+forward pass (the same batch stepped by hand through the KV cache, no `generate`), the logits
+processors (the log-prob recorder and NucleusSampler, timed around their calls), and the rest of
+`generate`'s loop; plus what a call costs before its first step (loading the model and its first,
+warm-up call). Writes benchmarks/results/profile_sampling.json.
 """
 
 from __future__ import annotations
@@ -128,14 +136,87 @@ def child(kind: str, batch: int, n_prompts: int, new_tokens: int, seed: int) -> 
     return {"kind": kind, "texts_per_s": n_prompts / wall, "seconds": wall}
 
 
+def profile(batch: int, new_tokens: int, top_p: float, top_k: int) -> dict:
+    """Where a decoding step of ours goes (see --profile above): milliseconds per step."""
+    import logging
+
+    import torch
+
+    from stages.config import SampleConfig
+    from stages.services import generation
+    from stages.services.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path, log = resolve_model("smollm2"), logging.getLogger("bench")
+    n = 4
+    cfg = SampleConfig(n=n, batch_size=batch, max_new_tokens=new_tokens, temperature=1.0, top_p=top_p, top_k=top_k)
+    texts = prompts(batch // n)
+    timers = {"processors": 0.0}
+    def timed(call):  # transformers reads a processor's signature: (self, input_ids, scores) exactly
+        def timed_call(self, input_ids, scores):
+            start = time.perf_counter()
+            out = call(self, input_ids, scores)
+            timers["processors"] += time.perf_counter() - start
+            return out
+        return timed_call
+
+    for cls in (generation.TokenLogprobs, generation.NucleusSampler):
+        cls.__call__ = timed(cls.__call__)
+    t0 = time.perf_counter()
+    generation.generate_hf(path, texts, cfg, 0, log)  # the first call: model load and warm-up included
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_causal_lm(path, generation.sampling_dtype(cfg.dtype)), load_tokenizer(path, padding_side="left")
+    load = time.perf_counter() - t0
+    timers["processors"] = 0.0
+    t0 = time.perf_counter()
+    out = generation.generate_hf(path, texts, cfg, 1, log)
+    call = time.perf_counter() - t0 - load
+    steps = max(g["completion_tokens"] for gs in out for g in gs)
+    # The model alone: the same prompts' prefill, then one-token steps through the KV cache.
+    tok = load_tokenizer(path, padding_side="left")
+    model = load_causal_lm(path, generation.sampling_dtype(cfg.dtype)).eval()
+    enc = tok(texts, return_tensors="pt", padding=True)
+    ids, mask = enc.input_ids.repeat_interleave(n, 0), enc.attention_mask.repeat_interleave(n, 0)
+    timing = []
+    with torch.no_grad():
+        for _ in range(2):  # the second pass is the one timed: the first warms the kernels up
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            t1 = time.perf_counter()
+            cache, nxt, m = out.cache, out.logits[:, -1:].argmax(-1), mask
+            for _ in range(steps):
+                m = torch.cat([m, torch.ones_like(nxt)], 1)
+                out = model(input_ids=nxt, attention_mask=m, cache=cache, use_cache=True)
+                cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+            timing = [t1 - t0, time.perf_counter() - t1]
+    per_step = lambda seconds: 1000 * seconds / steps  # noqa: E731
+    model_ms, processors_ms, call_ms = per_step(timing[1]), per_step(timers["processors"]), per_step(call)
+    return {"batch": batch, "new_tokens": new_tokens, "top_p": top_p, "top_k": top_k, "steps": steps,
+            "first_call_s": first, "model_load_s": load, "prefill_s": timing[0],
+            "generate_ms_per_step": call_ms, "model_ms_per_step": model_ms, "processors_ms_per_step": processors_ms,
+            "rest_ms_per_step": call_ms - model_ms - processors_ms - per_step(timing[0])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--batch", type=int, help="sequences per generate call (default 64; --profile: 32)")
+    ap.add_argument("--new-tokens", type=int, help="default 48 (--profile: 32)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="split a decoding step's time (see the docstring)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="--profile's top-p (top-k 0 when 1)")
     ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
+    if a.profile:
+        row = profile(a.batch or 32, a.new_tokens or 32, a.top_p, 0 if a.top_p >= 1 else 50)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_dpo import commit, machine
+
+        out = ROOT / "benchmarks" / "results" / "profile_sampling.json"
+        out.write_text(json.dumps({"machine": machine(), "commit": commit(), **row}, indent=2))
+        print(json.dumps(row, indent=2))
+        return
+    a.batch, a.new_tokens = a.batch or 64, a.new_tokens or 48
     if a.child:
         kind, batch, n, tokens, seed = a.child
         print(json.dumps(child(kind, int(batch), int(n), int(tokens), int(seed))))
