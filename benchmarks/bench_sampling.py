@@ -17,7 +17,7 @@ configurations alternate, and the table reports medians over repeats:
 forward pass (the same batch stepped by hand through the KV cache, no `generate`), the logits
 processors (the log-prob recorder and NucleusSampler, timed around their calls), and the rest of
 `generate`'s loop; plus what a call costs before its first step (loading the model and its first,
-warm-up call). Writes benchmarks/results/profile_sampling_top_p<top-p>.json.
+warm-up call). Writes benchmarks/results/profile_sampling_batch<batch>_top_p<top-p>.json.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from bench_dpo import commit, machine
 
-        out = ROOT / "benchmarks" / "results" / f"profile_sampling_top_p{a.top_p:g}.json"
+        out = ROOT / "benchmarks" / "results" / f"profile_sampling_batch{a.batch or 32}_top_p{a.top_p:g}.json"
         out.write_text(json.dumps({"machine": machine(), "commit": commit(), **row}, indent=2))
         print(json.dumps(row, indent=2))
         return
