@@ -41,7 +41,9 @@ FAMILIES = [
     ("Online", "each round samples from the policy being trained and scores: 300 samples a round (2 "
      "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds.", [
          Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
-         Run("Quark", "quark_movies.yaml", ("quark_pair_movies",), sets=("experiment=quark_pair_movies",)),
+         Run("Quark", "quark_movies.yaml", ("quark_init_words",), sets=("experiment=quark_init_words",)),
+         Run("Quark, control tokens drawn at random (the paper's)", "quark_movies.yaml", ("quark_pair_movies",),
+             sets=("train.quark.control_init=[]", "experiment=quark_pair_movies")),
          Run("NLF", "nlf_movies.yaml", ("nlf_pair_movies",), sets=("experiment=nlf_pair_movies",)),
          Run("NLF, full-vocabulary KL", "nlf_movies.yaml", ("nlf_pair_exact",),
              sets=("train.nlf.kl=exact", "experiment=nlf_pair_exact")),
@@ -57,7 +59,7 @@ FAMILIES = [
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
              "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
              "[Quark and NLF](quark-nlf.md).",
-             sets=("build_pool.quantile_scope=global", "train.quark.pair_contrast_coef=0")),
+             sets=("build_pool.quantile_scope=global", "train.quark.pair_contrast_coef=0", "train.quark.control_init=[]")),
          Run("NLF, papers' loss", "nlf_movies.yaml", _seeds("nlf_movies"),
              "as Quark's: the feedback phrase is not read as an instruction. The pairwise contrast (the row \"NLF\", "
              "and \"NLF (pool)\" below) makes NLF learn it; see [Quark and NLF](quark-nlf.md).",
