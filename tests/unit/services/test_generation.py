@@ -96,3 +96,34 @@ def test_a_quark_samplers_log_probs_are_what_training_scores(tmp_path):
     _, per_token = score(policy, seqs, tok.pad_token_id, 4, per_token=True, vocab=quark.vocab)
     for s, scored in zip(samples, per_token):
         torch.testing.assert_close(torch.tensor(scored), torch.tensor(s["completion_logps"]), rtol=1e-4, atol=1e-4)
+
+
+def test_the_two_level_inverse_cdf_draws_what_one_float64_pass_over_the_vocabulary_draws():
+    """The same uniform per row picks the same token as the first token whose float64 cumulative
+    probability exceeds it (the single-level rule, written out here), on a SmolLM2-sized vocabulary
+    (a multiple of the block) and on one that is not."""
+    for vocab in (49152, V):
+        g = torch.Generator().manual_seed(vocab)
+        logits = torch.cat([torch.randn(300, vocab, generator=g) * s for s in (1.0, 3.0, 8.0)])
+        logp = torch.log_softmax(logits, -1)
+        torch.manual_seed(5)
+        drawn = NucleusSampler._inverse_cdf(logp)
+        torch.manual_seed(5)
+        cdf = logp.double().exp().cumsum(-1)
+        u = torch.rand(len(logp), 1, dtype=torch.float64) * cdf[:, -1:]
+        want = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=vocab - 1)
+        assert torch.equal(drawn, want)
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_reusing_the_recorders_log_softmax_draws_the_same_tokens(top_p):
+    from stages.services.generation import TokenLogprobs
+
+    scores = rows().repeat_interleave(64, 0).to(torch.bfloat16)
+    torch.manual_seed(2)
+    alone = NucleusSampler(1.0, top_p, 0)(None, scores).argmax(-1)
+    recorder = TokenLogprobs()
+    recorder(torch.zeros(len(scores), 1, dtype=torch.long), scores)
+    torch.manual_seed(2)
+    shared = NucleusSampler(1.0, top_p, 0, raw=recorder)(None, scores).argmax(-1)
+    assert torch.equal(alone, shared)
