@@ -15,9 +15,10 @@ configurations alternate, and the table reports medians over repeats:
 --profile splits one `generate` call of ours (bench_online's shape: 4 samples per prompt, a batch of
 32 sequences, top-p 1 and top-k 0 unless told) into its parts per decoding step: the model's own
 forward pass (the same batch stepped by hand through the KV cache, no `generate`), the logits
-processors (the log-prob recorder and NucleusSampler, timed around their calls), and the rest of
-`generate`'s loop; plus what a call costs before its first step (loading the model and its first,
-warm-up call). Writes benchmarks/results/profile_sampling_batch<batch>_top_p<top-p>.json.
+processors (the log-prob recorder and NucleusSampler, timed around their calls); plus what a call
+costs before its first step (loading the model and its first, warm-up call). Its `rest_ms_per_step`
+(the call minus the two) is not a clean split: the hand-stepped forward has overheads of its own,
+so it can come out negative; read the forward and the processors. Writes benchmarks/results/profile_sampling_batch<batch>_top_p<top-p>.json.
 """
 
 from __future__ import annotations

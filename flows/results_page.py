@@ -37,6 +37,9 @@ def _seeds(stem: str, n: int = 3) -> tuple[str, ...]:
     return (stem, *(f"{stem}_seed{k}" for k in range(1, n)))
 
 
+# Rounds sampled as the papers do (top-p 1, no top-k), evaluated at the shared protocol's top-p 0.9 / top-k 50.
+TOP_P_1_ROUNDS = ("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50")
+
 FAMILIES = [
     ("Online", "each round samples from the policy being trained and scores: 300 samples a round (2 "
      "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds.", [
@@ -48,13 +51,11 @@ FAMILIES = [
          Run("NLF, full-vocabulary KL", "nlf_movies.yaml", ("nlf_pair_exact",),
              sets=("train.nlf.kl=exact", "experiment=nlf_pair_exact")),
          Run("NLF, rounds sampled at top-p 1 (4 rounds)", "nlf_movies.yaml", ("nlf_topp1_r4",),
-             sets=("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50",
-                   "rounds=4", "experiment=nlf_topp1_r4")),
+             sets=(*TOP_P_1_ROUNDS, "rounds=4", "experiment=nlf_topp1_r4")),
          Run("NLF, top-p 1 rounds at twice the learning rate", "nlf_movies.yaml", ("nlf_topp1_lr1e4",),
              "its conditioning learns faster (the held-out probe), but its completions shorten every round and the "
              "gain of round 1 is gone by round 2: not a recipe.",
-             sets=("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50",
-                   "train.learning_rate=1.0e-4", "experiment=nlf_topp1_lr1e4")),
+             sets=(*TOP_P_1_ROUNDS, "train.learning_rate=1.0e-4", "experiment=nlf_topp1_lr1e4")),
          Run("Quark, papers' loss", "quark_movies.yaml", _seeds("quark_movies"),
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
              "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
