@@ -41,13 +41,17 @@ def loss_and_grads(objective_name: str, shard: bool, rank: int, world: int):
 def main(objective_name: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    # One process's gradient first, so that neither rank sits idle in gloo while the other computes:
+    # a rank that tears its process group down while its peer is still busy can abort at exit
+    # ("terminate called without an active exception") on a loaded machine.
+    one = loss_and_grads(objective_name, False, 0, 1) if rank == 0 else None
     sharded = loss_and_grads(objective_name, True, rank, world)
     if rank == 0:
-        one = loss_and_grads(objective_name, False, 0, 1)
         diff = max((sharded[n] - one[n]).abs().max().item() for n in one)
         scale = max(one[n].abs().max().item() for n in one)
         with open(out, "w") as f:
             json.dump({"max_diff": diff, "max_grad": scale, "params": len(one)}, f)
+    dist.barrier()  # both ranks leave together
     dist.destroy_process_group()
 
 

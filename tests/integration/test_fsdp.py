@@ -44,8 +44,8 @@ def test_fsdp_without_gpus_is_refused_in_one_line(tmp_path):
 def test_fsdp2_gathers_every_shard_inside_the_objectives_forward(tmp_path, objective):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(29600 + os.getpid() % 300), str(ROOT / "tests" / "integration" / "fsdp_worker.py"),
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "integration" / "fsdp_worker.py"),
                            objective, str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
