@@ -269,6 +269,60 @@ def report(
 
 
 @app.command()
+def compare(
+    a: str = typer.Argument(..., help="An experiment, or EXPERIMENT@ROUND (default: its last evaluated round)."),
+    b: str = typer.Argument(..., help="The experiment to compare it with, the same way."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL); default ./artifacts."),
+    format_: str = typer.Option("table", "--format", help="table (the terminal) or json (to stdout)."),
+):
+    """Is A better than B? Their held-out reward and KL, paired prompt by prompt: A minus B with its
+    95% bootstrap interval over prompts (two gain intervals that overlap do not answer it)."""
+    import json
+
+    from stages.pipeline.report import compare_rounds, fmt, rounds_table
+    from stages.pipeline.store import ArtifactStore
+
+    root = artifacts or default_artifact_root()
+    store = ArtifactStore(root)
+
+    def which(arg: str) -> tuple[str, int]:
+        exp, _, round_ = arg.partition("@")
+        if round_:
+            if not round_.isdigit():
+                raise BadInput(f"compare: '{arg}': the round after '@' must be a number")
+            return exp, int(round_)
+        rows = rounds_table(store, exp)
+        if not rows:
+            raise BadInput(f"compare: experiment {exp} has no evaluated round under {root}")
+        return exp, rows[-1]["round"]
+
+    if format_ not in ("table", "json"):
+        raise BadInput(f"compare: --format {format_!r} is not one of table, json")
+    try:
+        result = compare_rounds(store, which(a), which(b))
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if format_ == "json":
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    table = Table(title=f"{result['a']} minus {result['b']}, paired over {result['prompts']} held-out prompts "
+                        "(95% bootstrap interval)")
+    for col in ("metric", result["a"], result["b"], "A - B"):
+        table.add_column(col)
+    for name in ("reward", "kl"):
+        if f"{name}_difference" in result:
+            d = result
+            interval = (f" [{fmt(d[f'{name}_difference_ci_low'])}, {fmt(d[f'{name}_difference_ci_high'])}]"
+                        if f"{name}_difference_ci_low" in d else "")
+            table.add_row("reward" if name == "reward" else "KL", fmt(d[f"{name}_a"]), fmt(d[f"{name}_b"]),
+                          fmt(d[f"{name}_difference"]) + interval)
+    console.print(table)
+    if result.get("same_base"):
+        console.print("Both rounds paired with the same base samples: the reward difference is also the "
+                      "difference of their gains.")
+
+
+@app.command()
 def push(
     experiment: str = typer.Argument(..., help="The experiment whose trained policy to upload."),
     repo: str = typer.Option(..., "--repo", help="The hub repository, ORG/NAME (created if missing)."),

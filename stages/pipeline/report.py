@@ -303,3 +303,50 @@ def write_round_report(store: ArtifactStore, experiment: str, round_: int) -> st
         store.fs.pipe_file(f"{base}/{name}", data)
     store.fs.pipe_file(f"{base}/report.md", text.encode())
     return f"{base}/report.md"
+
+
+def _per_prompt(table, column: str) -> dict[str, float]:
+    """The mean of `column` over each held-out prompt's samples (unknown values skipped)."""
+    sums: dict[str, list[float]] = {}
+    for pid, v in zip(table.column("prompt_id").to_pylist(), table.column(column).to_pylist()):
+        if v is not None and math.isfinite(v):
+            sums.setdefault(pid, []).append(v)
+    return {pid: sum(vs) / len(vs) for pid, vs in sums.items()}
+
+
+def compare_rounds(store: ArtifactStore, a: tuple[str, int], b: tuple[str, int], seed: int = 0) -> dict:
+    """One round's policy against another's on the held-out prompts both scored (`align compare`):
+    per prompt the mean reward (and KL) of its samples, A minus B, with the bootstrap 95% interval
+    over prompts. Paired, so the prompts' own difficulty cancels: the test for "is variant A better
+    than B" that two overlapping gain intervals cannot give. Where both rounds paired with the same
+    base samples (the same seed), the reward difference is also the difference of their gains."""
+    from stages.services.sample_metrics import bootstrap_ci
+
+    tables = {}
+    for exp, round_ in (a, b):
+        try:
+            tables[(exp, round_)] = store.read_table(store.stage_dir(exp, round_, "evaluate"))
+        except (FileNotFoundError, OSError):
+            raise ValueError(f"compare: {exp} has no evaluate table in round {round_} under {store.root}") from None
+    ta, tb = tables[a], tables[b]
+    out: dict = {"a": f"{a[0]}@{a[1]}", "b": f"{b[0]}@{b[1]}"}
+    for column, name in (("score", "reward"), ("kl", "kl")):
+        if column not in ta.column_names or column not in tb.column_names:
+            continue
+        pa_, pb = _per_prompt(ta, column), _per_prompt(tb, column)
+        shared = sorted(pa_.keys() & pb.keys())
+        if not shared:
+            raise ValueError(f"compare: {out['a']} and {out['b']} scored no held-out prompt in common")
+        diffs = [pa_[p] - pb[p] for p in shared]
+        out[f"{name}_a"] = sum(pa_[p] for p in shared) / len(shared)
+        out[f"{name}_b"] = sum(pb[p] for p in shared) / len(shared)
+        out[f"{name}_difference"] = sum(diffs) / len(diffs)
+        ci = bootstrap_ci(diffs, seed)
+        if ci:
+            out[f"{name}_difference_ci_low"], out[f"{name}_difference_ci_high"] = ci
+        out["prompts"] = len(shared)
+    if "base_score" in ta.column_names and "base_score" in tb.column_names:
+        key = lambda t: dict(zip(zip(t.column("prompt_id").to_pylist(), t.column("sample_index").to_pylist()),  # noqa: E731
+                                 t.column("base_score").to_pylist()))
+        out["same_base"] = key(ta) == key(tb)
+    return out
