@@ -64,3 +64,32 @@ def test_release_free_memory_hands_freed_pages_back(malloc):
     assert int(after) < int(base) + 100
     if malloc == "system":  # glibc keeps the freed heap (jemalloc here returned most of it itself)
         assert int(held) - int(after) > 200
+
+
+DECAY = """
+import ctypes, os
+from stages.training.allocator import return_freed_pages_sooner
+
+def decay(key):
+    v, n = ctypes.c_ssize_t(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_ssize_t))
+    assert ctypes.CDLL(None).mallctl(key.encode(), ctypes.byref(v), ctypes.byref(n), None, ctypes.c_size_t(0)) == 0
+    return v.value
+
+before = decay("arena.0.dirty_decay_ms")
+print(before, return_freed_pages_sooner(), return_freed_pages_sooner(), decay("arena.0.dirty_decay_ms"),
+      decay("arenas.dirty_decay_ms"), decay("arena.0.muzzy_decay_ms"))
+"""
+
+
+@pytest.mark.skipif(jemalloc_library() is None, reason="needs jemalloc (apt-get install libjemalloc2)")
+@pytest.mark.parametrize("malloc_conf", [None, "dirty_decay_ms:2000"])
+def test_freed_pages_go_back_after_half_a_second_unless_the_user_chose(malloc_conf):
+    env = preload_env({k: v for k, v in os.environ.items() if k != "MALLOC_CONF"}, jemalloc_library())
+    if malloc_conf:
+        env["MALLOC_CONF"] = malloc_conf
+    out = subprocess.run([sys.executable, "-c", DECAY], cwd=ROOT, env={**env, "ALIGN_MALLOC": "system"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    if malloc_conf:  # the user's word: untouched
+        assert out == ["2000", "False", "False", "2000", "2000", "0"]
+    else:  # jemalloc's 10 s, then ours in the arena that exists and for those made later; once a process
+        assert out == ["10000", "True", "False", "500", "500", "0"]
