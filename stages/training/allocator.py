@@ -53,9 +53,10 @@ def reexec_under_jemalloc(module: str) -> None:
 # How long jemalloc keeps a freed page before handing it back (its default: 10 s). Training frees
 # and re-allocates activation-sized buffers every micro-batch; pages freed during one backward pass
 # are mostly not the right size for the buffers allocated at its end (the gradient of the embedding,
-# the float32 gradients), so they sat resident under the step's peak. SmolLM2's online round
-# (benchmarks/bench_online.py, bf16): peak RSS 3.23 GB at 10 s, 3.17 at 1 s, 3.13 at 0.5 s, 3.02 at 0
-# (which ran the training steps about 1.4x slower: every free an madvise).
+# the float32 gradients), so they sat resident under the step's peak. The train stage of SmolLM2's
+# online round (bench_online's GRPO, bf16, one thread): peak RSS 3.23 GB at 10 s, 3.17 at 1 s, 3.13
+# at 0.5 s, 3.02 at 0 (training steps about 1.4x slower: every free an madvise); bench_online itself
+# (two threads): 3.21 GB against 3.23, its wall unchanged (docs/benchmarks.md).
 DECAY_MS = 500
 _tuned = False
 
