@@ -65,7 +65,7 @@ FAMILIES = [
              "as Quark's: the feedback phrase is not read as an instruction. The pairwise contrast (the row \"NLF\", "
              "and \"NLF (pool)\" below) makes NLF learn it; see [Quark and NLF](quark-nlf.md).",
              sets=("build_pool.quantile_scope=global", "train.nlf.pair_contrast_coef=0")),
-         Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", ("online_dpo_judge_movies",)),
+         Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", _seeds("online_dpo_judge_movies")),
          Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
          Run("RLOO", "rl_movies.yaml", _seeds("rl_movies")),
          Run("GRPO", "grpo_movies.yaml", _seeds("grpo_movies")),
