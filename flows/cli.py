@@ -309,13 +309,12 @@ def compare(
                         "(95% bootstrap interval)")
     for col in ("metric", result["a"], result["b"], "A - B"):
         table.add_column(col)
-    for name in ("reward", "kl"):
+    for name, heading in (("reward", "reward"), ("kl", "KL")):
         if f"{name}_difference" in result:
-            d = result
-            interval = (f" [{fmt(d[f'{name}_difference_ci_low'])}, {fmt(d[f'{name}_difference_ci_high'])}]"
-                        if f"{name}_difference_ci_low" in d else "")
-            table.add_row("reward" if name == "reward" else "KL", fmt(d[f"{name}_a"]), fmt(d[f"{name}_b"]),
-                          fmt(d[f"{name}_difference"]) + interval)
+            low, high = result.get(f"{name}_difference_ci_low"), result.get(f"{name}_difference_ci_high")
+            interval = f" [{fmt(low)}, {fmt(high)}]" if low is not None else ""
+            table.add_row(heading, fmt(result[f"{name}_a"]), fmt(result[f"{name}_b"]),
+                          fmt(result[f"{name}_difference"]) + interval)
     console.print(table)
     if result.get("same_base"):
         console.print("Both rounds paired with the same base samples: the reward difference is also the "

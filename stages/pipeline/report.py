@@ -322,13 +322,13 @@ def compare_rounds(store: ArtifactStore, a: tuple[str, int], b: tuple[str, int],
     base samples (the same seed), the reward difference is also the difference of their gains."""
     from stages.services.sample_metrics import bootstrap_ci
 
-    tables = {}
-    for exp, round_ in (a, b):
+    def evaluated(exp: str, round_: int):
         try:
-            tables[(exp, round_)] = store.read_table(store.stage_dir(exp, round_, "evaluate"))
+            return store.read_table(store.stage_dir(exp, round_, "evaluate"))
         except (FileNotFoundError, OSError):
             raise ValueError(f"compare: {exp} has no evaluate table in round {round_} under {store.root}") from None
-    ta, tb = tables[a], tables[b]
+
+    ta, tb = evaluated(*a), evaluated(*b)
     out: dict = {"a": f"{a[0]}@{a[1]}", "b": f"{b[0]}@{b[1]}"}
     for column, name in (("score", "reward"), ("kl", "kl")):
         if column not in ta.column_names or column not in tb.column_names:

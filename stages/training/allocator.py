@@ -73,11 +73,13 @@ def return_freed_pages_sooner(ms: int = DECAY_MS) -> bool:
     that exist (those not yet made start with it too). Once per process; False where the process
     does not run on jemalloc or MALLOC_CONF already chose (the user's word wins)."""
     global _tuned
-    if _tuned or current() != "jemalloc" or "decay" in os.environ.get("MALLOC_CONF", ""):
+    if _tuned:
+        return False
+    _tuned = True  # decided once, whatever the answer: run_stage asks before every stage
+    if current() != "jemalloc" or "decay" in os.environ.get("MALLOC_CONF", ""):
         return False
     import ctypes
 
-    _tuned = True
     try:
         libc = ctypes.CDLL(None)
         n, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
