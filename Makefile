@@ -45,13 +45,14 @@ test-fast: setup
 smoke: setup
 	$(ALIGN) run configs/smoke.yaml
 
-# The runs of record: every stage manifest of each experiment into docs/results (what
+# The runs of record: every stage manifest of each experiment (and `align agreement --save`'s files) into docs/results (what
 # `align report --artifacts docs/results` and the generated docs/results.md read), e.g.
 # make results EXPERIMENTS="quark_movies"; README's headline table is then updated by hand (a test checks it).
 results:
 	@test -n "$(EXPERIMENTS)" || { echo "make results: set EXPERIMENTS=\"name ...\""; exit 2; }
 	for e in $(EXPERIMENTS); do for m in artifacts/$$e/round-*/*/manifest.json; do test -f "$$m" || continue; \
-	    d="docs/results/$${m#artifacts/}"; mkdir -p "$$(dirname "$$d")"; cp "$$m" "$$d"; done; done
+	    d="docs/results/$${m#artifacts/}"; mkdir -p "$$(dirname "$$d")"; cp "$$m" "$$d"; done; \
+	    for a in artifacts/$$e/round-*/agreement.json; do if test -f "$$a"; then cp "$$a" "docs/results/$${a#artifacts/}"; fi; done; done
 	$(ALIGN) docs  # the results page is generated from them
 
 # Every method of the results page's frontier, one flow at a time (hours on 2 cores), then their

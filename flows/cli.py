@@ -322,6 +322,72 @@ def compare(
 
 
 @app.command()
+def agreement(
+    round_: str = typer.Argument(..., metavar="EXPERIMENT[@ROUND]",
+                                 help="An experiment, or EXPERIMENT@ROUND (default: round 0)."),
+    config: Optional[str] = typer.Option(None, help="A run config whose evaluate.annotate is the yardstick "
+                                                    "(default: the one the round's evaluate used)."),
+    artifacts: Optional[str] = typer.Option(None, help="Artifact root (any fsspec URL); default ./artifacts."),
+    format_: str = typer.Option("table", "--format", help="table (the terminal) or json (to stdout)."),
+    save: bool = typer.Option(False, "--save", help="Also write it, with its provenance, to the round's "
+                                                    "agreement.json (`make results` copies it to docs/results)."),
+):
+    """Do the pairs a round trained on agree with the annotator evaluate measures with? Re-scores the
+    round's chosen and rejected samples (e.g. an LLM judge's pairs, with the reward model): the
+    fraction ordered the same way and the mean margin, with 95% bootstrap intervals over pairs."""
+    import json
+
+    from stages.config import annotator_step, load_config
+    from stages.pipeline.report import fmt, pair_agreement
+    from stages.pipeline.store import ArtifactStore
+
+    if format_ not in ("table", "json"):
+        raise BadInput(f"agreement: --format {format_!r} is not one of table, json")
+    exp, _, k = round_.partition("@")
+    if k and not k.isdigit():
+        raise BadInput(f"agreement: '{round_}': the round after '@' must be a number")
+    k = int(k or 0)
+    root = artifacts or default_artifact_root()
+    store = ArtifactStore(root)
+    if config:
+        cfg = load_config(config)
+        section = cfg.evaluate.annotate or cfg.annotate
+        steps = list(section.steps)
+    else:
+        ev = store.read_manifest(store.stage_dir(exp, k, "evaluate"))
+        if not isinstance(ev, dict) or not (ev.get("config", {}).get("annotate") or {}).get("steps"):
+            raise BadInput(f"agreement: {exp}@{k} has no evaluate manifest with annotate steps under {root}: "
+                           "pass --config with the run config whose evaluate.annotate to measure with")
+        steps = [annotator_step(**s) for s in ev["config"]["annotate"]["steps"]]
+    try:
+        result = pair_agreement(store, exp, k, steps)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if save:
+        from datetime import datetime, timezone
+
+        from stages.pipeline.provenance import provenance
+
+        result = {**result, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "provenance": provenance()}
+        path = f"{store.experiment_dir(exp)}/round-{k}/agreement.json"
+        store.fs.pipe_file(path, json.dumps(result, indent=1).encode())
+        sys.stderr.write(f"agreement: wrote {path}\n")  # stdout stays the table or the JSON
+    if format_ == "json":
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    table = Table(title=f"{result['round']}: {result['pairs']} pairs labelled by {result['labelled_by']}, "
+                        f"re-scored by {result['yardstick']} (95% bootstrap interval)")
+    table.add_column("metric")
+    table.add_column("value")
+    for name, heading in (("agreement", "same order"), ("margin", "chosen - rejected")):
+        low = result.get(f"{name}_ci_low")
+        interval = f" [{fmt(low)}, {fmt(result[f'{name}_ci_high'])}]" if low is not None else ""
+        table.add_row(heading, fmt(result[name]) + interval)
+    console.print(table)
+
+
+@app.command()
 def push(
     experiment: str = typer.Argument(..., help="The experiment whose trained policy to upload."),
     repo: str = typer.Option(..., "--repo", help="The hub repository, ORG/NAME (created if missing)."),

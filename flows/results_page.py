@@ -7,6 +7,7 @@ A method listed here without runs of record is named as not yet measured."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,12 @@ FAMILIES = [
              "as Quark's: the feedback phrase is not read as an instruction. The pairwise contrast (the row \"NLF\", "
              "and \"NLF (pool)\" below) makes NLF learn it; see [Quark and NLF](quark-nlf.md).",
              sets=("build_pool.quantile_scope=global", "train.nlf.pair_contrast_coef=0")),
-         Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", _seeds("online_dpo_judge_movies")),
+         Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", _seeds("online_dpo_judge_movies"),
+             "its judge (SmolLM2-135M-Instruct, the one instruct model these offline machines hold) orders the pairs "
+             "it keeps no better than chance against the reward model evaluate measures with, so DPO on its pairs "
+             "moves that reward by chance: up in some seeds, down in another. The method is not at fault: a judge "
+             "that can tell which continuation is more positive is (a larger `annotate.steps[].model`, or an "
+             "OpenAI-compatible endpoint)."),
          Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
          Run("RLOO", "rl_movies.yaml", _seeds("rl_movies")),
          Run("GRPO", "grpo_movies.yaml", _seeds("grpo_movies")),
@@ -229,6 +235,29 @@ def frontier_png(store: ArtifactStore) -> bytes:
     return png_bytes(fig)
 
 
+def agreement_evidence(store: ArtifactStore, run: Run) -> str:
+    """What `align agreement --save` found for a run's seeds: do the pairs its annotator chose agree
+    with the yardstick evaluate measures with? Names the pool each figure was made on."""
+    parts, yardstick = [], None
+    for k, name in enumerate(run.names):
+        for rnd in store.rounds(name):
+            path = f"{store.experiment_dir(name)}/round-{rnd}/agreement.json"
+            if not store.fs.exists(path):
+                continue
+            a = json.loads(store.fs.cat_file(path))
+            yardstick = a["yardstick"]
+            pool = ((store.read_manifest(store.stage_dir(name, rnd, "build_pool")) or {}).get("files", {})
+                    .get("data.parquet", {}).get("sha256"))
+            which = "its own pool" if a.get("pool_sha256") == pool else "the pool re-made from its config and seed"
+            p = a.get("provenance") or {}
+            parts.append(f"seed {k}, round {rnd}: {with_interval(a, 'agreement')} of {a['pairs']} pairs ({which}, "
+                         f"{a.get('finished', '?')[:10]}, commit {(p.get('commit') or '?')[:7]}, {p.get('cpu', '?')})")
+    if not parts:
+        return ""
+    return (f"Its pairs ordered as the {yardstick} orders them (`align agreement --save`; chance 0.5): "
+            + "; ".join(parts) + ".")
+
+
 def reading(store: ArtifactStore) -> list[str]:
     """Which method when: generated from the summaries, so it cannot disagree with the tables."""
     done = [(run, summary(store, run)) for run in RUNS if recorded(store, run)]
@@ -247,7 +276,9 @@ def reading(store: ArtifactStore) -> list[str]:
     short = [(r, s) for r, s in done if s["gains"] is not True]
     if short:
         lines.append("- Not shown above the base (an interval includes 0, or none was recorded):")
-        lines += [f"    - **{r.method}**: {r.why or 'not yet explained (issue 31).'}" for r, _ in short]
+        lines += [f"    - **{r.method}**: " + " ".join(filter(None, (r.why or "not yet explained (issue 31).",
+                                                                       agreement_evidence(store, r))))
+                  for r, _ in short]
     return lines + [""]
 
 

@@ -350,3 +350,45 @@ def compare_rounds(store: ArtifactStore, a: tuple[str, int], b: tuple[str, int],
                                  t.column("base_score").to_pylist()))
         out["same_base"] = key(ta) == key(tb)
     return out
+
+
+def pair_agreement(store: ArtifactStore, experiment: str, round_: int, steps: list, seed: int = 0) -> dict:
+    """Do the pairs a round trained on agree with another annotator (`align agreement`)? The round's
+    pool of pairs (build_pool: generation1 chosen, generation2 rejected, by the round's own
+    annotator, e.g. an LLM judge), both sides re-scored by `steps` (e.g. the reward model evaluate
+    measures with): the fraction of pairs it orders the same way and its mean chosen-minus-rejected
+    margin, each with a bootstrap 95% interval over pairs. Where a round's annotator and the
+    yardstick disagree, training on its pairs cannot raise the yardstick's reward."""
+    from stages.services.annotation import run_steps
+    from stages.services.sample_metrics import bootstrap_ci
+
+    where = f"agreement: {experiment}@{round_}"
+    try:
+        table = store.read_table(store.stage_dir(experiment, round_, "build_pool"))
+    except (FileNotFoundError, OSError):
+        raise ValueError(f"{where} has no build_pool table under {store.root}") from None
+    if "generation2" not in table.column_names:
+        raise ValueError(f"{where}: its pool has no column generation2 (not a pool of pairs)")
+    rows = [r for r in table.select(["prompt", "generation1", "generation2"]).to_pylist()
+            if r["generation1"] is not None and r["generation2"] is not None]
+    if not rows:
+        raise ValueError(f"{where}: its pool holds no pair")
+    prompts = [r["prompt"] for r in rows]
+    chosen, _ = run_steps(steps, prompts, [r["generation1"] for r in rows], "agreement", feedback=False)
+    rejected, _ = run_steps(steps, prompts, [r["generation2"] for r in rows], "agreement", feedback=False)
+    known = [(c, r) for c, r in zip(chosen, rejected) if c is not None and r is not None]
+    agree = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in known]  # a tie counts half
+    margins = [c - r for c, r in known]
+    labelled = _manifest(store, experiment, round_, "annotate") or {}
+    pool = _manifest(store, experiment, round_, "build_pool") or {}
+    out: dict = {"round": f"{experiment}@{round_}", "pairs": len(known),
+                 # which pool it read: a runs-of-record page can tell its own pool from a re-made one
+                 "pool_sha256": pool.get("files", {}).get("data.parquet", {}).get("sha256"),
+                 "labelled_by": "+".join(s.get("kind", "?") for s in labelled.get("config", {}).get("steps", [])),
+                 "yardstick": "+".join(s.kind for s in steps)}
+    for name, values in (("agreement", agree), ("margin", margins)):
+        out[name] = sum(values) / len(values) if values else None
+        ci = bootstrap_ci(values, seed)
+        if ci:
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = ci
+    return out
