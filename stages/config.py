@@ -224,6 +224,11 @@ class TrainBase(Section):
     # (stages/training/precision.py); no: float32; auto: bf16 where the hardware runs it natively
     # (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32. fp16 is refused (see below).
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # bf16 only: where a step's micro-batch gradients are summed. bfloat16: on the model, as autograd
+    # accumulates them, then one float32 copy for the optimizer after the step's last backward pass
+    # (as torchtune does; a lower peak and less wall: docs/benchmarks.md). float32: each added into
+    # its float32 master as backward forms it (exact sums, for many micro-batches a step).
+    grad_sum_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     # Recompute each layer's activations in the backward pass: less memory, roughly 15-30% slower.
     gradient_checkpointing: bool = False
     # Experiment trackers (accelerate's) that also get every step's metrics; off by default.

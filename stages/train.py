@@ -28,7 +28,7 @@ def identity(cfg: TrainConfig) -> dict:
     return ident
 
 
-@stage("train", version="4", inputs=("build_pool", "reference", "train@prev"), identity=identity)
+@stage("train", version="5", inputs=("build_pool", "reference", "train@prev"), identity=identity)
 def run(ctx, cfg: TrainConfig) -> StageOutput:
     rows = pool_rows(ctx, "train")
     if not rows:

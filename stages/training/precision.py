@@ -13,8 +13,11 @@
 Why master weights: a bf16 weight resolves about 3 significant digits (2^-8 relative), so an
 AdamW update of lr 5e-6 on a weight of 0.02 (2.5e-4 relative) rounds to nothing in pure bf16 and
 training silently stalls. The masters keep every update; the bf16 copy the model runs on is the
-masters rounded after each step. Gradients arrive in bf16 and are copied into float32 before
-they are summed across processes, clipped and applied.
+masters rounded after each step. Gradients arrive in bf16; a step's micro-batches are summed in
+bf16 on the model (train.grad_sum_dtype: bfloat16, the default: one float32 copy after the last
+backward pass, when the activations are gone) or into the float32 masters as backward forms them
+(float32: exact sums, a float32 set of gradients during the last backward pass); they are clipped
+and applied in float32.
 
 Why not autocast over float32 weights (accelerate's `mixed_precision="bf16"`): it re-casts every
 weight at every use, keeps the residual stream, norms and the elementwise ops of the backward pass in
@@ -116,15 +119,20 @@ def cast_for_compute(model: nn.Module, mode: str) -> nn.Module:
 class MasterWeights:
     """bf16 parameters for compute, float32 masters for the optimizer (see the module docstring).
 
-    Gradients are summed in float32 without a float32 set of them existing while activations do,
-    where they can be avoided: a step's first micro-batch leaves its bf16 gradients as they are
-    (0.27 GB for SmolLM2, where float32 would take 0.54 GB during the next micro-batch's forward
+    `fold_in_backward=False` (train.grad_sum_dtype: bfloat16, and DDP): autograd sums a step's bf16
+    gradients on the model; `accumulate()` after its last backward pass turns them into the masters'
+    float32 ones, one parameter at a time, when the activations are gone: a lower peak and less
+    wall than the float32 sums below (docs/benchmarks.md), at one bf16 rounding per micro-batch.
+
+    `fold_in_backward=True` (float32 sums): gradients are summed in float32 without a float32 set
+    of them existing while activations do, where they can be avoided: a step's first micro-batch
+    leaves its bf16 gradients as they are (0.27 GB for SmolLM2, where float32 would take 0.54 GB during the next micro-batch's forward
     pass, the peak of memory); from the next backward pass on, each gradient is added into its
     master's float32 .grad as soon as backward has formed it (a post-accumulate-grad hook), the
     held bf16 one with it, and freed there. `accumulate()` after the step's backward passes folds
     what is left (a single micro-batch's gradients: after its activations are gone; a parameter
-    that got no gradient gets zeros, as a float32 model's would). Under DDP (`fold_in_backward=False`)
-    the bf16 gradients are summed on the model and all-reduced there, then folded. Usage per
+    that got no gradient gets zeros, as a float32 model's would). Under DDP the bf16 gradients are
+    summed on the model and all-reduced there, then folded. Usage per
     optimizer step: `accumulate()`; then clip / step on `params`, `to_model()`, and the optimizer's
     zero_grad(set_to_none=True): the float32 gradients then do not exist during the next step's
     first micro-batch either.

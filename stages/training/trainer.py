@@ -140,10 +140,12 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
     ddp = world > 1 and not sharded
     if not sharded:
         # In bf16 mode the optimizer updates float32 masters of the parameters the model computes
-        # with. Under DDP the bf16 gradients stay on the model until the step's all-reduce.
+        # with. Under DDP, or with train.grad_sum_dtype bfloat16, the step's bf16 gradients are
+        # summed on the model (DDP all-reduces them there) and go to float32 after its last backward.
         model.to(accelerator.device)
         if mode == "bf16":
-            masters = precision.MasterWeights(model, params, fold_in_backward=not ddp)
+            masters = precision.MasterWeights(model, params,
+                                              fold_in_backward=not ddp and cfg.grad_sum_dtype == "float32")
             params = masters.params
     # fused: one kernel per step over all parameters, no temporary copies of the moment buffers.
     groups: dict[float, list] = {}
@@ -216,7 +218,7 @@ def fit(model, tokenizer, objective: Objective, rows: list[dict], cfg, seed: int
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(weighted_mean(v.detach().float(), weights, total_weight)) / len(group)
             if masters is not None:
-                masters.accumulate()  # the step's gradients, summed in float32
+                masters.accumulate()  # the step's gradients, in float32 for the optimizer
             if world > 1:  # each process holds its shards' parts of the step's sums
                 keys = sorted(sums)
                 parts = accelerator.reduce(torch.tensor([loss_total, tokens, *(sums[k] for k in keys)]), "sum").tolist()
