@@ -33,7 +33,7 @@ from stages.pipeline.provenance import provenance
 from stages.pipeline.registry import downstream_of, input_rounds, parse_input, stage_specs
 from stages.pipeline.seeds import seed_everything
 from stages.pipeline.store import DATA, ArtifactStore
-from stages.training.allocator import release_free_memory, return_freed_pages_sooner
+from stages.training.allocator import keep_long_lived_objects_out_of_gc, release_free_memory, return_freed_pages_sooner
 
 log = logging.getLogger("align")
 
@@ -138,6 +138,7 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
         raise BadInput(f"unknown stage '{stage}' (known: {', '.join(specs)})")
     spec = specs[stage]
     return_freed_pages_sooner()  # once per process: see allocator.DECAY_MS
+    keep_long_lived_objects_out_of_gc()  # once per process, before any stage's objects exist
     config = with_refs_resolved(config, [stage], store)  # other experiments' artifacts, under this run's root
     section = config.section(stage)
     inputs = resolve_inputs(config, stage, round_, store)

@@ -93,6 +93,23 @@ def return_freed_pages_sooner(ms: int = DECAY_MS) -> bool:
     return True
 
 
+def keep_long_lived_objects_out_of_gc() -> None:
+    """Once per process, before its first stage: what is alive then (the imported modules of torch,
+    transformers and Prefect, the config: about half a million objects) leaves the cyclic
+    collector's reach (`gc.freeze`), so the full collection `release_free_memory` runs between
+    stages, and Python's own, scan only what the stages made (0.1-0.2 s less each). Not later: a
+    stage's objects frozen would never be collected once garbage."""
+    import gc
+
+    global _frozen
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
+
+
+_frozen = False
+
+
 def release_free_memory() -> None:
     """Hand the memory the last stage freed back to the system before the next one starts: Python's
     cycles first, then the allocator's cached free pages (jemalloc keeps freed pages for 10 s, glibc

@@ -94,3 +94,22 @@ def test_freed_pages_go_back_after_half_a_second_unless_the_user_chose(malloc_co
         assert out == ["2000", "False", "False", "2000", "2000", "0"]
     else:  # jemalloc's 10 s, then ours in the arena that exists and for those made later; once a process
         assert out == ["10000", "True", "False", "500", "500", "0"]
+
+
+def test_long_lived_objects_leave_the_collector_once_and_later_cycles_are_still_collected():
+    code = """
+import gc, weakref
+from stages.training.allocator import keep_long_lived_objects_out_of_gc
+keep_long_lived_objects_out_of_gc()
+frozen = gc.get_freeze_count()
+class Node: pass
+a, b = Node(), Node(); a.other, b.other = b, a   # a cycle made after the freeze
+ref = weakref.ref(a); del a, b
+keep_long_lived_objects_out_of_gc()               # a second call freezes nothing more
+assert gc.get_freeze_count() == frozen > 0
+gc.collect()
+assert ref() is None                              # the later cycle is collected
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
