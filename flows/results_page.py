@@ -134,7 +134,23 @@ def _made(store: ArtifactStore, experiment: str) -> str:
     commit = f", commit {p['commit'][:7]}{' (modified)' if p.get('dirty') else ''}" if p.get("commit") else ""
     versions = p.get("versions") or {}
     torch = f", torch {versions['torch']}" if versions.get("torch") else ""
-    return f"`{experiment}`: finished {m.get('finished', '?')}, on {where}{commit}{torch}"
+    return f"`{experiment}`: finished {m.get('finished', '?')}, on {where}{commit}{torch}{_older_stages(store, experiment)}"
+
+
+def _older_stages(store: ArtifactStore, experiment: str) -> str:
+    """The stages a run was made with at an older version than today's code has (issue 31 asks
+    for at most one version behind): the page says what a re-run would change."""
+    from stages.pipeline.registry import stage_specs
+
+    today = {name: spec.version for name, spec in stage_specs().items()}
+    made: dict[str, str] = {}
+    for k in store.rounds(experiment):
+        for stage in store.stages_in_round(experiment, k):
+            version = (store.read_manifest(store.stage_dir(experiment, k, stage)) or {}).get("code_version")
+            if stage in today and str(version).isdigit() and today[stage].isdigit():
+                made[stage] = min(made.get(stage, version), version, key=int)
+    older = [f"{stage} v{v} (today v{today[stage]})" for stage, v in made.items() if int(v) < int(today[stage])]
+    return f"; stages older than today's: {', '.join(older)}" if older else ""
 
 
 def round_wall_seconds(store: ArtifactStore, experiment: str, trains: bool = True) -> float | None:

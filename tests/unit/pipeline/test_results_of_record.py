@@ -80,6 +80,25 @@ def test_a_rounds_wall_time_is_its_stages_but_evaluates(tmp_path):
     assert results_page.round_wall_seconds(store, "old") is None  # only evaluate's and data_pool's were kept
 
 
+def test_the_page_names_the_stages_a_run_made_at_an_older_version(tmp_path):
+    import json
+
+    from stages.pipeline.registry import stage_specs
+
+    today = stage_specs()
+    for k, train_version in enumerate(("1", today["train"].version)):
+        for stage, version in (("train", train_version), ("evaluate", today["evaluate"].version)):
+            d = tmp_path / "run" / f"round-{k}" / stage
+            d.mkdir(parents=True)
+            (d / "manifest.json").write_text(json.dumps({"stage": stage, "code_version": version, "fingerprint": "f",
+                                                         "run_id": "r", "rows": 1, "files": {}}))
+    store = ArtifactStore(str(tmp_path))
+    assert results_page._older_stages(store, "run") == f"; stages older than today's: train v1 (today v{today['train'].version})"
+    (tmp_path / "run" / "round-0" / "train" / "manifest.json").unlink()
+    (tmp_path / "run" / "round-0" / "train").rmdir()
+    assert results_page._older_stages(store, "run") == ""
+
+
 def test_make_frontier_runs_every_method_of_the_page():
     makefile = (ROOT / "Makefile").read_text()
     listed = makefile.split("FRONTIER :=", 1)[1].split("\nfrontier:", 1)[0].replace("\\", " ").split()
