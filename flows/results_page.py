@@ -51,6 +51,8 @@ FAMILIES = [
          Run("NLF", "nlf_movies.yaml", ("nlf_pair_movies",), sets=("experiment=nlf_pair_movies",)),
          Run("NLF, full-vocabulary KL", "nlf_movies.yaml", ("nlf_pair_exact",),
              sets=("train.nlf.kl=exact", "experiment=nlf_pair_exact")),
+         Run("NLF, KL coefficient 0.15", "nlf_movies.yaml", ("nlf_kl015",),
+             sets=("train.nlf.kl_coef=0.15", "experiment=nlf_kl015")),
          Run("NLF, rounds sampled at top-p 1", "nlf_movies.yaml", _seeds("nlf_topp1_r4"),
              sets=(*TOP_P_1_ROUNDS, "rounds=4", "experiment=nlf_topp1_r4")),
          Run("NLF, top-p 1 rounds at twice the learning rate", "nlf_movies.yaml", ("nlf_topp1_lr1e4",),
