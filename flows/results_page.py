@@ -74,7 +74,11 @@ FAMILIES = [
              "moves that reward by chance: up in some seeds, down in another. The method is not at fault: a judge "
              "that can tell which continuation is more positive is (a larger `annotate.steps[].model`, or an "
              "OpenAI-compatible endpoint)."),
-         Run("Online KTO", "online_kto_movies.yaml", ("online_kto_movies",)),
+         Run("Online KTO", "online_kto_movies.yaml", _seeds("online_kto_movies"),
+             "its reward gain comes with a KL of 30 to 60 nats and text the base finds unlikely (perplexity under "
+             "the base several times the others'): at this learning rate it over-optimises the reward model, and one "
+             "seed degenerates in round 1 before recovering part of the way. A setting to tune (learning rate, "
+             "`train.kto.beta`), not yet done."),
          Run("RLOO", "rl_movies.yaml", _seeds("rl_movies")),
          Run("GRPO", "grpo_movies.yaml", _seeds("grpo_movies")),
      ]),
