@@ -268,6 +268,14 @@ def report(
     console.print(f"reward vs KL: {target}")
 
 
+def _experiment_at(arg: str, command: str) -> tuple[str, int | None]:
+    """EXPERIMENT[@ROUND] as `compare` and `agreement` take it: the round, or None where not given."""
+    exp, _, round_ = arg.partition("@")
+    if round_ and not round_.isdigit():
+        raise BadInput(f"{command}: '{arg}': the round after '@' must be a number")
+    return exp, int(round_) if round_ else None
+
+
 @app.command()
 def compare(
     a: str = typer.Argument(..., help="An experiment, or EXPERIMENT@ROUND (default: its last evaluated round)."),
@@ -279,18 +287,16 @@ def compare(
     95% bootstrap interval over prompts (two gain intervals that overlap do not answer it)."""
     import json
 
-    from stages.pipeline.report import compare_rounds, fmt, rounds_table
+    from stages.pipeline.report import compare_rounds, fmt, rounds_table, with_interval
     from stages.pipeline.store import ArtifactStore
 
     root = artifacts or default_artifact_root()
     store = ArtifactStore(root)
 
     def which(arg: str) -> tuple[str, int]:
-        exp, _, round_ = arg.partition("@")
-        if round_:
-            if not round_.isdigit():
-                raise BadInput(f"compare: '{arg}': the round after '@' must be a number")
-            return exp, int(round_)
+        exp, round_ = _experiment_at(arg, "compare")
+        if round_ is not None:
+            return exp, round_
         rows = rounds_table(store, exp)
         if not rows:
             raise BadInput(f"compare: experiment {exp} has no evaluated round under {root}")
@@ -311,10 +317,8 @@ def compare(
         table.add_column(col)
     for name, heading in (("reward", "reward"), ("kl", "KL")):
         if f"{name}_difference" in result:
-            low, high = result.get(f"{name}_difference_ci_low"), result.get(f"{name}_difference_ci_high")
-            interval = f" [{fmt(low)}, {fmt(high)}]" if low is not None else ""
             table.add_row(heading, fmt(result[f"{name}_a"]), fmt(result[f"{name}_b"]),
-                          fmt(result[f"{name}_difference"]) + interval)
+                          with_interval(result, f"{name}_difference"))
     console.print(table)
     if result.get("same_base"):
         console.print("Both rounds paired with the same base samples: the reward difference is also the "
@@ -338,15 +342,13 @@ def agreement(
     import json
 
     from stages.config import annotator_step, load_config
-    from stages.pipeline.report import fmt, pair_agreement
+    from stages.pipeline.report import pair_agreement, with_interval
     from stages.pipeline.store import ArtifactStore
 
     if format_ not in ("table", "json"):
         raise BadInput(f"agreement: --format {format_!r} is not one of table, json")
-    exp, _, k = round_.partition("@")
-    if k and not k.isdigit():
-        raise BadInput(f"agreement: '{round_}': the round after '@' must be a number")
-    k = int(k or 0)
+    exp, k = _experiment_at(round_, "agreement")
+    k = k or 0
     root = artifacts or default_artifact_root()
     store = ArtifactStore(root)
     if config:
@@ -381,9 +383,7 @@ def agreement(
     table.add_column("metric")
     table.add_column("value")
     for name, heading in (("agreement", "same order"), ("margin", "chosen - rejected")):
-        low = result.get(f"{name}_ci_low")
-        interval = f" [{fmt(low)}, {fmt(result[f'{name}_ci_high'])}]" if low is not None else ""
-        table.add_row(heading, fmt(result[name]) + interval)
+        table.add_row(heading, with_interval(result, name))
     console.print(table)
 
 

@@ -373,9 +373,11 @@ def pair_agreement(store: ArtifactStore, experiment: str, round_: int, steps: li
             if r["generation1"] is not None and r["generation2"] is not None]
     if not rows:
         raise ValueError(f"{where}: its pool holds no pair")
-    prompts = [r["prompt"] for r in rows]
-    chosen, _ = run_steps(steps, prompts, [r["generation1"] for r in rows], "agreement", feedback=False)
-    rejected, _ = run_steps(steps, prompts, [r["generation2"] for r in rows], "agreement", feedback=False)
+    # chosen then rejected in one pass: each annotator's model loads once
+    prompts = [r["prompt"] for r in rows] * 2
+    scores, _ = run_steps(steps, prompts, [r["generation1"] for r in rows] + [r["generation2"] for r in rows],
+                          "agreement", feedback=False)
+    chosen, rejected = scores[:len(rows)], scores[len(rows):]
     known = [(c, r) for c, r in zip(chosen, rejected) if c is not None and r is not None]
     agree = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in known]  # a tie counts half
     margins = [c - r for c, r in known]

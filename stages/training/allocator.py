@@ -93,6 +93,9 @@ def return_freed_pages_sooner(ms: int = DECAY_MS) -> bool:
     return True
 
 
+_frozen = False
+
+
 def keep_long_lived_objects_out_of_gc() -> None:
     """Once per process, before its first stage: what is alive then (the imported modules of torch,
     transformers and Prefect, the config: about half a million objects) leaves the cyclic
@@ -105,9 +108,6 @@ def keep_long_lived_objects_out_of_gc() -> None:
     if not _frozen:
         gc.freeze()
         _frozen = True
-
-
-_frozen = False
 
 
 def release_free_memory() -> None:
