@@ -58,6 +58,8 @@ FAMILIES = [
             "(completions of 19 tokens by round 2 against the others' 31: a KL summed over a sequence is cheapest "
             "to cut by ending it) and the gain falls with it: not a recipe.",
             sets=("train.nlf.kl=exact", "train.nlf.kl_coef=0.2", "experiment=nlf_exact_kl02")),
+        Run("NLF, 4 samples an opening at top-p 1", "nlf_movies.yaml", ("nlf_topp1_n4",),
+            sets=(*TOP_P_1_ROUNDS, "sample.n=4", "train.max_steps=80", "experiment=nlf_topp1_n4")),
         Run("NLF, rounds sampled at top-p 1", "nlf_movies.yaml", _seeds("nlf_topp1_r4"),
              sets=(*TOP_P_1_ROUNDS, "rounds=4", "experiment=nlf_topp1_r4")),
          Run("NLF, top-p 1 rounds at twice the learning rate", "nlf_movies.yaml", ("nlf_topp1_lr1e4",),
