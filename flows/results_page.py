@@ -40,6 +40,9 @@ def _seeds(stem: str, n: int = 3) -> tuple[str, ...]:
 
 # Rounds sampled as the papers do (top-p 1, no top-k), evaluated at the shared protocol's top-p 0.9 / top-k 50.
 TOP_P_1_ROUNDS = ("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50")
+# nlf_movies.yaml before it sampled 4 of each opening at top-p 1 and trained 80 steps a round.
+NLF_TWO = ("sample.n=2", "train.max_steps=40")
+NLF_TOP_P_09 = (*NLF_TWO, "sample.top_p=0.9", "sample.top_k=50")
 
 FAMILIES = [
     ("Online", "each round samples from the policy being trained and scores: 300 samples a round (2 "
@@ -48,24 +51,24 @@ FAMILIES = [
          Run("Quark", "quark_movies.yaml", ("quark_init_words",), sets=("experiment=quark_init_words",)),
          Run("Quark, control tokens drawn at random (the paper's)", "quark_movies.yaml", ("quark_pair_movies",),
              sets=("train.quark.control_init=[]", "experiment=quark_pair_movies")),
-         Run("NLF", "nlf_movies.yaml", ("nlf_pair_movies",), sets=("experiment=nlf_pair_movies",)),
+         Run("NLF", "nlf_movies.yaml", ("nlf_topp1_n4",), sets=("experiment=nlf_topp1_n4",)),
+         Run("NLF, 2 samples an opening at top-p 0.9", "nlf_movies.yaml", ("nlf_pair_movies",),
+             sets=(*NLF_TOP_P_09, "experiment=nlf_pair_movies")),
          Run("NLF, full-vocabulary KL", "nlf_movies.yaml", ("nlf_pair_exact",),
-             sets=("train.nlf.kl=exact", "experiment=nlf_pair_exact")),
+             sets=(*NLF_TOP_P_09, "train.nlf.kl=exact", "experiment=nlf_pair_exact")),
          Run("NLF, KL coefficient 0.15", "nlf_movies.yaml", ("nlf_kl015",),
-             sets=("train.nlf.kl_coef=0.15", "experiment=nlf_kl015")),
+             sets=(*NLF_TOP_P_09, "train.nlf.kl_coef=0.15", "experiment=nlf_kl015")),
          Run("NLF, full-vocabulary KL at coefficient 0.2", "nlf_movies.yaml", ("nlf_exact_kl02",),
-            "the stronger exact KL holds the KL below online DPO's, but the policy meets it by saying less "
-            "(completions of 19 tokens by round 2 against the others' 31: a KL summed over a sequence is cheapest "
-            "to cut by ending it) and the gain falls with it: not a recipe.",
-            sets=("train.nlf.kl=exact", "train.nlf.kl_coef=0.2", "experiment=nlf_exact_kl02")),
-        Run("NLF, 4 samples an opening at top-p 1", "nlf_movies.yaml", ("nlf_topp1_n4",),
-            sets=(*TOP_P_1_ROUNDS, "sample.n=4", "train.max_steps=80", "experiment=nlf_topp1_n4")),
-        Run("NLF, rounds sampled at top-p 1", "nlf_movies.yaml", _seeds("nlf_topp1_r4"),
-             sets=(*TOP_P_1_ROUNDS, "rounds=4", "experiment=nlf_topp1_r4")),
+             "the stronger exact KL holds the KL below online DPO's, but the policy meets it by saying less "
+             "(completions of 19 tokens by round 2 against the others' 31: a KL summed over a sequence is cheapest "
+             "to cut by ending it) and the gain falls with it: not a recipe.",
+             sets=(*NLF_TOP_P_09, "train.nlf.kl=exact", "train.nlf.kl_coef=0.2", "experiment=nlf_exact_kl02")),
+         Run("NLF, rounds sampled at top-p 1", "nlf_movies.yaml", _seeds("nlf_topp1_r4"),
+             sets=(*NLF_TWO, "rounds=4", "experiment=nlf_topp1_r4")),
          Run("NLF, top-p 1 rounds at twice the learning rate", "nlf_movies.yaml", ("nlf_topp1_lr1e4",),
              "its conditioning learns faster (the held-out probe), but its completions shorten every round and the "
              "gain of round 1 is gone by round 2: not a recipe.",
-             sets=(*TOP_P_1_ROUNDS, "train.learning_rate=1.0e-4", "experiment=nlf_topp1_lr1e4")),
+             sets=(*NLF_TWO, "train.learning_rate=1.0e-4", "experiment=nlf_topp1_lr1e4")),
          Run("Quark, papers' loss", "quark_movies.yaml", _seeds("quark_movies"),
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
              "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
@@ -74,7 +77,7 @@ FAMILIES = [
          Run("NLF, papers' loss", "nlf_movies.yaml", _seeds("nlf_movies"),
              "as Quark's: the feedback phrase is not read as an instruction. The pairwise contrast (the row \"NLF\", "
              "and \"NLF (pool)\" below) makes NLF learn it; see [Quark and NLF](quark-nlf.md).",
-             sets=("build_pool.quantile_scope=global", "train.nlf.pair_contrast_coef=0")),
+             sets=(*NLF_TOP_P_09, "build_pool.quantile_scope=global", "train.nlf.pair_contrast_coef=0")),
          Run("Online DPO, LLM judge", "online_dpo_judge_movies.yaml", _seeds("online_dpo_judge_movies"),
              "its judge (SmolLM2-135M-Instruct, the one instruct model these offline machines hold) orders the pairs "
              "it keeps no better than chance against the reward model evaluate measures with, so DPO on its pairs "
