@@ -51,7 +51,7 @@ FAMILIES = [
          Run("Quark", "quark_movies.yaml", ("quark_init_words",), sets=("experiment=quark_init_words",)),
          Run("Quark, control tokens drawn at random (the paper's)", "quark_movies.yaml", ("quark_pair_movies",),
              sets=("train.quark.control_init=[]", "experiment=quark_pair_movies")),
-         Run("NLF", "nlf_movies.yaml", ("nlf_topp1_n4",), sets=("experiment=nlf_topp1_n4",)),
+         Run("NLF", "nlf_movies.yaml", _seeds("nlf_topp1_n4"), sets=("experiment=nlf_topp1_n4",)),
          Run("NLF, 2 samples an opening at top-p 0.9", "nlf_movies.yaml", ("nlf_pair_movies",),
              sets=(*NLF_TOP_P_09, "experiment=nlf_pair_movies")),
          Run("NLF, full-vocabulary KL", "nlf_movies.yaml", ("nlf_pair_exact",),
