@@ -38,15 +38,14 @@ def _seeds(stem: str, n: int = 3) -> tuple[str, ...]:
     return (stem, *(f"{stem}_seed{k}" for k in range(1, n)))
 
 
-# Rounds sampled as the papers do (top-p 1, no top-k), evaluated at the shared protocol's top-p 0.9 / top-k 50.
-TOP_P_1_ROUNDS = ("sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9", "evaluate.generation.top_k=50")
 # nlf_movies.yaml before it sampled 4 of each opening at top-p 1 and trained 80 steps a round.
 NLF_TWO = ("sample.n=2", "train.max_steps=40")
 NLF_TOP_P_09 = (*NLF_TWO, "sample.top_p=0.9", "sample.top_k=50")
 
 FAMILIES = [
     ("Online", "each round samples from the policy being trained and scores: 300 samples a round (2 "
-     "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds.", [
+     "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds; NLF samples 4 of "
+     "each of the 150 (600 a round).", [
          Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
          Run("Quark", "quark_movies.yaml", ("quark_init_words",), sets=("experiment=quark_init_words",)),
          Run("Quark, control tokens drawn at random (the paper's)", "quark_movies.yaml", ("quark_pair_movies",),
@@ -85,13 +84,13 @@ FAMILIES = [
              "that can tell which continuation is more positive is (a larger `annotate.steps[].model`, or an "
              "OpenAI-compatible endpoint)."),
          Run("Online KTO", "online_kto_movies.yaml", _seeds("online_kto_lr1e5"), sets=("experiment=online_kto_lr1e5",)),
-        Run("Online KTO, learning rate 5e-5", "online_kto_movies.yaml", _seeds("online_kto_movies"),
-            "its reward gain comes with a KL of 30 to 60 nats and text the base finds unlikely (perplexity under "
-            "the base several times the others'): at this learning rate it over-optimises the reward model, and one "
-            "seed degenerates in round 1 before recovering part of the way. At a fifth of the learning rate (the "
-            "row above, the config's default since) it gains steadily at a tenth of the KL.",
-            sets=("train.learning_rate=5.0e-5",)),
-        Run("RLOO", "rl_movies.yaml", _seeds("rl_movies")),
+         Run("Online KTO, learning rate 5e-5", "online_kto_movies.yaml", _seeds("online_kto_movies"),
+             "its reward gain comes with a KL of 30 to 60 nats and text the base finds unlikely (perplexity under "
+             "the base several times the others'): at this learning rate it over-optimises the reward model, and one "
+             "seed degenerates in round 1 before recovering part of the way. At a fifth of the learning rate (the "
+             "row above, the config's default since) it gains steadily at a tenth of the KL.",
+             sets=("train.learning_rate=5.0e-5",)),
+         Run("RLOO", "rl_movies.yaml", _seeds("rl_movies")),
          Run("GRPO", "grpo_movies.yaml", _seeds("grpo_movies")),
      ]),
     ("Offline, on one pool", "every method trains once over the same pool of `pool_movies.yaml`: 4 base-policy "
