@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from stages.pipeline.errors import BadInput
 from stages.pipeline.refs import ArtifactRef
-from stages.pipeline.sections import Section, conditioning_template
+from stages.pipeline.sections import Section, conditioning_template, control_prefix_template
 
 
 class LoadPromptsConfig(Section):
@@ -84,10 +84,21 @@ class SampleConfig(Section):
     # could not even be scored by the reference.
     suppress_tokens: list[str] = []
     control_token: str = "<|quark_0|>"  # conditioning quark_best: the token put before the prompt
+    control_template: str = "{control}{prompt}"  # where it goes: train.quark.control_template's (filled from it)
     feedback: str = "Excellent."  # conditioning feedback: the feedback the policy is asked for
     # conditioning feedback: how feedback and prompt are joined; the text before {prompt} is the prefix.
     feedback_template: str = "feedback: {feedback} input: {prompt}"
     _template = field_validator("feedback_template")(conditioning_template)
+    _control_template = field_validator("control_template")(control_prefix_template)
+
+
+def _same_control_template(sampling: SampleConfig, where: str, template: str) -> None:
+    """A sampler conditions on Quark's token where training put it: train.quark.control_template's
+    place, filled in; one written differently is an error, not a policy asked in words it never saw."""
+    if "control_template" in sampling.model_fields_set and sampling.control_template != template:
+        raise ValueError(f"{where}.control_template {sampling.control_template!r} differs from "
+                         f"train.quark.control_template {template!r} (set the latter only)")
+    sampling.control_template = template
 
 
 def _annotator_step():
@@ -410,6 +421,8 @@ class RunConfig(Section):
                              f"{len(quark.control_tokens)} control tokens (one per quantile, best first)")
         if self.train.objective == "quark" and not self.sample.suppress_tokens:
             self.sample.suppress_tokens = list(self.train.quark.control_tokens)
+        if self.train.objective == "quark":
+            _same_control_template(self.sample, "sample", self.train.quark.control_template)
         if self.data_pool.quantiles is None:
             self.data_pool.quantiles = self.build_pool.quantiles
         if self.data_pool.quantile_scope is None:
@@ -424,6 +437,8 @@ class RunConfig(Section):
         ev = self.evaluate
         if self.train.objective == "quark" and ev.generation is not None and not ev.generation.suppress_tokens:
             ev.generation.suppress_tokens = list(self.train.quark.control_tokens)
+        if self.train.objective == "quark" and ev.generation is not None:
+            _same_control_template(ev.generation, "evaluate.generation", self.train.quark.control_template)
         if ev.controllability and ev.controls is None:
             if self.build_pool.kind == "quark":
                 ev.controls = list(quark_tokens)

@@ -60,9 +60,10 @@ def from_text(tokenizer, prompt: str | None, completion: str | None, prefix: tup
     return Sequence(text_ids(tokenizer, prompt), text_ids(tokenizer, completion) + [tokenizer.eos_token_id], prefix)
 
 
-def feedback_prefix(template: str, feedback: str) -> str:
-    """NLF's conditioning text: the feedback template up to its `{prompt}`, which ends it (config)."""
-    return template[: template.index("{prompt}")].format(feedback=feedback)
+def template_prefix(template: str, **condition: str) -> str:
+    """A conditioning text: the template (NLF's feedback, Quark's control) up to its `{prompt}`,
+    which ends it (config), filled with the condition."""
+    return template[: template.index("{prompt}")].format(**condition)
 
 
 def ids_column(generation: str) -> str:

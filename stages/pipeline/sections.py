@@ -16,8 +16,18 @@ class Section(BaseModel):
                               validate_by_name=True, validate_by_alias=True)
 
 
+def _prefix_template(template: str, condition: str) -> str:
+    if not template.endswith("{prompt}") or template.count("{prompt}") != 1 or template.count(condition) != 1:
+        raise ValueError(f"must contain {condition} once and end with {{prompt}} (the conditioning is a prefix of the "
+                         "prompt)")
+    return template
+
+
 def conditioning_template(template: str) -> str:
     """NLF templates put the conditioning before the prompt, so it is a prefix of the prompt's tokens."""
-    if not template.endswith("{prompt}") or template.count("{prompt}") != 1 or "{feedback}" not in template:
-        raise ValueError("must contain {feedback} and end with {prompt} (the conditioning is a prefix of the prompt)")
-    return template
+    return _prefix_template(template, "{feedback}")
+
+
+def control_prefix_template(template: str) -> str:
+    """Quark's: where the control token sits in the text before the prompt."""
+    return _prefix_template(template, "{control}")

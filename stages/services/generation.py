@@ -22,16 +22,16 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from stages.config import SampleConfig
 from stages.pipeline.errors import BadInput
 from stages.services.models import load_causal_lm, load_tokenizer
-from stages.data.tokens import feedback_prefix, keep_last, text_ids
+from stages.data.tokens import keep_last, template_prefix, text_ids
 from stages.training.precision import bf16_native
 
 
 def conditioning(cfg: SampleConfig) -> tuple[str | None, str | None]:
     """(the text put before every prompt, the conditioning recorded with the sample)."""
     if cfg.conditioning == "quark_best":
-        return cfg.control_token, cfg.control_token
+        return template_prefix(cfg.control_template, control=cfg.control_token), cfg.control_token
     if cfg.conditioning == "feedback":
-        return feedback_prefix(cfg.feedback_template, cfg.feedback), cfg.feedback
+        return template_prefix(cfg.feedback_template, feedback=cfg.feedback), cfg.feedback
     return None, None
 
 

@@ -6,7 +6,7 @@ from pydantic import field_validator
 
 from stages.training.objectives.conditioned import ConditionedNLL, ConditionedOptions
 from stages.pipeline.sections import conditioning_template
-from stages.data.tokens import feedback_prefix, text_ids
+from stages.data.tokens import template_prefix, text_ids
 
 
 class NLF(ConditionedNLL):
@@ -24,4 +24,4 @@ class NLF(ConditionedNLL):
     condition_key = "feedback"
 
     def condition_prefix(self, condition, tokenizer):
-        return tuple(text_ids(tokenizer, feedback_prefix(self.opt.feedback_template, condition)))
+        return tuple(text_ids(tokenizer, template_prefix(self.opt.feedback_template, feedback=condition)))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
+from stages.data.tokens import template_prefix, text_ids
+from stages.pipeline.sections import control_prefix_template
 from stages.training.objectives.conditioned import ConditionedNLL, ConditionedOptions
 
 
@@ -23,6 +25,11 @@ class QuarkOptions(ConditionedOptions):
     # start with the meaning NLF's phrases have (prompt tuning's label initialisation, Lester et
     # al., 2021). Empty: drawn as a typical token, as the paper does.
     control_init: list[str] = []
+    # The text before the prompt, with the control token at {control}: the paper's puts the token
+    # first. A decoder without a BOS token (SmolLM2) spends its first position as an attention sink,
+    # which may carry little of the token: measured in docs/quark-nlf.md. sample and evaluate follow it.
+    control_template: str = "{control}{prompt}"
+    _template = field_validator("control_template")(control_prefix_template)
 
 
 class Quark(ConditionedNLL):
@@ -37,7 +44,7 @@ class Quark(ConditionedNLL):
     condition_key = "control"
 
     def condition_prefix(self, condition, tokenizer):
-        return (tokenizer.convert_tokens_to_ids(condition),)
+        return tuple(text_ids(tokenizer, template_prefix(self.opt.control_template, control=condition)))
 
     def prepare_model(self, model, tokenizer, rows, seed):
         add_control_tokens(model, tokenizer, rows, seed, self.opt.control_tokens,

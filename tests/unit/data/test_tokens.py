@@ -174,6 +174,36 @@ def test_sample_refuses_a_prefix_that_fills_the_budget(tok):
 def test_nlf_template_must_end_with_the_prompt():
     with pytest.raises(Exception, match="end with {prompt}"):
         SampleConfig(feedback_template="{prompt} feedback: {feedback}")
+    with pytest.raises(Exception, match="must contain {control} once"):
+        SampleConfig(control_template="quality: {prompt}")
+
+
+@pytest.mark.parametrize("template", ["{control}{prompt}", "feedback: {control} input: {prompt}"])
+def test_quark_sampler_and_trainer_put_the_control_token_in_the_same_place(tok, template):
+    """The sampler's prefix (sample.conditioning quark_best) and the one Quark trains and probes
+    with (Objective.condition_prefix) are the same ids, the token once, where the template says."""
+    import copy
+
+    from stages.services.generation import encode_prompt
+
+    tokenizer = copy.deepcopy(tok)
+    tokenizer.add_tokens(["<|quark_0|>"], special_tokens=True)
+    token = tokenizer.convert_tokens_to_ids("<|quark_0|>")
+    objective = make_objective(TrainConfig(objective="quark", quark={"control_template": template}))
+    trained = objective.condition_prefix("<|quark_0|>", tokenizer)
+    sampled, prompt = encode_prompt(tokenizer, "The movie", SampleConfig(conditioning="quark_best", control_template=template))
+    assert list(trained) == list(sampled) and trained.count(token) == 1
+    assert (trained[0] == token) == template.startswith("{control}")
+    assert prompt == tokenizer("The movie", add_special_tokens=False).input_ids
+
+
+def test_quark_samplers_follow_the_trainers_control_template(tmp_path):
+    template = "feedback: {control} input: {prompt}"
+    cfg = load_config(ROOT / "configs" / "quark_movies.yaml", [f"train.quark.control_template={template}"])
+    assert cfg.sample.control_template == cfg.evaluate.generation.control_template == template
+    assert load_config(ROOT / "configs" / "quark_movies.yaml").sample.control_template == "{control}{prompt}"
+    with pytest.raises(BadInput, match="sample.control_template .* differs from train.quark.control_template"):
+        load_config(ROOT / "configs" / "quark_movies.yaml", [f"sample.control_template={template}"])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
