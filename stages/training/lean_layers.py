@@ -10,8 +10,10 @@ decoder keep more than they must:
 - attention with grouped key/value heads: transformers copies each KV head to its query heads
   (`repeat_kv`) before sdpa, and autograd keeps the copies. On CPU, sdpa's own GQA gives the same
   numbers without them; `native_gqa()` turns that on through transformers' switch while training.
-`make_lean(model)` swaps the `forward` of matching modules in place. Weights are untouched, so
-state dicts, saving and LoRA merging are unaffected. Modules that differ from the expected structure
+`make_lean(model)` gives matching modules a subclass of their own class whose `forward` is the
+lean one (a class, not an instance attribute: transformers with the `kernels` package re-kernelizes
+its layers at every `model.train()`, which deletes an instance's `forward` and silently undid the
+norms). Weights are untouched, so state dicts, saving and LoRA merging are unaffected. Modules that differ from the expected structure
 are left alone: a LoRA-wrapped or biased projection, another activation, another norm formula. Under
 autocast the original forward runs, since its dtype rules are autocast's to apply.
 """
@@ -19,7 +21,6 @@ autocast the original forward runs, since its dtype rules are autocast's to appl
 from __future__ import annotations
 
 import os
-import types
 from contextlib import contextmanager
 
 import torch
@@ -84,15 +85,27 @@ def _autocasting(t: torch.Tensor) -> bool:
 
 
 def _mlp_forward(self, x):
-    if _autocasting(x):
-        return type(self).forward(self, x)
     return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 
 def _norm_forward(self, x):
-    if _autocasting(x):
-        return type(self).forward(self, x)
     return RMSNormLean.apply(x, self.weight, self.variance_epsilon)
+
+
+_LEAN_CLASSES: dict[type, type] = {}
+
+
+def _lean_class(cls: type, lean) -> type:
+    """`cls` with `lean` as its forward, the original's under autocast; one subclass per class, of
+    the same name (what make_lean and transformers' kernel mapping look up)."""
+    if getattr(cls, "_lean_of", None) is not None:
+        return cls
+
+    def forward(self, x):
+        return cls.forward(self, x) if _autocasting(x) else lean(self, x)
+
+    return _LEAN_CLASSES.setdefault(cls, type(cls.__name__, (cls,), {"forward": forward, "_lean_of": cls,
+                                                                       "__module__": cls.__module__}))
 
 
 def _is_silu(act) -> bool:
@@ -111,10 +124,10 @@ def make_lean(model: nn.Module) -> dict[str, int]:
         name = type(module).__name__
         if (name in SWIGLU_MLPS and all(_plain_linear(getattr(module, p, None)) for p in ("gate_proj", "up_proj", "down_proj"))
                 and _is_silu(getattr(module, "act_fn", None))):
-            module.forward = types.MethodType(_mlp_forward, module)
+            module.__class__ = _lean_class(type(module), _mlp_forward)
             counts["mlp"] += 1
         elif name in RMS_NORMS and hasattr(module, "variance_epsilon") and getattr(module, "bias", None) is None:
-            module.forward = types.MethodType(_norm_forward, module)
+            module.__class__ = _lean_class(type(module), _norm_forward)
             counts["norm"] += 1
     return counts
 

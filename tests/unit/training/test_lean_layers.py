@@ -71,6 +71,26 @@ def test_lean_model_matches_original_and_saves_less():
 
 
 @needs_prepared
+def test_lean_layers_stay_through_train_and_eval(monkeypatch):
+    """transformers with `kernels` re-kernelizes its layers at model.train() and deletes a module's
+    own `forward` (it did: the trainer's model.train() turned every lean RMSNorm back into the
+    original). The lean layers must still run after it."""
+    from stages.services.models import build_tiny_llama, load_causal_lm
+    from stages.training import lean_layers
+
+    model = load_causal_lm(build_tiny_llama())
+    counts = make_lean(model)
+    model.train(); model.eval(); model.train()
+    calls = {"norm": 0, "mlp": 0}
+    for name, fn in (("norm", RMSNormLean), ("mlp", SwiGLUDown)):
+        monkeypatch.setattr(getattr(lean_layers, fn.__name__), "apply",
+                            lambda *a, _fn=fn.apply, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _fn(*a))[1])
+    model(input_ids=torch.randint(3, 100, (1, 6))).logits.sum().backward()
+    assert calls == counts
+    assert make_lean(model) == counts and type(model.model.norm).__name__ == "LlamaRMSNorm"  # idempotent, same name
+
+
+@needs_prepared
 def test_lean_layers_leave_lora_projections_and_autocast_alone():
     from peft import LoraConfig, get_peft_model
 
