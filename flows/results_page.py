@@ -8,6 +8,7 @@ A method listed here without runs of record is named as not yet measured."""
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,23 +42,26 @@ def _seeds(stem: str, n: int = 3) -> tuple[str, ...]:
 # nlf_movies.yaml before it sampled 4 of each opening at top-p 1 and trained 80 steps a round.
 NLF_TWO = ("sample.n=2", "train.max_steps=40")
 NLF_TOP_P_09 = (*NLF_TWO, "sample.top_p=0.9", "sample.top_k=50")
-# quark_movies.yaml with nlf_movies.yaml's sampling: 4 of each opening at top-p 1, 80 steps a round.
-QUARK_NLF_SAMPLING = ("sample.n=4", "sample.top_p=1.0", "sample.top_k=0", "evaluate.generation.top_p=0.9",
-                      "evaluate.generation.top_k=50", "train.max_steps=80")
+# quark_movies.yaml before it sampled as nlf_movies.yaml does and put its token inside a text.
+QUARK_FIRST = ("train.quark.control_template={control}{prompt}",)
+QUARK_TWO = (*QUARK_FIRST, "sample.n=2", "train.max_steps=40", "sample.top_p=0.9", "sample.top_k=50")
 
 FAMILIES = [
     ("Online", "each round samples from the policy being trained and scores: 300 samples a round (2 "
      "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds; NLF samples 4 of "
      "each of the 150 (600 a round).", [
          Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
-         Run("Quark", "quark_movies.yaml", ("quark_init_words",), sets=("experiment=quark_init_words",)),
+         Run("Quark", "quark_movies.yaml", ("quark_template_n4",), sets=("experiment=quark_template_n4",)),
+         Run("Quark, the token first (the paper's place)", "quark_movies.yaml", ("quark_topp1_n4",),
+             "the token comes to mean something (the probe and the ladder's spread, both clear of chance), but the "
+             "policy under the best token stays near the base and gains under half of NLF's by round 2: a decoder "
+             "without a BOS token reads its first position poorly. Inside a short text (the row \"Quark\") the "
+             "same token does better on every measure.",
+             sets=(*QUARK_FIRST, "experiment=quark_topp1_n4")),
+         Run("Quark, 2 samples an opening at top-p 0.9", "quark_movies.yaml", ("quark_init_words",),
+             sets=(*QUARK_TWO, "experiment=quark_init_words")),
          Run("Quark, control tokens drawn at random (the paper's)", "quark_movies.yaml", ("quark_pair_movies",),
-             sets=("train.quark.control_init=[]", "experiment=quark_pair_movies")),
-         Run("Quark, NLF's sampling (4 an opening at top-p 1, 80 steps)", "quark_movies.yaml", ("quark_topp1_n4",),
-             "NLF's recipe does not carry over to Quark's token as it stands: the token comes to mean something "
-             "(the probe and the ladder's spread, both clear of chance), but the policy under the best token "
-             "stays near the base (its KL a third of NLF's) and gains under half of NLF's by round 2.",
-             sets=(*QUARK_NLF_SAMPLING, "experiment=quark_topp1_n4")),
+             sets=(*QUARK_TWO, "train.quark.control_init=[]", "experiment=quark_pair_movies")),
          Run("NLF", "nlf_movies.yaml", _seeds("nlf_topp1_n4"), sets=("experiment=nlf_topp1_n4",)),
          Run("NLF, 2 samples an opening at top-p 0.9", "nlf_movies.yaml", ("nlf_pair_movies",),
              sets=(*NLF_TOP_P_09, "experiment=nlf_pair_movies")),
@@ -80,7 +84,8 @@ FAMILIES = [
              "its conditioning is memorised per sample, not generalised: the control ladder is flat and the held-out "
              "probe near chance. The pairwise contrast (the row \"Quark\") is what makes it learn; see "
              "[Quark and NLF](quark-nlf.md).",
-             sets=("build_pool.quantile_scope=global", "train.quark.pair_contrast_coef=0", "train.quark.control_init=[]")),
+             sets=(*QUARK_TWO, "build_pool.quantile_scope=global", "train.quark.pair_contrast_coef=0",
+                   "train.quark.control_init=[]")),
          Run("NLF, papers' loss", "nlf_movies.yaml", _seeds("nlf_movies"),
              "as Quark's: the feedback phrase is not read as an instruction. The pairwise contrast (the row \"NLF\", "
              "and \"NLF (pool)\" below) makes NLF learn it; see [Quark and NLF](quark-nlf.md).",
@@ -344,7 +349,7 @@ def page(root: Path = DOCS / "results") -> str:
                   f"scoring, once for every offline method. " + _made_pool(store), ""]
     for run in (r for r in RUNS if recorded(store, r)):
         series = {n: rounds_table(store, n) for n in run.names}
-        sets = "".join(f" --set {o}" for o in run.sets)
+        sets = "".join(f" --set {shlex.quote(o)}" for o in run.sets)
         commands = [f".venv/bin/align run configs/{run.config}{sets}"] + [
             f".venv/bin/align run configs/{run.config}{sets} --set seed={k} --set experiment={n}"
             for k, n in enumerate(run.names) if k]

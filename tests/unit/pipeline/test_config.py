@@ -161,10 +161,10 @@ def test_the_whole_lora_section_reaches_peft():
 
 def test_evaluate_samples_like_the_round_but_for_what_it_sets():
     """An online flow's evaluate.generation is the round's sampler (one sample, held-out prompts);
-    what evaluate.generation sets itself (nlf_movies.yaml: the protocol's top-p 0.9 / top-k 50
+    what evaluate.generation sets itself (nlf_movies.yaml, quark_movies.yaml: the protocol's top-p 0.9 / top-k 50
     while its rounds sample at top-p 1) overrides just that."""
-    cfg = load_config(ROOT / "configs" / "quark_movies.yaml", ["sample.top_p=1.0"])
-    assert cfg.evaluate.generation.top_p == 1.0 and cfg.evaluate.generation.conditioning == "quark_best"
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["sample.top_p=0.8"])
+    assert cfg.evaluate.generation.top_p == 0.8 and cfg.evaluate.generation.split == "heldout"
     cfg = load_config(ROOT / "configs" / "nlf_movies.yaml", ["sample.top_p=0.8"])
     gen = cfg.evaluate.generation
     assert (gen.top_p, gen.top_k, gen.n, gen.split, gen.conditioning, gen.feedback) == (
