@@ -25,9 +25,9 @@ class QuarkOptions(ConditionedOptions):
     # start with the meaning NLF's phrases have (prompt tuning's label initialisation, Lester et
     # al., 2021). Empty: drawn as a typical token, as the paper does.
     control_init: list[str] = []
-    # The text before the prompt, with the control token at {control}: the paper's puts the token
-    # first. A decoder without a BOS token (SmolLM2) spends its first position as an attention sink,
-    # which may carry little of the token: measured in docs/quark-nlf.md. sample and evaluate follow it.
+    # The text before the prompt, with the control token at {control}; sample and evaluate follow it.
+    # The paper's puts the token first, which for a decoder without a BOS token (SmolLM2) is its
+    # attention-sink position: inside a short text it learns better (measured in docs/quark-nlf.md).
     control_template: str = "{control}{prompt}"
     _template = field_validator("control_template")(control_prefix_template)
 
