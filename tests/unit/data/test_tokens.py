@@ -198,12 +198,13 @@ def test_quark_sampler_and_trainer_put_the_control_token_in_the_same_place(tok, 
 
 
 def test_quark_samplers_follow_the_trainers_control_template(tmp_path):
-    template = "feedback: {control} input: {prompt}"
-    cfg = load_config(ROOT / "configs" / "quark_movies.yaml", [f"train.quark.control_template={template}"])
-    assert cfg.sample.control_template == cfg.evaluate.generation.control_template == template
-    assert load_config(ROOT / "configs" / "quark_movies.yaml").sample.control_template == "{control}{prompt}"
+    for template in ("{control}{prompt}", "quality {control} {prompt}"):
+        cfg = load_config(ROOT / "configs" / "quark_movies.yaml", [f"train.quark.control_template={template}"])
+        assert cfg.sample.control_template == cfg.evaluate.generation.control_template == template
+    cfg = load_config(ROOT / "configs" / "quark_movies.yaml")
+    assert cfg.sample.control_template == cfg.train.quark.control_template == "feedback: {control} input: {prompt}"
     with pytest.raises(BadInput, match="sample.control_template .* differs from train.quark.control_template"):
-        load_config(ROOT / "configs" / "quark_movies.yaml", [f"sample.control_template={template}"])
+        load_config(ROOT / "configs" / "quark_movies.yaml", ["sample.control_template={control}{prompt}"])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
