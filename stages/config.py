@@ -419,9 +419,9 @@ class RunConfig(Section):
         if quark is not None and quark.control_init and len(quark.control_init) != len(quark.control_tokens):
             raise ValueError(f"train.quark.control_init: {len(quark.control_init)} words for "
                              f"{len(quark.control_tokens)} control tokens (one per quantile, best first)")
-        if self.train.objective == "quark" and not self.sample.suppress_tokens:
-            self.sample.suppress_tokens = list(self.train.quark.control_tokens)
         if self.train.objective == "quark":
+            if not self.sample.suppress_tokens:
+                self.sample.suppress_tokens = list(self.train.quark.control_tokens)
             _same_control_template(self.sample, "sample", self.train.quark.control_template)
         if self.data_pool.quantiles is None:
             self.data_pool.quantiles = self.build_pool.quantiles
@@ -435,9 +435,9 @@ class RunConfig(Section):
             if self.evaluate.annotate is None and "annotate" in self.stages:
                 self.evaluate.annotate = self.annotate.model_copy()
         ev = self.evaluate
-        if self.train.objective == "quark" and ev.generation is not None and not ev.generation.suppress_tokens:
-            ev.generation.suppress_tokens = list(self.train.quark.control_tokens)
         if self.train.objective == "quark" and ev.generation is not None:
+            if not ev.generation.suppress_tokens:
+                ev.generation.suppress_tokens = list(self.train.quark.control_tokens)
             _same_control_template(ev.generation, "evaluate.generation", self.train.quark.control_template)
         if ev.controllability and ev.controls is None:
             if self.build_pool.kind == "quark":

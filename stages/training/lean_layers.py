@@ -13,9 +13,10 @@ decoder keep more than they must:
 `make_lean(model)` gives matching modules a subclass of their own class whose `forward` is the
 lean one (a class, not an instance attribute: transformers with the `kernels` package re-kernelizes
 its layers at every `model.train()`, which deletes an instance's `forward` and silently undid the
-norms). Weights are untouched, so state dicts, saving and LoRA merging are unaffected. Modules that differ from the expected structure
-are left alone: a LoRA-wrapped or biased projection, another activation, another norm formula. Under
-autocast the original forward runs, since its dtype rules are autocast's to apply.
+norms). Weights are untouched, so state dicts, saving and LoRA merging are unaffected. Modules that
+differ from the expected structure are left alone: a LoRA-wrapped or biased projection, another
+activation, another norm formula. Under autocast the original forward runs, since its dtype rules
+are autocast's to apply.
 """
 
 from __future__ import annotations
