@@ -5,6 +5,7 @@ beside ours at each precision.
     .venv/bin/pip install -e '.[bench]'          # TRL 1.16, for the DPO side by side
     .venv/bin/python benchmarks/bench_train.py [--quick] [--steps N] [--repeats R] [--no-trl]
     .venv/bin/python benchmarks/bench_train.py --profile dpo [--precision bf16]   # where the time goes, as MFU's factors
+    .venv/bin/python benchmarks/bench_train.py --casts grpo [--precision bf16]    # every dtype cast of a step, by source
 
 1. The peak: the best median rate of large matmuls (2048x576x1536, SmolLM2's MLP shape, and
    2048x2048x2048), each dtype, on every core torch uses; measured before and after the runs, the
@@ -132,7 +133,7 @@ def reference_columns(objective: str, rows: list[dict], precision: str) -> None:
 
 
 def child(objective: str, precision: str, pairs_path: Path, steps: int, profile: bool = False,
-          compiled: bool = False) -> dict:
+          compiled: bool = False, casts: bool = False) -> dict:
     import torch
 
     from stages.config import TrainConfig
@@ -173,6 +174,11 @@ def child(objective: str, precision: str, pairs_path: Path, steps: int, profile:
             averages = prof.key_averages()
             print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
             profiled = by_category(averages)
+        elif casts:  # every dtype cast of the run, by source (slow: a Python call per operator)
+            from cast_counter import CastCounter
+
+            with CastCounter() as counter:
+                history = fit(model, tokenizer, objective_, rows, cfg, seed=0, resume_dir=Path(tmp))
         else:
             history = fit(model, tokenizer, objective_, rows, cfg, seed=0, resume_dir=Path(tmp))
         wall = time.perf_counter() - t0
@@ -184,7 +190,8 @@ def child(objective: str, precision: str, pairs_path: Path, steps: int, profile:
             "tokens_per_s_all_steps": sum(per_step) / sum(seconds),
             "train_peak_rss_gb": bench_dpo.gb(bench_dpo.status_kb("VmHWM")) if reset else None,
             "losses": [h["loss"] for h in history], "allocator": current(),
-            "torch_threads": torch.get_num_threads(), **({"profile": profiled} if profile else {})}
+            "torch_threads": torch.get_num_threads(), **({"profile": profiled} if profile else {}),
+            **({"casts": counter.table()} if casts else {})}
 
 
 # Where a step's time goes, by kind of operator (self times, which add up to the run's time on the
@@ -242,6 +249,15 @@ def explain(res: dict, peak: dict) -> str:
     return "\n".join(lines)
 
 
+def casts_table(res: dict) -> str:
+    rows = res["casts"]
+    lines = [f"{res['objective']} {res['precision']}: {res['steps']} step(s), {res['tokens']} tokens; "
+             f"top {len(rows)} sources of dtype casts: {sum(r['casts'] for r in rows)} casts, "
+             f"{sum(r['mb'] for r in rows):.0f} MB moved (read + written)"]
+    lines += [f"  {r['mb']:9.1f} MB {r['casts']:6d}  {r['source']}" for r in rows]
+    return "\n".join(lines)
+
+
 def run_child(cmd: list[str], env: dict, log: Path) -> dict | None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
@@ -267,7 +283,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also run ours with torch.compile (inductor) over the decoder body: side ours-compiled")
     ap.add_argument("--profile", choices=OBJECTIVES, help="profile one objective's run by operator, in this process")
-    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="with --profile (default bf16)")
+    ap.add_argument("--casts", choices=OBJECTIVES, help="count one objective's dtype casts by source, in this process")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="with --profile or --casts (default bf16)")
     ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/train.json, train_quick.json)")
     ap.add_argument("--report", type=Path, help="print the table of a results JSON (benchmarks/results/train.json)")
     ap.add_argument("--child", nargs=2, metavar=("OBJECTIVE", "PRECISION"), help=argparse.SUPPRESS)
@@ -291,6 +308,16 @@ def main() -> None:
         out = RESULTS / f"profile_{a.profile}_{a.precision}.json"
         out.write_text(json.dumps(res, indent=1))
         print(f"{a.profile} {a.precision}: {res['tokens_per_s']:.0f} tokens/s (profiled: slower than unprofiled); {out}")
+        return
+    if a.casts:
+        bench_dpo.build_pairs(a.pairs)
+        res = child(a.casts, a.precision, a.pairs, a.steps or 1, casts=True)
+        res.update(commit=bench_dpo.commit(), machine=bench_dpo.machine(),
+                   finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        print(casts_table(res))
+        out = RESULTS / f"casts_{a.casts}_{a.precision}.json"
+        out.write_text(json.dumps(res, indent=1))
+        print(f"written: {out}")
         return
 
     import torch

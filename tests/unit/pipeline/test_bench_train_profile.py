@@ -1,5 +1,6 @@
 """bench_train's profile: the matmuls' FLOPs are counted as 2nkm per product (backward included),
-the kinds of operator add up to the profiled time, and MFU is the product of its stated factors."""
+the kinds of operator add up to the profiled time, and MFU is the product of its stated factors; its
+cast counter keys every dtype cast by source and counts nothing else."""
 
 import re
 import sys
@@ -11,6 +12,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_train  # noqa: E402
+from cast_counter import CastCounter  # noqa: E402
 
 
 def test_matmul_flops_categories_and_mfu_factors():
@@ -35,3 +37,24 @@ def test_explain_writes_mfu_as_the_product_of_its_factors():
         text).groups())
     assert (eff, share, ratio) == (80.0, 60.0, round(model_gflop / 2400, 2))
     assert mfu == round(100 * model_gflop / 10 / 500, 1) and abs(eff * share / 100 * ratio - mfu) < 0.01 * mfu  # the ratio is printed to 2 places
+
+
+def _to_bf16(t):
+    return t.to(torch.bfloat16)
+
+
+def test_cast_counter_keys_forward_casts_by_frame_and_backward_ones_by_autograd_node():
+    x = torch.randn(500, 1000, requires_grad=True)  # 500k elements: 3 MB read + written per float32<->bf16 cast
+    with CastCounter(keep=("/tests/",)) as c:
+        y = _to_bf16(x)
+        y.float().sum().backward()  # a forward cast back, and the backward of both casts
+        torch.empty(500, 1000, dtype=torch.bfloat16).copy_(x.detach())  # copy_ across dtypes is a cast too
+        x.detach().clone().mul_(2)  # same dtype: not a cast
+    sources = {r["source"] for r in c.table()}
+    assert sum(r["casts"] for r in c.table()) == 5
+    assert any(s.startswith("forward tests/unit/pipeline/test_bench_train_profile.py:") and "_to_bf16 float32->bfloat16" in s
+               for s in sources)
+    assert sum(1 for s in sources if "test_cast_counter_keys" in s) == 2  # .float() and copy_, each on its own line
+    assert c.count["backward ToCopyBackward0 float32->bfloat16"] == 1  # the backward of .float()
+    assert c.count["backward ToCopyBackward0 bfloat16->float32"] == 1  # the backward of .to(bfloat16)
+    assert all(r["mb"] == 3.0 for r in c.table()), c.table()
