@@ -3,7 +3,7 @@
 bf16 training spends a visible share of a step copying tensors between float32 and bfloat16; the
 profiler says how long `aten::_to_copy` takes, not who asked for it (and torch 2.13's profiler with
 verbose stacks crashes decoding our step's stacks). This dispatch mode sees every operator: a
-dtype-changing `_to_copy` or `copy_` in the forward pass is keyed by the innermost frame in the
+dtype-changing `_to_copy`, `copy_` or `_foreach_copy_` outside the backward pass is keyed by the innermost frame in the
 code we care about (ours, transformers, torch.optim, accelerate), one in the backward pass by the
 autograd node that runs it (e.g. `ToCopyBackward0`, the backward of a forward cast).
 """
@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 KEEP = ("/stages/", "transformers/", "torch/optim", "torch/nn/utils", "accelerate/")
 _CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
+_FOREACH_COPY = torch.ops.aten._foreach_copy_.default
 
 
 def _short(filename: str) -> str:
@@ -44,6 +45,10 @@ class CastCounter(TorchDispatchMode):
             src = args[0] if func is torch.ops.aten._to_copy.default else args[1]
             if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype != out.dtype:
                 self._record(src, out)
+        elif func is _FOREACH_COPY:  # (destinations, sources): e.g. float32 masters copied into bf16 weights
+            for dst, src in zip(args[0], args[1]):
+                if src.dtype != dst.dtype:
+                    self._record(src, dst)
         return out
 
     def _record(self, src: torch.Tensor, out: torch.Tensor) -> None:

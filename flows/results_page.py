@@ -51,9 +51,7 @@ FAMILIES = [
      "continuations of 150 training openings; 4 of 75 for RLOO and GRPO), 3 rounds; NLF samples 4 of "
      "each of the 150 (600 a round).", [
          Run("Online DPO", "online_dpo_movies.yaml", _seeds("online_dpo_movies")),
-         Run("Quark", "quark_movies.yaml", ("quark_template_n4",), sets=("experiment=quark_template_n4",)),
-         Run("Quark, seed 1", "quark_movies.yaml", ("quark_template_n4_seed1",),
-             sets=("seed=1", "experiment=quark_template_n4_seed1")),
+         Run("Quark", "quark_movies.yaml", _seeds("quark_template_n4"), sets=("experiment=quark_template_n4",)),
          Run("Quark, the token first (the paper's place)", "quark_movies.yaml", ("quark_topp1_n4",),
              "the token comes to mean something (the probe and the ladder's spread, both clear of chance), but the "
              "policy under the best token stays near the base and gains under half of NLF's by round 2: a decoder "

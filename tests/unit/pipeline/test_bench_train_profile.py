@@ -49,12 +49,13 @@ def test_cast_counter_keys_forward_casts_by_frame_and_backward_ones_by_autograd_
         y = _to_bf16(x)
         y.float().sum().backward()  # a forward cast back, and the backward of both casts
         torch.empty(500, 1000, dtype=torch.bfloat16).copy_(x.detach())  # copy_ across dtypes is a cast too
+        torch._foreach_copy_([torch.empty(500, 1000, dtype=torch.bfloat16), torch.empty(3)], [x.detach(), torch.ones(3)])
         x.detach().clone().mul_(2)  # same dtype: not a cast
     sources = {r["source"] for r in c.table()}
-    assert sum(r["casts"] for r in c.table()) == 5
+    assert sum(r["casts"] for r in c.table()) == 6  # the foreach copy's float32 pair is no cast
     assert any(s.startswith("forward tests/unit/pipeline/test_bench_train_profile.py:") and "_to_bf16 float32->bfloat16" in s
                for s in sources)
-    assert sum(1 for s in sources if "test_cast_counter_keys" in s) == 2  # .float() and copy_, each on its own line
+    assert sum(1 for s in sources if "test_cast_counter_keys" in s) == 3  # .float(), copy_, _foreach_copy_
     assert c.count["backward ToCopyBackward0 float32->bfloat16"] == 1  # the backward of .float()
     assert c.count["backward ToCopyBackward0 bfloat16->float32"] == 1  # the backward of .to(bfloat16)
     assert all(r["mb"] == 3.0 for r in c.table()), c.table()
