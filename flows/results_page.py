@@ -164,7 +164,21 @@ def _made(store: ArtifactStore, experiment: str) -> str:
     commit = f", commit {p['commit'][:7]}{' (modified)' if p.get('dirty') else ''}" if p.get("commit") else ""
     versions = p.get("versions") or {}
     torch = f", torch {versions['torch']}" if versions.get("torch") else ""
-    return f"`{experiment}`: finished {m.get('finished', '?')}, on {where}{commit}{torch}{_older_stages(store, experiment)}"
+    return (f"`{experiment}`: finished {m.get('finished', '?')}, on {where}{commit}{torch}"
+            f"{_older_stages(store, experiment)}{_other_pool(store, experiment)}")
+
+
+def _other_pool(store: ArtifactStore, experiment: str) -> str:
+    """An offline run that read another `pool_movies` than the one recorded here (the sha256 of the
+    file its load_prompts read against the pool's annotate table): its row compares less exactly."""
+    loaded = store.read_manifest(store.stage_dir(experiment, 0, "load_prompts")) or {}
+    if f"/{POOL}/" not in str((loaded.get("config") or {}).get("source", "")):
+        return ""
+    read = (loaded.get("identity") or {}).get("file_sha256")
+    pool = store.read_manifest(store.stage_dir(POOL, 0, "annotate")) or {}
+    if read == ((pool.get("files") or {}).get("data.parquet") or {}).get("sha256"):
+        return ""
+    return f"; trained on another `{POOL}` than the one recorded here (its samples' sha256 {str(read)[:12]})"
 
 
 def _older_stages(store: ArtifactStore, experiment: str) -> str:

@@ -105,3 +105,25 @@ def test_make_frontier_runs_every_method_of_the_page():
     assert set(listed) == {run.config.removesuffix(".yaml") for run in results_page.RUNS} | {results_page.POOL}
     assert listed.index(results_page.POOL) < min(listed.index(r.config.removesuffix(".yaml")) for r in results_page.RUNS
                                                  if r in results_page.FAMILIES[1][2])  # the pool before its readers
+
+
+def test_the_page_names_an_offline_run_made_on_another_pool(tmp_path):
+    import json
+
+    def manifest(experiment, stage, **fields):
+        d = tmp_path / experiment / "round-0" / stage
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "code_version": "1", "fingerprint": "f",
+                                                     "run_id": "r", "rows": 1, "files": {}, **fields}))
+
+    pool = results_page.POOL
+    manifest(pool, "annotate", files={"data.parquet": {"bytes": 1, "sha256": "a" * 64}})
+    source = {"source": f"/x/artifacts/{pool}/round-0/annotate/data.parquet"}
+    manifest("same", "load_prompts", config=source, identity={"file_sha256": "a" * 64})
+    manifest("other", "load_prompts", config=source, identity={"file_sha256": "b" * 64})
+    manifest("online", "load_prompts", config={"source": "movie_snippets"}, identity={"file_sha256": "c" * 64})
+    store = ArtifactStore(str(tmp_path))
+    assert results_page._other_pool(store, "same") == ""
+    assert results_page._other_pool(store, "online") == ""
+    assert results_page._other_pool(store, "other") == (
+        f"; trained on another `{pool}` than the one recorded here (its samples' sha256 {'b' * 12})")
