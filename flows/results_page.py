@@ -175,8 +175,7 @@ def _other_pool(store: ArtifactStore, experiment: str) -> str:
     if f"/{POOL}/" not in str((loaded.get("config") or {}).get("source", "")):
         return ""
     read = (loaded.get("identity") or {}).get("file_sha256")
-    pool = store.read_manifest(store.stage_dir(POOL, 0, "annotate")) or {}
-    if read == ((pool.get("files") or {}).get("data.parquet") or {}).get("sha256"):
+    if read == store.table_sha256(POOL, 0, "annotate"):
         return ""
     return f"; trained on another `{POOL}` than the one recorded here (its samples' sha256 {str(read)[:12]})"
 
@@ -306,8 +305,7 @@ def agreement_evidence(store: ArtifactStore, run: Run) -> str:
                 continue
             a = json.loads(store.fs.cat_file(path))
             yardstick = a["yardstick"]
-            pool = ((store.read_manifest(store.stage_dir(name, rnd, "build_pool")) or {}).get("files", {})
-                    .get("data.parquet", {}).get("sha256"))
+            pool = store.table_sha256(name, rnd, "build_pool")
             which = "its own pool" if a.get("pool_sha256") == pool else "the pool re-made from its config and seed"
             p = a.get("provenance") or {}
             parts.append(f"seed {k}, round {rnd}: {with_interval(a, 'agreement')} of {a['pairs']} pairs ({which}, "

@@ -382,10 +382,9 @@ def pair_agreement(store: ArtifactStore, experiment: str, round_: int, steps: li
     agree = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in known]  # a tie counts half
     margins = [c - r for c, r in known]
     labelled = _manifest(store, experiment, round_, "annotate") or {}
-    pool = _manifest(store, experiment, round_, "build_pool") or {}
     out: dict = {"round": f"{experiment}@{round_}", "pairs": len(known),
                  # which pool it read: a runs-of-record page can tell its own pool from a re-made one
-                 "pool_sha256": pool.get("files", {}).get("data.parquet", {}).get("sha256"),
+                 "pool_sha256": store.table_sha256(experiment, round_, "build_pool"),
                  "labelled_by": "+".join(s.get("kind", "?") for s in labelled.get("config", {}).get("steps", [])),
                  "yardstick": "+".join(s.kind for s in steps)}
     for name, values in (("agreement", agree), ("margin", margins)):

@@ -128,6 +128,11 @@ class ArtifactStore:
             return None
         return manifest
 
+    def table_sha256(self, experiment: str, round_: int, stage: str) -> str | None:
+        """The sha256 its manifest records for a stage's table (which exact table a reader read)."""
+        manifest = self.read_manifest(self.stage_dir(experiment, round_, stage))
+        return (manifest["files"].get(DATA) or {}).get("sha256") if manifest else None
+
     def lineage(self, manifest: dict, _seen: dict | None = None) -> str | None:
         """None when every input the artifact was built from, and theirs in turn, is still the
         complete artifact there (same run id); else the first that was re-run or is gone. The
