@@ -202,8 +202,8 @@ class MasterWeights:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        _cast_params(self.model, torch.float32)
         for p, m in zip(self.compute, self.params):
             p.data = m.detach()
+        _cast_params(self.model, torch.float32)  # the frozen ones: the trained ones are float32 already
         if self._attention is not None:
             _set_attention(self.model, self._attention)
