@@ -172,11 +172,9 @@ def cpu_s() -> float:
 
 def reset_peak() -> bool:
     """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    from stages.training.allocator import reset_peak_rss
+
+    return reset_peak_rss()
 
 
 def gb(kb: int | None) -> float | None:

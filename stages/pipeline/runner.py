@@ -33,7 +33,8 @@ from stages.pipeline.provenance import provenance
 from stages.pipeline.registry import downstream_of, input_rounds, parse_input, stage_specs
 from stages.pipeline.seeds import seed_everything
 from stages.pipeline.store import DATA, ArtifactStore
-from stages.training.allocator import keep_long_lived_objects_out_of_gc, release_free_memory, return_freed_pages_sooner
+from stages.training.allocator import (keep_long_lived_objects_out_of_gc, peak_rss_gb, release_free_memory,
+                                      reset_peak_rss, return_freed_pages_sooner)
 
 log = logging.getLogger("align")
 
@@ -161,7 +162,9 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
                            payload["identity"])
         inject_fault(stage)
         seed_everything(ctx.round_seed)
+        reset_peak_rss()
         out = spec.fn(ctx, section)
+        peak = peak_rss_gb()
         if not isinstance(out, StageOutput):
             raise TypeError(f"stage {stage} returned {type(out).__name__}, expected StageOutput")
         pq.write_table(out.table, workdir / DATA)
@@ -183,6 +186,9 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
             "started": started,
             "finished": _now(),
             "wall_seconds": round(wall, 3),
+            # The process's peak resident memory while the stage ran (stages that run at once in one
+            # process share it; a multi-process train stage's workers are not in it); None off Linux.
+            "peak_rss_gb": round(peak, 3) if peak is not None else None,
             "ran_on": placement(where),
             "provenance": provenance(),
             "metrics": out.metrics,

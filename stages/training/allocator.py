@@ -132,3 +132,28 @@ def release_free_memory() -> None:
 if __name__ == "__main__":  # `python -m stages.training.allocator`: the malloc `align` runs on here
     reexec_under_jemalloc("stages.training.allocator")
     print(current())
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (Linux's VmHWM) to the current RSS, so that
+    `peak_rss_gb` reads the peak of what runs next; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb() -> float | None:
+    """This process's resident-set high-water mark in GB (10^9 bytes) since the last `reset_peak_rss`
+    (else since it started); None where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+

@@ -91,7 +91,7 @@ def test_manifest_records_what_a_reader_needs(done):
 
     m = json.loads((done / "smoke" / "round-0" / "train" / "manifest.json").read_text())
     for key in ("stage", "fingerprint", "inputs", "config", "rows", "schema", "files", "started", "finished",
-                "wall_seconds", "metrics"):
+                "wall_seconds", "peak_rss_gb", "metrics"):
         assert key in m
     assert m["inputs"]["build_pool"]["fingerprint"]
     # Provenance: this checkout's commit, the packages' versions, the machine.

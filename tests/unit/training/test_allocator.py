@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from stages.training.allocator import jemalloc_library, preload_env
+from stages.training.allocator import jemalloc_library, peak_rss_gb, preload_env, release_free_memory, reset_peak_rss
 
 
 def allocator_of(**env) -> str:
@@ -113,3 +113,21 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_peak_rss_reads_the_peak_since_the_last_reset():
+    """What a stage manifest's peak_rss_gb is: a 400 MB buffer raises the peak by about that; after
+    it is freed and the mark reset, the peak is back near the current RSS."""
+    import numpy as np
+
+    assert reset_peak_rss()
+    before = peak_rss_gb()
+    buffer = np.ones(400_000_000 // 8)  # written: resident
+    peak = peak_rss_gb()
+    assert peak - before >= 0.38
+    del buffer
+    release_free_memory()  # as the runner does after each stage
+    assert reset_peak_rss()
+    assert peak_rss_gb() < peak - 0.3
+
