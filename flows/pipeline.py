@@ -294,7 +294,8 @@ def run_on_pool(pool: str, cfg: RunConfig, stage: str, round_: int, artifacts: s
         raise RuntimeError(f"{stage} (round {round_}) on pool {pool} completed but left no complete artifact at {dest}")
     status = "skipped" if manifest["run_id"] == before else "ran"
     return StageResult(stage, round_, status, manifest["fingerprint"], manifest["rows"], dest,
-                       manifest.get("wall_seconds", 0.0), f"on pool {pool}", manifest.get("metrics", {})).to_dict()
+                       manifest.get("wall_seconds", 0.0), f"on pool {pool}", manifest.get("metrics", {}),
+                       manifest.get("peak_rss_gb")).to_dict()
 
 
 @flow(name=STAGE_FLOW, log_prints=True, persist_result=True, result_serializer="json")

@@ -53,7 +53,8 @@ def _fmt(value):
 def stage_row(result: dict) -> dict:
     return {"round": result["round"], "stage": result["stage"], "status": result["status"],
             "rows": result["rows"], "fingerprint": result["fingerprint"],
-            "wall_s": round(float(result["wall_seconds"]), 2), "reason": result.get("reason", ""),
+            "wall_s": round(float(result["wall_seconds"]), 2), "peak_gb": result.get("peak_rss_gb"),
+            "reason": result.get("reason", ""),
             "path": result["path"]}
 
 
@@ -67,7 +68,7 @@ def run_artifact(experiment: str, results: list[dict], failed: tuple[str, int] |
     rows = [stage_row(r) for r in results]
     if failed:
         rows.append({"round": failed[1], "stage": failed[0], "status": "failed", "rows": None, "fingerprint": "",
-                     "wall_s": None, "reason": "see the run's log", "path": ""})
+                     "wall_s": None, "peak_gb": None, "reason": "see the run's log", "path": ""})
     ran = sum(r["status"] == "ran" for r in results)
     summary = f"experiment {experiment}: {ran} stages ran, {len(results) - ran} skipped"
     if rows:

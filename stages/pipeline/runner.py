@@ -52,6 +52,7 @@ class StageResult:
     wall_seconds: float
     reason: str = ""
     metrics: dict = field(default_factory=dict)
+    peak_rss_gb: float | None = None  # the manifest's: the process's peak resident memory while it ran
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,7 +150,8 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
     reason = "forced" if force else why_stale(store, dest, existing, fp, inputs)
     if reason is None:
         log.info("%s (round %d): skipped, complete artifact %s", stage, round_, fp)
-        return StageResult(stage, round_, "skipped", fp, existing["rows"], dest, 0.0, "up to date", existing.get("metrics", {}))
+        return StageResult(stage, round_, "skipped", fp, existing["rows"], dest, 0.0, "up to date", existing.get("metrics", {}),
+                           existing.get("peak_rss_gb"))
 
     log.info("%s (round %d): running (%s)", stage, round_, reason)
     workdir = store.new_workdir()
@@ -200,7 +202,8 @@ def run_stage(config: RunConfig, stage: str, round_: int, store: ArtifactStore, 
         store.discard(workdir)
         raise
     log.info("%s (round %d): wrote %d rows in %.1fs -> %s", stage, round_, out.table.num_rows, wall, dest)
-    return StageResult(stage, round_, "ran", fp, out.table.num_rows, dest, round(wall, 3), reason, out.metrics)
+    return StageResult(stage, round_, "ran", fp, out.table.num_rows, dest, round(wall, 3), reason, out.metrics,
+                       manifest["peak_rss_gb"])
 
 
 def with_refs_resolved(config: RunConfig, stages: list[str], store: ArtifactStore) -> RunConfig:

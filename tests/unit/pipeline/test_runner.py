@@ -94,6 +94,7 @@ def test_manifest_records_what_a_reader_needs(done):
                 "wall_seconds", "peak_rss_gb", "metrics"):
         assert key in m
     assert m["inputs"]["build_pool"]["fingerprint"]
+    assert m["peak_rss_gb"] > 0.1  # Linux: the process's resident peak while train ran (torch and a model loaded)
     # Provenance: this checkout's commit, the packages' versions, the machine.
     import subprocess
 
