@@ -139,7 +139,7 @@ def stage(
 
 @app.command()
 def inspect(directory: str = typer.Argument(..., help="An experiment folder, or an artifact root.")):
-    """A table of an experiment's rounds and stages: status, rows, fingerprint, wall time, peak memory."""
+    """A table of an experiment's rounds and stages: status, rows, fingerprint, wall time."""
     from stages.pipeline.store import ArtifactStore
 
     parent, _, name = directory.rstrip("/").rpartition("/")
@@ -156,22 +156,20 @@ def inspect(directory: str = typer.Argument(..., help="An experiment folder, or 
         names = [name]
     for exp in names:
         table = Table(title=f"experiment {exp}")
-        for col in ("round", "stage", "status", "rows", "fingerprint", "wall s", "peak GB", "finished"):
+        for col in ("round", "stage", "status", "rows", "fingerprint", "wall s", "finished"):
             table.add_column(col)
         for k in store.rounds(exp):
             for st in store.stages_in_round(exp, k):
                 path = store.stage_dir(exp, k, st)
                 m = store.read_manifest(path)
                 if m is None:
-                    table.add_row(str(k), st, "[red]incomplete[/]", "", "", "", "", "")
+                    table.add_row(str(k), st, "[red]incomplete[/]", "", "", "", "")
                     continue
                 problem = store.verify(path, m)
                 stale = None if problem else store.lineage(m)
                 status = (f"[red]corrupt: {problem}[/]" if problem else f"[yellow]stale: {stale}[/]" if stale
                           else "[green]complete[/]")
-                peak = m.get("peak_rss_gb")  # manifests before it was recorded have none
-                table.add_row(str(k), st, status, str(m["rows"]), m["fingerprint"], f"{m['wall_seconds']:.1f}",
-                              f"{peak:.2f}" if peak is not None else "", m["finished"])
+                table.add_row(str(k), st, status, str(m["rows"]), m["fingerprint"], f"{m['wall_seconds']:.1f}", m["finished"])
         console.print(table)
 
 
