@@ -129,11 +129,6 @@ def release_free_memory() -> None:
         pass
 
 
-if __name__ == "__main__":  # `python -m stages.training.allocator`: the malloc `align` runs on here
-    reexec_under_jemalloc("stages.training.allocator")
-    print(current())
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's resident-set high-water mark (Linux's VmHWM) to the current RSS, so that
     `peak_rss_gb` reads the peak of what runs next; False where the kernel does not allow it."""
@@ -157,3 +152,7 @@ def peak_rss_gb() -> float | None:
         pass
     return None
 
+
+if __name__ == "__main__":  # `python -m stages.training.allocator`: the malloc `align` runs on here
+    reexec_under_jemalloc("stages.training.allocator")
+    print(current())
