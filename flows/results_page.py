@@ -171,29 +171,62 @@ def _made(store: ArtifactStore, experiment: str) -> str:
 def _other_pool(store: ArtifactStore, experiment: str) -> str:
     """An offline run that read another `pool_movies` than the one recorded here (the sha256 of the
     file its load_prompts read against the pool's annotate table): its row compares less exactly."""
-    loaded = store.read_manifest(store.stage_dir(experiment, 0, "load_prompts")) or {}
-    if f"/{POOL}/" not in str((loaded.get("config") or {}).get("source", "")):
-        return ""
-    read = (loaded.get("identity") or {}).get("file_sha256")
-    if read == store.table_sha256(POOL, 0, "annotate"):
+    read = _pool_read(store, experiment)
+    if read is None:
         return ""
     return f"; trained on another `{POOL}` than the one recorded here (its samples' sha256 {str(read)[:12]})"
 
 
-def _older_stages(store: ArtifactStore, experiment: str) -> str:
-    """The stages a run was made with at an older version than today's code has (issue 31 asks
-    for at most one version behind): the page says what a re-run would change."""
+def _pool_read(store: ArtifactStore, experiment: str) -> str | None:
+    """The sha256 of the pool an offline run read, where it is not the recorded pool's; else None."""
+    loaded = store.read_manifest(store.stage_dir(experiment, 0, "load_prompts")) or {}
+    if f"/{POOL}/" not in str((loaded.get("config") or {}).get("source", "")):
+        return None
+    read = (loaded.get("identity") or {}).get("file_sha256")
+    return None if read == store.table_sha256(POOL, 0, "annotate") else str(read)
+
+
+def _stage_versions(store: ArtifactStore, experiment: str) -> dict[str, tuple[int, int]]:
+    """Each stage a run made at an older version than today's code has: (its oldest version, today's)."""
     from stages.pipeline.registry import stage_specs
 
     today = {name: spec.version for name, spec in stage_specs().items()}
-    made: dict[str, str] = {}
+    made: dict[str, int] = {}
     for k in store.rounds(experiment):
         for stage in store.stages_in_round(experiment, k):
             version = (store.read_manifest(store.stage_dir(experiment, k, stage)) or {}).get("code_version")
             if stage in today and str(version).isdigit() and today[stage].isdigit():
-                made[stage] = min(made.get(stage, version), version, key=int)
-    older = [f"{stage} v{v} (today v{today[stage]})" for stage, v in made.items() if int(v) < int(today[stage])]
+                made[stage] = min(made.get(stage, int(version)), int(version))
+    return {stage: (v, int(today[stage])) for stage, v in made.items() if v < int(today[stage])}
+
+
+def _older_stages(store: ArtifactStore, experiment: str) -> str:
+    """The stages a run was made with at an older version than today's code has: the page says what
+    a re-run would change."""
+    older = [f"{stage} v{v} (today v{now})" for stage, (v, now) in _stage_versions(store, experiment).items()]
     return f"; stages older than today's: {', '.join(older)}" if older else ""
+
+
+def to_redo(store: ArtifactStore, experiment: str) -> list[str]:
+    """Why a run of record is not current in issue 31's sense (every stage at most one version behind
+    today's code, offline runs on the recorded pool); empty when it is."""
+    reasons = [f"{stage} v{v} (today v{now})" for stage, (v, now) in _stage_versions(store, experiment).items()
+               if now - v > 1]
+    if _pool_read(store, experiment) is not None:
+        reasons.append(f"another `{POOL}`")
+    return reasons
+
+
+def redo_section(store: ArtifactStore) -> list[str]:
+    """The runs of record to make again, with why: the page's own to-do list."""
+    stale = [(run, name, why) for run in RUNS if recorded(store, run) for name in run.names
+             if (why := to_redo(store, name))]
+    if not stale:
+        return []
+    return ["## Runs to make again", "",
+            "Runs of record made with a stage more than one version older than today's code, or on another "
+            "pool than the recorded one (their rows compare less exactly; the Repeat lines below re-make them):", "",
+            *(f"- `{name}` ({run.method}): {', '.join(why)}" for run, name, why in stale), ""]
 
 
 def round_wall_seconds(store: ArtifactStore, experiment: str, trains: bool = True) -> float | None:
@@ -355,6 +388,7 @@ def page(root: Path = DOCS / "results") -> str:
             parts += ["Not yet measured on the shared protocol: " + ", ".join(
                 f"{r.method} (`configs/{r.config}`)" for r in missing) + ".", ""]
     parts += reading(store)
+    parts += redo_section(store)
     pool_s = round_wall_seconds(store, POOL, trains=False)
     if pool_s is not None:
         parts += [f"The offline pool itself (`configs/{POOL}.yaml`): {fmt(pool_s / 60, 1)} min of sampling and "

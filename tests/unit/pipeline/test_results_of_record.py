@@ -99,6 +99,33 @@ def test_the_page_names_the_stages_a_run_made_at_an_older_version(tmp_path):
     assert results_page._older_stages(store, "run") == ""
 
 
+def test_a_run_more_than_one_version_behind_or_on_another_pool_is_listed_to_make_again(tmp_path):
+    import json
+
+    from stages.pipeline.registry import stage_specs
+
+    def manifest(experiment, stage, k=0, **fields):
+        d = tmp_path / experiment / f"round-{k}" / stage
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "fingerprint": "f", "run_id": "r", "rows": 1,
+                                                     "files": {}, **fields}))
+
+    train = int(stage_specs()["train"].version)
+    assert train >= 3  # the cases below need two older versions
+    pool = results_page.POOL
+    manifest(pool, "annotate", files={"data.parquet": {"bytes": 1, "sha256": "a" * 64}})
+    source = {"source": f"/x/artifacts/{pool}/round-0/annotate/data.parquet"}
+    manifest("one_behind", "train", code_version=str(train - 1))
+    manifest("two_behind", "train", code_version=str(train))
+    manifest("two_behind", "train", k=1, code_version=str(train - 2))  # the oldest round counts
+    manifest("other_pool", "load_prompts", config=source, identity={"file_sha256": "b" * 64})
+    manifest("other_pool", "train", code_version=str(train))
+    store = ArtifactStore(str(tmp_path))
+    assert results_page.to_redo(store, "one_behind") == []
+    assert results_page.to_redo(store, "two_behind") == [f"train v{train - 2} (today v{train})"]
+    assert results_page.to_redo(store, "other_pool") == [f"another `{pool}`"]
+
+
 def test_make_frontier_runs_every_method_of_the_page():
     makefile = (ROOT / "Makefile").read_text()
     listed = makefile.split("FRONTIER :=", 1)[1].split("\nfrontier:", 1)[0].replace("\\", " ").split()
