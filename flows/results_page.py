@@ -98,9 +98,9 @@ FAMILIES = [
              "OpenAI-compatible endpoint)."),
          Run("Online KTO", "online_kto_movies.yaml", _seeds("online_kto_lr1e5"), sets=("experiment=online_kto_lr1e5",)),
          Run("Online KTO, learning rate 5e-5", "online_kto_movies.yaml", _seeds("online_kto_movies"),
-             "its reward gain comes with a KL of 30 to 60 nats and text the base finds unlikely (perplexity under "
-             "the base several times the others'): at this learning rate it over-optimises the reward model, and one "
-             "seed degenerates in round 1 before recovering part of the way. At a fifth of the learning rate (the "
+             "its reward gain comes with a KL of 31 to 62 nats and text the base finds unlikely (perplexity under "
+             "the base two to seven times the others'): at this learning rate it over-optimises the reward model; one "
+             "seed degenerates in round 1 before recovering part of the way, the others lose reward in round 2. At a fifth of the learning rate (the "
              "row above, the config's default since) it gains steadily at a tenth of the KL.",
              sets=("train.learning_rate=5.0e-5",)),
          Run("RLOO", "rl_movies.yaml", _seeds("rl_movies")),
