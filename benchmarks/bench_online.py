@@ -17,7 +17,10 @@ Four configurations, each in its own process, alternating (the starting one rota
 Common settings: SmolLM2-135M as policy and reference; the first P training openings of the movie
 split (6 words each, as every movie flow cuts them); 4 samples per prompt, at most 32 new tokens,
 temperature 1, no top-p or top-k (pure sampling, TRL's default; ours is told top_k 0); generation
-batches of 32 sequences; 2 prompts (8 sequences) per micro-batch and 2 micro-batches per optimizer
+batches of 32 sequences (--generation-batch: ours' sample.batch_size only cuts a round's sampling
+into calls, where TRL's generation_batch_size also sets how many samples one generation serves: at
+32 TRL samples 4 times a round, each time from a policy 2 optimizer steps on; at P x 4 both sides
+sample the round once, from its starting policy, and train 8 steps on it: the same algorithm); 2 prompts (8 sequences) per micro-batch and 2 micro-batches per optimizer
 step, so P x 4 / 16 steps per round; one policy update per batch of samples (num_iterations 1); AdamW, lr 1e-5 constant, no warm-up, weight decay 0, max grad norm 1;
 KL coefficient 0.04 (GRPO: k3 per token; RLOO: in the reward); GRPO's loss per sequence token mean
 (TRL loss_type "grpo"), advantages scaled by the group's std; float32 training on both sides
@@ -61,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = ["ours_grpo", "trl_grpo", "ours_rloo", "trl_rloo"]
-N, NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K, GEN_BATCH = 4, 32, 1.0, 1.0, 0, 32
+N, NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K = 4, 32, 1.0, 1.0, 0
 GROUPS_PER_MICRO, ACCUM, LR, KL = 2, 2, 1.0e-5, 0.04
 SEQS_PER_STEP = GROUPS_PER_MICRO * N * ACCUM
 
@@ -69,6 +72,12 @@ SEQS_PER_STEP = GROUPS_PER_MICRO * N * ACCUM
 def precision() -> str:
     """--precision, handed to the children in BENCH_ONLINE_PRECISION: no (float32) or bf16."""
     return os.environ.get("BENCH_ONLINE_PRECISION", "no")
+
+
+def generation_batch() -> int:
+    """--generation-batch, handed to the children in BENCH_ONLINE_GENERATION_BATCH: sequences sampled
+    per `generate` call on both sides (ours: sample.batch_size; TRL: generation_batch_size)."""
+    return int(os.environ.get("BENCH_ONLINE_GENERATION_BATCH", "32"))
 
 
 def flow_config(objective: str, prompts: int, rounds: int) -> str:
@@ -80,7 +89,7 @@ experiment: bench_online_{objective}
 rounds: {rounds}
 stages: [load_prompts, sample, annotate, build_pool, reference, train]
 sample: {{n: {N}, max_new_tokens: {NEW_TOKENS}, temperature: {TEMPERATURE}, top_p: {TOP_P}, top_k: {TOP_K},
-         batch_size: {GEN_BATCH},
+         batch_size: {generation_batch()},
          max_prompts: {prompts}}}
 build_pool: {{kind: rl}}
 train:
@@ -160,7 +169,7 @@ def child_trl(kind: str, prompts: list[str], rounds: int, work: Path) -> dict:
     model.generate = timed_generate
     steps = rounds * len(prompts) * N // SEQS_PER_STEP
     common = dict(output_dir=str(work / "trl"), per_device_train_batch_size=GROUPS_PER_MICRO * N,
-                  gradient_accumulation_steps=ACCUM, generation_batch_size=GEN_BATCH, num_generations=N,
+                  gradient_accumulation_steps=ACCUM, generation_batch_size=generation_batch(), num_generations=N,
                   max_completion_length=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=KL,
                   num_iterations=1, max_steps=steps, num_train_epochs=rounds, logging_steps=1, save_strategy="no",
@@ -251,6 +260,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/online.json (online_bf16.json)")
     ap.add_argument("--precision", choices=["no", "bf16"], default="no",
                     help="training precision on both sides (no: float32; bf16: ours mixed_precision bf16, TRL bf16=True)")
+    ap.add_argument("--generation-batch", type=int, default=32,
+                    help="sequences per generate call on both sides (TRL: generation_batch_size, so also how many "
+                         "samples each of its generations serves: P x 4 makes its round sample once, as ours does)")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:
@@ -259,7 +271,8 @@ def main() -> None:
     if a.quick:
         a.repeats, a.prompts, a.rounds, a.heldout = 1, 8, 1, 32
     a.out = a.out or ROOT / "benchmarks" / "results" / ("online" + ("_bf16" if a.precision == "bf16" else "") +
-                                                         ("_quick" if a.quick else "") + ".json")
+                                                         ("_quick" if a.quick else "") +
+                                                         (f"_gen{a.generation_batch}" if a.generation_batch != 32 else "") + ".json")
     if not (ROOT / "artifacts" / "reward_movies").exists():
         sys.exit("run reward_movies.yaml first: `align run configs/reward_movies.yaml` (its reward model scores the samples)")
     env = dict(os.environ)
@@ -269,6 +282,7 @@ def main() -> None:
         env = preload_env(env, jemalloc_library())
     env["ALIGN_MALLOC"] = "system"  # already preloaded: no re-exec
     env["BENCH_ONLINE_PRECISION"] = a.precision
+    env["BENCH_ONLINE_GENERATION_BATCH"] = str(a.generation_batch)
     results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         tmp = Path(tmp)
@@ -320,7 +334,7 @@ def main() -> None:
 
     a.out.write_text(json.dumps({"machine": machine(), "commit": commit(), "cores": os.cpu_count(),
                                  "load_before": load, "load_after": load_after, "repeats": a.repeats,
-                                 "precision": a.precision,
+                                 "precision": a.precision, "generation_batch": a.generation_batch,
                                  "prompts": a.prompts, "rounds": a.rounds, "results": results, "quality": quality,
                                  "table": table}, indent=2))
     print(table)
