@@ -118,9 +118,9 @@ FAMILIES = [
          Run("Quark (pool)", "quark_pool_movies.yaml", ("quark_pool_pair",), sets=("experiment=quark_pool_pair",)),
          Run("Quark (pool), papers' loss", "quark_pool_movies.yaml", ("quark_pool_movies",),
              "the same memorisation on a fixed pool: the token matches the samples it trained on well above chance "
-             "(`conditioning_match` in its manifest) while the held-out probe stays at chance (its table's probe "
-             "column), so sampling with the best token draws from the base's distribution shifted by nothing it "
-             "learnt. The pairwise contrast (`pair_contrast_coef`, the row above) is what makes it learn; see "
+             "(`conditioning_match` in its manifest) while on unseen samples it means little (the probe column's "
+             "interval starts just above chance) and nothing that moves what it samples: the ladder is flat (the "
+             "control and spread columns), so sampling with the best token draws from the base's distribution. The pairwise contrast (`pair_contrast_coef`, the row above) is what makes it learn; see "
              "[Quark and NLF](quark-nlf.md).", sets=("train.quark.pair_contrast_coef=0",)),
          Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_pair",), sets=("experiment=nlf_pool_pair",)),
          Run("NLF (pool), papers' loss", "nlf_pool_movies.yaml", ("nlf_pool_movies",),
