@@ -11,6 +11,12 @@ configurations alternate, and the table reports medians over repeats:
 
     .venv/bin/python benchmarks/bench_sampling.py [--repeats 3] [--batch 64] [--quick]
     .venv/bin/python benchmarks/bench_sampling.py --profile [--batch 32] [--new-tokens 32] [--top-p 1.0]
+    .venv/bin/python benchmarks/bench_sampling.py --sweep
+
+--sweep times one sample stage's sampling (`generate_hf`, model load included) at several
+`sample.batch_size`s, in one process, alternating, 2 repeats: bench_online's shape (32 openings x 4,
+bf16, top-p 1) at 32 and 128 sequences a call, and evaluate's (100 held-out openings x 2, float32,
+top-p 0.9, top-k 50) at 32, 64 and 200. Writes benchmarks/results/sampling_batch_sweep.json.
 
 --profile splits one `generate` call of ours (bench_online's shape: 4 samples per prompt, a batch of
 32 sequences, top-p 1 and top-k 0 unless told) into its parts per decoding step: the model's own
@@ -198,6 +204,29 @@ def profile(batch: int, new_tokens: int, top_p: float, top_k: int) -> dict:
             "rest_ms_per_step": call_ms - model_ms - processors_ms - per_step(timing[0])}
 
 
+SWEEP = [("bench_online", 32, 4, "bfloat16", 1.0, 0, (32, 128)), ("evaluate", 100, 2, "float32", 0.9, 50, (32, 64, 200))]
+
+
+def sweep(repeats: int = 2) -> dict:
+    """Seconds of generate_hf per shape and batch size (see --sweep above)."""
+    import logging
+
+    from stages.config import SampleConfig
+    from stages.services import generation
+    from stages.services.models import resolve_model
+
+    path, log, out = resolve_model("smollm2"), logging.getLogger("bench"), {}
+    for r in range(repeats):
+        for name, n_prompts, n, dtype, top_p, top_k, batches in SWEEP:
+            for batch in batches if r % 2 == 0 else reversed(batches):
+                cfg = SampleConfig(n=n, batch_size=batch, max_new_tokens=32, temperature=1.0, top_p=top_p,
+                                   top_k=top_k, dtype=dtype)
+                t0 = time.perf_counter()
+                generation.generate_hf(path, prompts(n_prompts), cfg, 0, log)
+                out.setdefault(f"{name} batch {batch}", []).append(round(time.perf_counter() - t0, 2))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -206,8 +235,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--profile", action="store_true", help="split a decoding step's time (see the docstring)")
     ap.add_argument("--top-p", type=float, default=1.0, help="--profile's top-p (top-k 0 when 1)")
+    ap.add_argument("--sweep", action="store_true", help="sampling's wall at several sample.batch_size (see above)")
     ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
+    if a.sweep:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_dpo import commit, machine
+
+        rows = sweep()
+        out = ROOT / "benchmarks" / "results" / "sampling_batch_sweep.json"
+        out.write_text(json.dumps({"machine": machine(), "commit": commit(), "seconds": rows}, indent=2))
+        for key, seconds in rows.items():
+            print(f"{key}: {statistics.median(seconds):.1f} s ({', '.join(map(str, seconds))})")
+        return
     if a.profile:
         row = profile(a.batch or 32, a.new_tokens or 32, a.top_p, 0 if a.top_p >= 1 else 50)
         sys.path.insert(0, str(ROOT / "benchmarks"))
