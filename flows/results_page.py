@@ -150,7 +150,10 @@ the gain is paired. Brackets are bootstrap 95% intervals over openings; across s
 standard deviation [min, max]. KL is in nats per sample to the base model; "control" is the rank
 correlation of the reward under each control with its rank, "spread" the best control's reward
 minus the worst's, "probe" the held-out conditioning probe (chance 0.5). A round's wall time is
-its stages' but evaluate's (sampling, scoring, reference, training), the median over rounds.
+its stages' but evaluate's (sampling, scoring, reference, training), the median over rounds. The
+movie bases wrote a resumable checkpoint every 10 training steps until 2026-12-07 (15-18% of a train
+stage's time) and every 50 since: a run's train manifests hold its `checkpoint_every`; no other
+number depends on it.
 `make frontier` re-runs every flow below (seed 0) and rewrites this page.
 """
 

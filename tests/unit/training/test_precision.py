@@ -223,6 +223,17 @@ def test_a_bf16_checkpoint_resumes_bit_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(whole_model.parameters(), resumed_model.parameters()))
 
 
+@needs_prepared
+def test_how_often_checkpoints_are_written_changes_no_number(tmp_path):
+    """checkpoint_every is a speed and resumability setting only (the movie bases moved it from 10 to
+    50): a run that writes a checkpoint every 2 steps ends with the losses and weights of one that
+    writes none."""
+    often, often_model = train_curve("dpo", "bf16", tmp_path / "often", steps=6, checkpoint_every=2)
+    never, never_model = train_curve("dpo", "bf16", tmp_path / "never", steps=6, checkpoint_every=100)
+    assert often == never
+    assert all(torch.equal(a, b) for a, b in zip(often_model.parameters(), never_model.parameters()))
+
+
 def test_the_fp32_attention_matches_sdpa_in_float32():
     """sdpa_fp32 is sdpa on float32 copies: on float32 inputs it is sdpa itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
