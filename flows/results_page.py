@@ -124,8 +124,9 @@ FAMILIES = [
              "[Quark and NLF](quark-nlf.md).", sets=("train.quark.pair_contrast_coef=0",)),
          Run("NLF (pool)", "nlf_pool_movies.yaml", ("nlf_pool_pair",), sets=("experiment=nlf_pool_pair",)),
          Run("NLF (pool), papers' loss", "nlf_pool_movies.yaml", ("nlf_pool_movies",),
-             "the phrase starts to mean something on unseen samples (the probe column's interval sits just above "
-             "chance) but far too little to move what it samples under \"Excellent.\": the ladder is flat. The "
+             "the phrase means little on unseen samples (the probe column: near chance) and nothing that moves what "
+             "it samples under \"Excellent.\": the ladder is flat, though on its training samples the phrase "
+             "matches above chance (`conditioning_match` in its manifest). The "
              "pairwise contrast (the row above) is what makes it learn; see [Quark and NLF](quark-nlf.md).",
              sets=("train.nlf.pair_contrast_coef=0",)),
      ]),
