@@ -74,6 +74,7 @@ def descriptions(cls: type[BaseModel]) -> dict[str, str]:
 def _type(annotation) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "").replace("stages.pipeline.refs.", "")
+    text = text.replace("Annotated[int, Gt(gt=0)]", "positive int")  # pydantic's PositiveInt
     return text.replace("NoneType", "None").replace("|", PIPE)
 
 

@@ -158,6 +158,31 @@ def sampling_dtype(choice: str) -> torch.dtype:
     return torch.bfloat16 if bf16_native() else torch.float32
 
 
+AUTO_MAX_SEQUENCES = 256  # beyond it a CPU step gains little and the logits grow
+AUTO_BUDGET_BYTES = 2**30  # CPU: KV cache and logits of one call; CUDA: a quarter of free memory instead
+FALLBACK_SEQUENCES = 32  # a model whose config does not say its KV cache's shape
+
+
+def prompts_per_call(cfg: SampleConfig, model, longest_prompt: int) -> int:
+    """Prompts per generate call: sample.batch_size // n, or for auto as many sequences as a memory
+    budget holds (each: its KV cache over the longest prompt plus max_new_tokens, and four float32
+    rows of logits a step), at most AUTO_MAX_SEQUENCES; always whole prompts, at least one."""
+    if cfg.batch_size != "auto":
+        return max(1, cfg.batch_size // cfg.n)
+    c = getattr(model, "config", None)
+    layers, heads = getattr(c, "num_hidden_layers", None), getattr(c, "num_attention_heads", None)
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads and getattr(c, "hidden_size", None) else None)
+    if not (layers and kv_heads and head_dim and getattr(c, "vocab_size", None)):
+        return max(1, FALLBACK_SEQUENCES // cfg.n)
+    itemsize = next(model.parameters()).element_size()
+    per_sequence = (2 * layers * kv_heads * head_dim * itemsize * (longest_prompt + cfg.max_new_tokens)
+                    + 4 * 4 * c.vocab_size)
+    device = next(model.parameters()).device
+    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else AUTO_BUDGET_BYTES
+    return max(1, min(AUTO_MAX_SEQUENCES, budget // per_sequence) // cfg.n)
+
+
 def encode_prompt(tokenizer, text: str, cfg: SampleConfig) -> tuple[list[int], list[int]]:
     """(conditioning ids, prompt ids): the policy sees the two concatenated. The conditioning counts
     toward max_prompt_tokens and is kept whole; the prompt keeps its last tokens."""
@@ -180,7 +205,7 @@ def generate_hf(path, prompts: list[str], cfg: SampleConfig, seed: int, log) -> 
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     vocab = tokenizer.get_vocab()
     banned = sorted({vocab[t] for t in cfg.suppress_tokens if t in vocab}) or None  # not yet added: nothing to ban
-    per_call = max(1, cfg.batch_size // cfg.n)  # prompts per generate call
+    per_call = prompts_per_call(cfg, model, max(map(len, encoded), default=0))  # prompts per generate call
     # Not the model's own generation defaults: its temperature and top-p would only warn.
     greedy = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                               pad_token_id=tokenizer.pad_token_id, suppress_tokens=banned)

@@ -127,3 +127,54 @@ def test_reusing_the_recorders_log_softmax_draws_the_same_tokens(top_p):
     torch.manual_seed(2)
     shared = NucleusSampler(1.0, top_p, 0, raw=recorder)(None, scores).argmax(-1)
     assert torch.equal(alone, shared)
+
+
+def fake_model(dtype=torch.bfloat16, **config):
+    from types import SimpleNamespace
+
+    weight = torch.zeros(1, dtype=dtype)
+    return SimpleNamespace(config=SimpleNamespace(**config), parameters=lambda: iter([weight]))
+
+
+SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, vocab_size=49152)
+
+
+def test_a_set_batch_size_is_cut_into_whole_prompts():
+    from stages.config import SampleConfig
+    from stages.services.generation import prompts_per_call
+
+    assert prompts_per_call(SampleConfig(n=4, batch_size=33), fake_model(**SMOLLM2), 20) == 8
+    assert prompts_per_call(SampleConfig(n=4, batch_size=3), fake_model(**SMOLLM2), 20) == 1  # never none
+
+
+def test_auto_fills_the_memory_budget_up_to_the_cap():
+    """auto: the KV cache (2 x layers x KV heads x head dim x bytes a value, over the longest prompt
+    and the new tokens) and four float32 rows of logits per sequence, in a 1 GiB budget, at most 256
+    sequences, in whole prompts."""
+    from stages.config import SampleConfig
+    from stages.services.generation import AUTO_BUDGET_BYTES, AUTO_MAX_SEQUENCES, prompts_per_call
+
+    # SmolLM2 in bf16, 32 new tokens: ~2 MB a sequence, so the cap binds.
+    assert prompts_per_call(SampleConfig(n=4, max_new_tokens=32), fake_model(**SMOLLM2), 24) == AUTO_MAX_SEQUENCES // 4
+    # A 7B-shaped model (32 layers, 8 KV heads of 128) over 512 + 256 tokens: 100.7 MB a sequence.
+    big = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               hidden_size=4096, vocab_size=32000)
+    per_sequence = 2 * 32 * 8 * 128 * 2 * (512 + 256) + 16 * 32000
+    assert AUTO_BUDGET_BYTES // per_sequence == 10
+    assert prompts_per_call(SampleConfig(n=2, max_new_tokens=256), fake_model(**big), 512) == 5
+    # In float32 the same cache is twice the bytes: 5 sequences, 2 prompts of 2.
+    assert prompts_per_call(SampleConfig(n=2, max_new_tokens=256), fake_model(torch.float32, **big), 512) == 2
+    # A model whose config does not give the cache's shape: 32 sequences, as before auto.
+    assert prompts_per_call(SampleConfig(n=4), fake_model(vocab_size=10), 24) == 8
+
+
+def test_batch_size_takes_auto_or_a_positive_count(tmp_path):
+    from stages.config import load_config
+    from stages.pipeline.errors import BadInput
+
+    path = tmp_path / "c.yaml"
+    path.write_text("experiment: e\nsample: {batch_size: auto}\n")
+    assert load_config(path).sample.batch_size == "auto"
+    assert load_config(path, ["sample.batch_size=64"]).sample.batch_size == 64
+    with pytest.raises(BadInput, match="sample.batch_size"):
+        load_config(path, ["sample.batch_size=0"])
