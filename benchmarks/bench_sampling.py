@@ -238,10 +238,10 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="sampling's wall at several sample.batch_size (see above)")
     ap.add_argument("--child", nargs=5)
     a = ap.parse_args()
-    if a.sweep:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from bench_dpo import commit, machine
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_dpo import commit, machine
 
+    if a.sweep:
         rows = sweep()
         out = ROOT / "benchmarks" / "results" / "sampling_batch_sweep.json"
         out.write_text(json.dumps({"machine": machine(), "commit": commit(), "seconds": rows}, indent=2))
@@ -250,9 +250,6 @@ def main() -> None:
         return
     if a.profile:
         row = profile(a.batch or 32, a.new_tokens or 32, a.top_p, 0 if a.top_p >= 1 else 50)
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from bench_dpo import commit, machine
-
         out = ROOT / "benchmarks" / "results" / f"profile_sampling_batch{a.batch or 32}_top_p{a.top_p:g}.json"
         out.write_text(json.dumps({"machine": machine(), "commit": commit(), **row}, indent=2))
         print(json.dumps(row, indent=2))

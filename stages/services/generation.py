@@ -175,11 +175,10 @@ def prompts_per_call(cfg: SampleConfig, model, longest_prompt: int) -> int:
     head_dim = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads and getattr(c, "hidden_size", None) else None)
     if not (layers and kv_heads and head_dim and getattr(c, "vocab_size", None)):
         return max(1, FALLBACK_SEQUENCES // cfg.n)
-    itemsize = next(model.parameters()).element_size()
-    per_sequence = (2 * layers * kv_heads * head_dim * itemsize * (longest_prompt + cfg.max_new_tokens)
+    weight = next(model.parameters())
+    per_sequence = (2 * layers * kv_heads * head_dim * weight.element_size() * (longest_prompt + cfg.max_new_tokens)
                     + 4 * 4 * c.vocab_size)
-    device = next(model.parameters()).device
-    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else AUTO_BUDGET_BYTES
+    budget = torch.cuda.mem_get_info(weight.device)[0] // 4 if weight.device.type == "cuda" else AUTO_BUDGET_BYTES
     return max(1, min(AUTO_MAX_SEQUENCES, budget // per_sequence) // cfg.n)
 
 
