@@ -29,6 +29,10 @@ samples with its defaults (bfloat16 where the CPU has it, NucleusSampler) and re
 log-probs from the reference stage; TRL generates with `generate` in float32 inside training and
 keeps the reference model resident. Both run on jemalloc when it is installed (as `align` does).
 
+`--configs ours_grpo --variant reference.batch_size=32` runs a subset, and ours once more with `--set`
+overrides (a configuration `ours_grpo+reference.batch_size=32`), alternating with the others: a
+setting of ours measured side by side against ours as it is.
+
 Measured per configuration (median of the repeats): the round's wall time from the process's start
 to the trained policy saved, imports included (ours: run_flow_locally over the round's stages, every
 model load included; TRL: importing trl, loading the policy and the reward model, building the
@@ -53,6 +57,7 @@ T_START = time.perf_counter()  # each configuration's wall counts from its proce
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -108,14 +113,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def child_ours(objective: str, prompts: int, rounds: int, work: Path) -> dict:
+def child_ours(objective: str, prompts: int, rounds: int, work: Path, overrides: list[str]) -> dict:
     from stages.config import load_config
     from stages.pipeline.runner import run_flow_locally
     from stages.pipeline.store import ArtifactStore
 
     path = work / f"{objective}.yaml"
     path.write_text(flow_config(objective, prompts, rounds))
-    cfg = load_config(path)
+    cfg = load_config(path, overrides)
     store = ArtifactStore(str(work / "artifacts"))
     reward_model = ROOT / "artifacts" / "reward_movies"
     (work / "artifacts").mkdir(exist_ok=True)
@@ -244,7 +249,9 @@ def child_main(args: list[str]) -> None:
     if name == "eval":
         out = child_eval(args[4], prompts["heldout"])
     elif name.startswith("ours_"):
-        out = child_ours({"ours_grpo": "grpo", "ours_rloo": "rl"}[name], len(prompts["train"]), rounds, work)
+        base, _, variant = name.partition("+")
+        out = child_ours({"ours_grpo": "grpo", "ours_rloo": "rl"}[base], len(prompts["train"]), rounds, work,
+                         variant.split(",") if variant else [])
     else:
         out = child_trl(name.removeprefix("trl_"), prompts["train"], rounds, work)
     print(json.dumps(out))
@@ -263,6 +270,11 @@ def main() -> None:
     ap.add_argument("--generation-batch", type=int, default=32,
                     help="sequences per generate call on both sides (TRL: generation_batch_size, so also how many "
                          "samples each of its generations serves: P x 4 makes its round sample once, as ours does)")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated subset of {','.join(CONFIGS)} to run (default: all)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also run each selected ours_* configuration with these --set overrides, as its own "
+                         "configuration alternating with the others (repeatable); e.g. reference.batch_size=32")
     ap.add_argument("--child", nargs="+")
     a = ap.parse_args()
     if a.child:
@@ -270,9 +282,14 @@ def main() -> None:
         return
     if a.quick:
         a.repeats, a.prompts, a.rounds, a.heldout = 1, 8, 1, 32
+    configs = a.configs.split(",")
+    if unknown := sorted(set(configs) - set(CONFIGS)):
+        sys.exit(f"--configs: unknown configuration(s) {', '.join(unknown)} (choose from {', '.join(CONFIGS)})")
+    configs += [f"{c}+{v}" for v in a.variant for c in configs if c.startswith("ours_")]
     a.out = a.out or ROOT / "benchmarks" / "results" / ("online" + ("_bf16" if a.precision == "bf16" else "") +
                                                          ("_quick" if a.quick else "") +
-                                                         (f"_gen{a.generation_batch}" if a.generation_batch != 32 else "") + ".json")
+                                                         (f"_gen{a.generation_batch}" if a.generation_batch != 32 else "") +
+                                                         ("_variants" if a.variant else "") + ".json")
     if not (ROOT / "artifacts" / "reward_movies").exists():
         sys.exit("run reward_movies.yaml first: `align run configs/reward_movies.yaml` (its reward model scores the samples)")
     env = dict(os.environ)
@@ -283,16 +300,16 @@ def main() -> None:
     env["ALIGN_MALLOC"] = "system"  # already preloaded: no re-exec
     env["BENCH_ONLINE_PRECISION"] = a.precision
     env["BENCH_ONLINE_GENERATION_BATCH"] = str(a.generation_batch)
-    results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    results: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         tmp = Path(tmp)
         prompts_file = tmp / "prompts.json"
         prompts_file.write_text(json.dumps(prompts_of_the_flow(tmp, a.prompts, a.heldout)))
         load = os.getloadavg()
         for r in range(a.repeats):
-            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            order = configs[r % len(configs):] + configs[:r % len(configs)]
             for name in order:
-                work = tmp / f"{name}-{r}"
+                work = tmp / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{r}"
                 work.mkdir()
                 row = run_child([name, str(prompts_file), "1", str(work)], env)
                 results[name].append(row)
@@ -301,8 +318,8 @@ def main() -> None:
         quality: dict[str, dict] = {}
         if a.rounds:
             quality["base"] = run_child(["eval", str(prompts_file), "0", str(tmp), "smollm2"], env)
-            for name in CONFIGS:
-                work = tmp / f"{name}-quality"
+            for name in configs:
+                work = tmp / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-quality"
                 work.mkdir()
                 trained = run_child([name, str(prompts_file), str(a.rounds), str(work)], env)
                 quality[name] = {**run_child(["eval", str(prompts_file), "0", str(tmp), trained["model"]], env),
@@ -312,11 +329,11 @@ def main() -> None:
     med = lambda rows, k: statistics.median(x[k] for x in rows)  # noqa: E731
     lines = ["| configuration | round wall | sampling | scoring | rest (reference + train) | tokens/s sampled "
              "| peak RSS | wall vs TRL | RSS vs TRL |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in CONFIGS:
+    for name in configs:
         rows = results[name]
-        other = results["trl_" + name.split("_")[1]]
+        other = results.get("trl_" + name.split("+")[0].split("_")[1])
         ratio = (f"{med(rows, 'wall_s') / med(other, 'wall_s'):.2f}x", f"{med(rows, 'peak_rss_gb') / med(other, 'peak_rss_gb'):.2f}x") \
-            if name.startswith("ours") else ("", "")
+            if name.startswith("ours") and other else ("", "")
         runs = ", ".join(f"{x['wall_s']:.1f}" for x in rows)
         lines.append(f"| {name} | {med(rows, 'wall_s'):.1f} s ({runs}) "
                      f"| {med(rows, 'sampling_s'):.1f} s | {med(rows, 'scoring_s'):.1f} s | {med(rows, 'rest_s'):.1f} s "
@@ -335,6 +352,7 @@ def main() -> None:
     a.out.write_text(json.dumps({"machine": machine(), "commit": commit(), "cores": os.cpu_count(),
                                  "load_before": load, "load_after": load_after, "repeats": a.repeats,
                                  "precision": a.precision, "generation_batch": a.generation_batch,
+                                 "variants": a.variant,
                                  "prompts": a.prompts, "rounds": a.rounds, "results": results, "quality": quality,
                                  "table": table}, indent=2))
     print(table)
