@@ -21,7 +21,7 @@ batches of 32 sequences (--generation-batch: ours' sample.batch_size only cuts a
 into calls, where TRL's generation_batch_size also sets how many samples one generation serves: at
 32 TRL samples 4 times a round, each time from a policy 2 optimizer steps on; at P x 4 both sides
 sample the round once, from its starting policy, and train 8 steps on it: the same algorithm); 2 prompts (8 sequences) per micro-batch and 2 micro-batches per optimizer
-step, so P x 4 / 16 steps per round; one policy update per batch of samples (num_iterations 1); AdamW, lr 1e-5 constant, no warm-up, weight decay 0, max grad norm 1;
+step (--micro-prompts 4: one micro-batch of 16), so P x 4 / 16 steps per round; one policy update per batch of samples (num_iterations 1); AdamW, lr 1e-5 constant, no warm-up, weight decay 0, max grad norm 1;
 KL coefficient 0.04 (GRPO: k3 per token; RLOO: in the reward); GRPO's loss per sequence token mean
 (TRL loss_type "grpo"), advantages scaled by the group's std; float32 training on both sides
 (--precision bf16: ours train.mixed_precision bf16, TRL bf16=True, on both sides), without gradient checkpointing (TRL's default turns it on; it is told not to). Ours
@@ -70,8 +70,15 @@ sys.path.insert(0, str(ROOT))
 
 CONFIGS = ["ours_grpo", "trl_grpo", "ours_rloo", "trl_rloo"]
 N, NEW_TOKENS, TEMPERATURE, TOP_P, TOP_K = 4, 32, 1.0, 1.0, 0
-GROUPS_PER_MICRO, ACCUM, LR, KL = 2, 2, 1.0e-5, 0.04
-SEQS_PER_STEP = GROUPS_PER_MICRO * N * ACCUM
+GROUPS_PER_STEP, LR, KL = 4, 1.0e-5, 0.04
+SEQS_PER_STEP = GROUPS_PER_STEP * N
+
+
+def micro_batches() -> tuple[int, int]:
+    """--micro-prompts, handed to the children in BENCH_ONLINE_MICRO_PROMPTS: (prompts per
+    micro-batch, micro-batches per optimizer step), on both sides; a step is always 4 prompts."""
+    groups = int(os.environ.get("BENCH_ONLINE_MICRO_PROMPTS", "2"))
+    return groups, GROUPS_PER_STEP // groups
 
 
 def precision() -> str:
@@ -101,8 +108,8 @@ train:
   objective: {objective}
   learning_rate: {LR}
   lr_scheduler: constant
-  batch_size: {GROUPS_PER_MICRO}
-  grad_accum: {ACCUM}
+  batch_size: {micro_batches()[0]}
+  grad_accum: {micro_batches()[1]}
   max_grad_norm: 1.0
   mixed_precision: {precision()}
   {train}
@@ -173,8 +180,8 @@ def child_trl(kind: str, prompts: list[str], rounds: int, work: Path) -> dict:
 
     model.generate = timed_generate
     steps = rounds * len(prompts) * N // SEQS_PER_STEP
-    common = dict(output_dir=str(work / "trl"), per_device_train_batch_size=GROUPS_PER_MICRO * N,
-                  gradient_accumulation_steps=ACCUM, generation_batch_size=generation_batch(), num_generations=N,
+    common = dict(output_dir=str(work / "trl"), per_device_train_batch_size=micro_batches()[0] * N,
+                  gradient_accumulation_steps=micro_batches()[1], generation_batch_size=generation_batch(), num_generations=N,
                   max_completion_length=NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, learning_rate=LR,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=KL,
                   num_iterations=1, max_steps=steps, num_train_epochs=rounds, logging_steps=1, save_strategy="no",
@@ -270,6 +277,9 @@ def main() -> None:
     ap.add_argument("--generation-batch", type=int, default=32,
                     help="sequences per generate call on both sides (TRL: generation_batch_size, so also how many "
                          "samples each of its generations serves: P x 4 makes its round sample once, as ours does)")
+    ap.add_argument("--micro-prompts", type=int, choices=[1, 2, 4], default=2,
+                    help="prompts (x 4 sequences) per micro-batch on both sides; a step is 4 prompts (default 2: "
+                         "2 micro-batches a step)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma-separated subset of {','.join(CONFIGS)} to run (default: all)")
     ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
@@ -289,6 +299,7 @@ def main() -> None:
     a.out = a.out or ROOT / "benchmarks" / "results" / ("online" + ("_bf16" if a.precision == "bf16" else "") +
                                                          ("_quick" if a.quick else "") +
                                                          (f"_gen{a.generation_batch}" if a.generation_batch != 32 else "") +
+                                                         (f"_micro{a.micro_prompts}" if a.micro_prompts != 2 else "") +
                                                          ("_variants" if a.variant else "") + ".json")
     if not (ROOT / "artifacts" / "reward_movies").exists():
         sys.exit("run reward_movies.yaml first: `align run configs/reward_movies.yaml` (its reward model scores the samples)")
@@ -300,6 +311,7 @@ def main() -> None:
     env["ALIGN_MALLOC"] = "system"  # already preloaded: no re-exec
     env["BENCH_ONLINE_PRECISION"] = a.precision
     env["BENCH_ONLINE_GENERATION_BATCH"] = str(a.generation_batch)
+    env["BENCH_ONLINE_MICRO_PROMPTS"] = str(a.micro_prompts)
     results: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         tmp = Path(tmp)
@@ -352,7 +364,7 @@ def main() -> None:
     a.out.write_text(json.dumps({"machine": machine(), "commit": commit(), "cores": os.cpu_count(),
                                  "load_before": load, "load_after": load_after, "repeats": a.repeats,
                                  "precision": a.precision, "generation_batch": a.generation_batch,
-                                 "variants": a.variant,
+                                 "variants": a.variant, "micro_prompts": a.micro_prompts,
                                  "prompts": a.prompts, "rounds": a.rounds, "results": results, "quality": quality,
                                  "table": table}, indent=2))
     print(table)
