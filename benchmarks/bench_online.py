@@ -242,6 +242,11 @@ def prompts_of_the_flow(work: Path, train_prompts: int, heldout: int) -> dict:
             "heldout": [r["prompt"] for r in rows if r["split"] == "heldout"][:heldout]}
 
 
+def folder_name(config: str) -> str:
+    """A configuration's work folder: a variant's overrides (`+key=value,...`) made path-safe."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", config)
+
+
 def run_child(args: list[str], env: dict) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT,
                           env=env)
@@ -321,7 +326,7 @@ def main() -> None:
         for r in range(a.repeats):
             order = configs[r % len(configs):] + configs[:r % len(configs)]
             for name in order:
-                work = tmp / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{r}"
+                work = tmp / f"{folder_name(name)}-{r}"
                 work.mkdir()
                 row = run_child([name, str(prompts_file), "1", str(work)], env)
                 results[name].append(row)
@@ -331,7 +336,7 @@ def main() -> None:
         if a.rounds:
             quality["base"] = run_child(["eval", str(prompts_file), "0", str(tmp), "smollm2"], env)
             for name in configs:
-                work = tmp / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-quality"
+                work = tmp / f"{folder_name(name)}-quality"
                 work.mkdir()
                 trained = run_child([name, str(prompts_file), str(a.rounds), str(work)], env)
                 quality[name] = {**run_child(["eval", str(prompts_file), "0", str(tmp), trained["model"]], env),
